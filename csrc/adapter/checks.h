@@ -1,0 +1,184 @@
+// ATen side of the op family, shared by the CPU and CUDA adapters: named argument checks,
+// framework-free parameter structs built from tensors, and kernel errors turned into
+// ValueErrors that name the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "../kernels/common.h"
+
+namespace sss_ext::adapter {
+
+inline void check_logits(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+                    name, " must have dtype float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), "all tensors must be on one device, got ", a_name, " on ", a.device(),
+                    " and ", b_name, " on ", b.device());
+}
+
+inline void check_sampling(double temperature, int64_t top_k, double top_p) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0, "temperature must be a finite float >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(top_k >= 0, "top_k must be an int >= 0 (0 disables it), got ", top_k);
+  TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "top_p must be a float in (0, 1] (1 disables it), got ", top_p);
+}
+
+// Unit stride along the vocabulary; other strides are kept (no copy for sliced inputs).
+inline at::Tensor vocab_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+template <typename T>
+LogitsView<T> logits_view(const at::Tensor& t) {
+  LogitsView<T> view;
+  view.data = reinterpret_cast<const T*>(t.data_ptr());
+  view.stride_batch = t.stride(0);
+  view.stride_position = t.dim() == 3 ? t.stride(1) : 0;
+  return view;
+}
+
+struct VerifyInputs {
+  at::Tensor target, draft, ref, draft_tokens, uniforms;  // ref undefined: standard SD
+  int64_t batch, num_draft, vocab;
+  bool paper_mode;
+};
+
+inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_logits,
+                                      const at::Tensor& draft_tokens, const std::optional<at::Tensor>& ref_logits,
+                                      const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
+                                      double shift, c10::string_view mode) {
+  check_logits(target_logits, "target_logits", 3, "(B, K+1, V)");
+  check_logits(draft_logits, "draft_logits", 3, "(B, K+1, V)");
+  TORCH_CHECK_VALUE(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong,
+                    "draft_tokens must be a 2-D int64 tensor (B, K), got ", draft_tokens.scalar_type(), " of shape ",
+                    draft_tokens.sizes());
+  const int64_t batch = draft_tokens.size(0), num_draft = draft_tokens.size(1), vocab = target_logits.size(2);
+  TORCH_CHECK_VALUE(vocab >= 1, "target_logits must have a vocabulary dimension of size >= 1");
+  TORCH_CHECK_VALUE(target_logits.size(0) == batch && target_logits.size(1) == num_draft + 1,
+                    "target_logits must have shape (B, K+1, V) = (", batch, ", ", num_draft + 1, ", ", vocab, "), got ",
+                    target_logits.sizes());
+  const bool has_ref = ref_logits.has_value() && ref_logits->defined();
+  const bool draft_ok = draft_logits.size(0) == batch && draft_logits.size(2) == vocab &&
+                        (draft_logits.size(1) == num_draft + 1 || (!has_ref && draft_logits.size(1) == num_draft));
+  TORCH_CHECK_VALUE(draft_ok, "draft_logits must have shape (B, K+1, V) = (", batch, ", ", num_draft + 1, ", ", vocab,
+                    has_ref ? ")" : ") or (B, K, V)", ", got ", draft_logits.sizes());
+  TORCH_CHECK_VALUE(draft_logits.scalar_type() == target_logits.scalar_type(), "draft_logits must have the dtype of target_logits (",
+                    target_logits.scalar_type(), "), got ", draft_logits.scalar_type());
+  check_same_device(target_logits, "target_logits", draft_logits, "draft_logits");
+  check_same_device(target_logits, "target_logits", draft_tokens, "draft_tokens");
+  check_same_device(target_logits, "target_logits", uniforms, "uniforms");
+  if (has_ref) {
+    const at::Tensor& ref = *ref_logits;
+    check_logits(ref, "ref_logits", 3, "(B, K+1, V)");
+    TORCH_CHECK_VALUE(ref.sizes() == target_logits.sizes(), "ref_logits must have shape (B, K+1, V) = ", target_logits.sizes(),
+                      ", got ", ref.sizes());
+    TORCH_CHECK_VALUE(ref.scalar_type() == target_logits.scalar_type(), "ref_logits must have the dtype of target_logits (",
+                      target_logits.scalar_type(), "), got ", ref.scalar_type());
+    check_same_device(target_logits, "target_logits", ref, "ref_logits");
+  }
+  TORCH_CHECK_VALUE(uniforms.scalar_type() == at::kDouble && uniforms.dim() == 2 && uniforms.size(0) == batch &&
+                        uniforms.size(1) == num_draft + 1,
+                    "uniforms must be a float64 tensor of shape (B, K+1) = (", batch, ", ", num_draft + 1, "), got ",
+                    uniforms.scalar_type(), " of shape ", uniforms.sizes());
+  check_sampling(temperature, top_k, top_p);
+  TORCH_CHECK_VALUE(std::isfinite(shift) && shift >= 0, "shift (lambda) must be a finite float >= 0, got ", shift);
+  TORCH_CHECK_VALUE(mode == "exact" || mode == "paper", "mode must be 'exact' or 'paper', got '", std::string(mode), "'");
+  TORCH_CHECK_VALUE(mode == "exact" || has_ref, "mode='paper' needs ref_logits: the paper's rule divides by the reference draft d");
+  return VerifyInputs{vocab_contiguous(target_logits),
+                      vocab_contiguous(draft_logits),
+                      has_ref ? vocab_contiguous(*ref_logits) : at::Tensor(),
+                      draft_tokens,
+                      uniforms,
+                      batch,
+                      num_draft,
+                      vocab,
+                      mode == "paper"};
+}
+
+template <typename T>
+VerifyParams<T> verify_params(const VerifyInputs& in, double temperature, int64_t top_k, double top_p, double shift,
+                              const at::Tensor& tokens, const at::Tensor& num_accepted, const at::Tensor& log_z) {
+  VerifyParams<T> p;
+  p.target = logits_view<T>(in.target);
+  p.draft = logits_view<T>(in.draft);
+  if (in.ref.defined()) p.ref = logits_view<T>(in.ref);
+  p.draft_tokens = in.draft_tokens.data_ptr<int64_t>();
+  p.draft_tokens_stride_batch = in.draft_tokens.stride(0);
+  p.draft_tokens_stride_position = in.draft_tokens.stride(1);
+  p.uniforms = in.uniforms.data_ptr<double>();
+  p.uniforms_stride_batch = in.uniforms.stride(0);
+  p.uniforms_stride_position = in.uniforms.stride(1);
+  p.batch = in.batch;
+  p.num_draft = in.num_draft;
+  p.vocab = in.vocab;
+  p.sampling = Sampling{temperature, top_k, top_p};
+  p.shift = shift;
+  p.paper_mode = in.paper_mode;
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.num_accepted = num_accepted.data_ptr<int64_t>();
+  p.log_z = log_z.data_ptr<float>();
+  return p;
+}
+
+inline void check_sample_args(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
+                              double top_p) {
+  check_logits(logits, "logits", 2, "(B, V)");
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have a vocabulary dimension of size >= 1");
+  TORCH_CHECK_VALUE(uniforms.scalar_type() == at::kDouble && uniforms.dim() == 1 && uniforms.size(0) == logits.size(0),
+                    "uniforms must be a float64 tensor of shape (B,) = (", logits.size(0), "), got ", uniforms.scalar_type(),
+                    " of shape ", uniforms.sizes());
+  check_same_device(logits, "logits", uniforms, "uniforms");
+  check_sampling(temperature, top_k, top_p);
+}
+
+template <typename T>
+SampleParams<T> sample_params(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
+                              double top_p, const at::Tensor& tokens) {
+  SampleParams<T> p;
+  p.logits = logits_view<T>(logits);
+  p.uniforms = uniforms.data_ptr<double>();
+  p.uniforms_stride = uniforms.stride(0);
+  p.batch = logits.size(0);
+  p.vocab = logits.size(1);
+  p.sampling = Sampling{temperature, top_k, top_p};
+  p.tokens = tokens.data_ptr<int64_t>();
+  return p;
+}
+
+inline const char* tensor_name(Which which) {
+  switch (which) {
+    case Which::kTarget: return "target_logits";
+    case Which::kDraft: return "draft_logits";
+    case Which::kRef: return "ref_logits";
+    case Which::kLogits: return "logits";
+    default: return "input";
+  }
+}
+
+// Raises a ValueError for a kernel-reported error; returns normally when ok.
+inline void raise_if_error(const Error& e, int64_t vocab) {
+  switch (e.status) {
+    case Status::kOk: return;
+    case Status::kBadDraftToken:
+      TORCH_CHECK_VALUE(false, "draft_tokens must hold token ids in [0, ", vocab, "), found ", e.value_index, " at (", e.batch_index,
+                        ", ", e.position, ")");
+    case Status::kBadUniform:
+      TORCH_CHECK_VALUE(false, "uniforms must lie in the open interval (0, 1); found 0, 1, NaN or out-of-range at row ", e.batch_index,
+                        e.position >= 0 ? ", position " + std::to_string(e.position) : std::string());
+    case Status::kNonFiniteLogit:
+      TORCH_CHECK_VALUE(false, tensor_name(e.which), " must be finite or -inf; found NaN or +inf at row ", e.batch_index,
+                        e.position >= 0 ? ", position " + std::to_string(e.position) : std::string(), ", token ", e.value_index);
+    case Status::kEmptyRow:
+      TORCH_CHECK_VALUE(false, tensor_name(e.which), " has a row with every logit -inf (no token can be drawn) at row ",
+                        e.batch_index, e.position >= 0 ? ", position " + std::to_string(e.position) : std::string());
+    case Status::kNoSupport:
+      TORCH_CHECK_VALUE(false, "the tilted target p* has no token with positive probability at row ", e.batch_index, ", position ",
+                        e.position, ": target_logits, draft_logits and ref_logits mask disjoint vocabularies");
+  }
+}
+
+}  // namespace sss_ext::adapter

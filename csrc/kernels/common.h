@@ -1,0 +1,113 @@
+// Framework-free definitions shared by the CPU and CUDA kernels of sss_ext.
+// No torch, no ATen: raw pointers, sizes and plain structs, usable from any engine.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define SSS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SSS_HOST_DEVICE inline
+#endif
+
+namespace sss_ext {
+
+// Storage of 16-bit floats, layout-compatible with at::BFloat16 / __nv_bfloat16 and
+// at::Half / __half.
+struct bfloat16_t {
+  uint16_t bits;
+};
+struct float16_t {
+  uint16_t bits;
+};
+
+SSS_HOST_DEVICE float to_float(float x) { return x; }
+
+SSS_HOST_DEVICE float bits_to_float(uint32_t bits) {
+  float f;
+  memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+SSS_HOST_DEVICE float to_float(bfloat16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
+
+SSS_HOST_DEVICE float to_float(float16_t x) {
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1fu;
+  const uint32_t mantissa = x.bits & 0x3ffu;
+  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf / NaN
+  if (exponent != 0) return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  const float magnitude = float(mantissa) * 5.9604644775390625e-8f;  // subnormal: mantissa * 2^-24
+  return sign ? -magnitude : magnitude;
+}
+
+// Why a call was refused; the adapter turns it into an error naming the argument.
+enum class Status : int32_t {
+  kOk = 0,
+  kBadDraftToken,   // draft_tokens[b, i] outside [0, vocab)
+  kBadUniform,      // uniforms[b, i] outside the open interval (0, 1)
+  kNonFiniteLogit,  // NaN or +inf in a logits row (tensor named by `which`)
+  kEmptyRow,        // every logit of a row is -inf (tensor named by `which`)
+  kNoSupport,       // the tilted target has no token with positive probability
+};
+
+enum class Which : int32_t { kNone = 0, kTarget, kDraft, kRef, kLogits };
+
+struct Error {
+  Status status = Status::kOk;
+  Which which = Which::kNone;
+  int64_t batch_index = -1;
+  int64_t position = -1;
+  int64_t value_index = -1;  // vocabulary index or offending token id
+  SSS_HOST_DEVICE bool ok() const { return status == Status::kOk; }
+};
+
+// Temperature, then top-k, then top-p (ALGORITHM.md section 2; sss_ext/warp.py).
+struct Sampling {
+  double temperature = 1.0;  // 0: greedy (argmax, lowest index on ties)
+  int64_t top_k = 0;         // 0: off
+  double top_p = 1.0;        // 1: off
+  SSS_HOST_DEVICE bool greedy() const { return temperature == 0.0; }
+  SSS_HOST_DEVICE bool truncates(int64_t vocab) const { return (top_k > 0 && top_k < vocab) || top_p < 1.0; }
+};
+
+// A logits tensor with unit stride along the vocabulary.
+template <typename T>
+struct LogitsView {
+  const T* data = nullptr;
+  int64_t stride_batch = 0;
+  int64_t stride_position = 0;
+  SSS_HOST_DEVICE const T* row(int64_t b, int64_t i) const { return data + b * stride_batch + i * stride_position; }
+};
+
+template <typename T>
+struct VerifyParams {
+  LogitsView<T> target;  // (batch, num_draft + 1, vocab)
+  LogitsView<T> draft;   // (batch, num_draft + 1, vocab), or (batch, num_draft, vocab) without ref
+  LogitsView<T> ref;     // (batch, num_draft + 1, vocab); data == nullptr: standard speculative sampling
+  const int64_t* draft_tokens = nullptr;  // (batch, num_draft)
+  int64_t draft_tokens_stride_batch = 0, draft_tokens_stride_position = 0;
+  const double* uniforms = nullptr;  // (batch, num_draft + 1), in (0, 1)
+  int64_t uniforms_stride_batch = 0, uniforms_stride_position = 0;
+  int64_t batch = 0, num_draft = 0, vocab = 0;
+  Sampling sampling;
+  double shift = 1.0;       // lambda
+  bool paper_mode = false;  // accept/correct with m = Z * p* instead of p*
+  int64_t* tokens = nullptr;        // (batch, num_draft + 1), contiguous
+  int64_t* num_accepted = nullptr;  // (batch,)
+  float* log_z = nullptr;           // (batch, num_draft + 1), contiguous
+  SSS_HOST_DEVICE bool has_ref() const { return ref.data != nullptr; }
+};
+
+template <typename T>
+struct SampleParams {
+  LogitsView<T> logits;  // (batch, vocab); stride_position unused
+  const double* uniforms = nullptr;  // (batch,), in (0, 1)
+  int64_t uniforms_stride = 0;
+  int64_t batch = 0, vocab = 0;
+  Sampling sampling;
+  int64_t* tokens = nullptr;  // (batch,)
+};
+
+}  // namespace sss_ext

@@ -1,0 +1,185 @@
+// Row-level primitives of the CPU kernels: exp, log-normalisers, top-k/top-p truncation
+// and the inverse-CDF draw. All arithmetic is float64 in the order sss_ext/warp.py and
+// sss_ext/reference.py use, so tokens match the reference bit for bit in practice.
+// A "score" is a callable v -> double over one row of the vocabulary.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+
+namespace sss_ext::cpu {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// exp(x) for x <= 0 (and -inf), within ~1 ulp; branch-free so loops vectorise.
+// Results below 2^-1022 flush to zero (they cannot move a float64 sum of mass >= 1/V).
+inline double exp_nonpositive(double x) {
+  const double kLog2e = 1.4426950408889634;
+  const double kShifter = 6755399441055744.0;  // 1.5 * 2^52: rounds to an integer in the low bits
+  const double kLn2Hi = 6.93147180369123816490e-01;
+  const double kLn2Lo = 1.90821492927058770002e-10;
+  const double clamped = x < -708.0 ? -708.0 : x;
+  const double shifted = clamped * kLog2e + kShifter;
+  const double k = shifted - kShifter;
+  const double r = (clamped - k * kLn2Hi) - k * kLn2Lo;  // |r| <= ln2 / 2
+  double p = 1.0 / 6227020800.0;                          // Taylor to r^13: error < 1e-17
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  int64_t shifted_bits, shifter_bits;
+  memcpy(&shifted_bits, &shifted, sizeof(double));
+  memcpy(&shifter_bits, &kShifter, sizeof(double));
+  const int64_t scale_bits = (shifted_bits - shifter_bits + 1023) << 52;  // 2^k
+  double scale;
+  memcpy(&scale, &scale_bits, sizeof(double));
+  return x < -708.0 ? 0.0 : p * scale;
+}
+
+template <typename T>
+inline double load(const T* row, int64_t v) {
+  return static_cast<double>(to_float(row[v]));
+}
+
+// Tokens kept by top-k/top-p: score > threshold, or score == threshold and index <= last_index.
+// Ranking is by score descending, ties to the lower index, so this is a prefix of the ranking.
+struct Kept {
+  double threshold = -kInf;
+  int64_t last_index = std::numeric_limits<int64_t>::max();
+  bool contains(double score, int64_t v) const { return score > threshold || (score == threshold && v <= last_index); }
+};
+
+// log sum_{v kept} exp(score(v)), as max + log(sum(exp(score - max))).
+struct LogNormalizer {
+  double max = -kInf;
+  double log_total = -kInf;
+  Kept kept;
+  double log_prob(double score, int64_t v) const { return kept.contains(score, v) ? score - log_total : -kInf; }
+  double prob(double score, int64_t v) const { return kept.contains(score, v) ? exp_nonpositive(score - log_total) : 0.0; }
+};
+
+template <class Score>
+inline double row_max(const Score& score, int64_t vocab) {
+  double best = -kInf;
+#pragma omp simd reduction(max : best)
+  for (int64_t v = 0; v < vocab; ++v) best = std::max(best, score(v));
+  return best;
+}
+
+template <class Score>
+inline double log_sum_exp(const Score& score, int64_t vocab, double max) {
+  double total = 0.0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t v = 0; v < vocab; ++v) total += exp_nonpositive(score(v) - max);
+  return max + std::log(total);
+}
+
+// First index of the maximum (ALGORITHM.md: greedy ties break to the lowest index).
+template <class Score>
+inline int64_t row_argmax(const Score& score, int64_t vocab) {
+  double best = -kInf;
+  int64_t index = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const double s = score(v);
+    if (s > best) {
+      best = s;
+      index = v;
+    }
+  }
+  return index;
+}
+
+// Reusable per-thread buffers for truncation and the categorical draw.
+struct Scratch {
+  std::vector<double> values;
+  std::vector<int64_t> order;
+};
+
+// Normaliser of warp(softmax(score)) given the row maximum (> -inf).
+template <class Score>
+LogNormalizer normalize(const Score& score, int64_t vocab, double max, const Sampling& sampling, Scratch& scratch) {
+  LogNormalizer out;
+  out.max = max;
+  if (!sampling.truncates(vocab)) {
+    out.log_total = log_sum_exp(score, vocab, max);
+    return out;
+  }
+  std::vector<double>& values = scratch.values;
+  std::vector<int64_t>& order = scratch.order;
+  values.resize(vocab);
+  order.resize(vocab);
+  for (int64_t v = 0; v < vocab; ++v) {
+    values[v] = score(v);
+    order[v] = v;
+  }
+  const auto ranks_before = [&](int64_t a, int64_t b) {
+    return values[a] > values[b] || (values[a] == values[b] && a < b);
+  };
+  int64_t candidates = vocab;
+  if (sampling.top_k > 0 && sampling.top_k < vocab) {
+    candidates = sampling.top_k;
+    std::nth_element(order.begin(), order.begin() + (candidates - 1), order.end(), ranks_before);
+  }
+  int64_t num_kept = candidates;
+  if (sampling.top_p < 1.0) {
+    std::sort(order.begin(), order.begin() + candidates, ranks_before);
+    double total = 0.0;
+    for (int64_t j = 0; j < candidates; ++j) total += exp_nonpositive(values[order[j]] - max);
+    const double target = sampling.top_p * total;
+    double before = 0.0;
+    num_kept = 0;
+    while (num_kept < candidates && before < target) {
+      before += exp_nonpositive(values[order[num_kept]] - max);
+      ++num_kept;
+    }
+  }
+  // The last kept token: nth_element (top-k only) or the sort (top-p) put it at num_kept - 1.
+  out.kept.last_index = order[num_kept - 1];
+  out.kept.threshold = values[out.kept.last_index];
+  double total = 0.0;
+  const Kept kept = out.kept;
+#pragma omp simd reduction(+ : total)
+  for (int64_t v = 0; v < vocab; ++v) total += kept.contains(values[v], v) ? exp_nonpositive(values[v] - max) : 0.0;
+  out.log_total = max + std::log(total);
+  return out;
+}
+
+// Inverse-CDF draw in vocabulary order: first v whose running mass exceeds u * total,
+// else the last v with positive mass. Returns -1 when the total mass is zero.
+template <class Weight>
+int64_t inverse_cdf(const Weight& weight, int64_t vocab, double u, Scratch& scratch) {
+  std::vector<double>& w = scratch.values;
+  w.resize(vocab);
+  double total = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    w[v] = weight(v);
+    total += w[v];
+  }
+  if (!(total > 0.0)) return -1;
+  const double threshold = u * total;
+  double running = 0.0;
+  int64_t last_positive = -1;
+  for (int64_t v = 0; v < vocab; ++v) {
+    running += w[v];
+    if (running > threshold) return v;
+    if (w[v] > 0.0) last_positive = v;
+  }
+  return last_positive;
+}
+
+}  // namespace sss_ext::cpu

@@ -1,0 +1,269 @@
+// CPU kernels of the sss_ext op family: batched SSS verification and the fused sampler.
+// Framework-free: raw pointers in, raw pointers out, parallelism injected by the caller as
+// parallel_for(begin, end, grain, fn(begin, end)). Algorithm: ALGORITHM.md sections 2-3.
+#pragma once
+
+#include <vector>
+
+#include "row_ops.h"
+
+namespace sss_ext::cpu {
+
+// The scores of one (row, position): tilted target s, proposal zr / tau, and the untilted
+// target / reference. kTilt = false means s = zq / tau (no reference model or lambda = 0).
+template <typename T, bool kTilt>
+struct PositionScores {
+  const T* target;  // (vocab,)
+  const T* draft;   // (vocab,), nullptr at position num_draft without a reference
+  const T* ref;     // (vocab,), nullptr without a reference
+  double temperature;
+  double shift;
+  double tilted(int64_t v) const {
+    const double q = load(target, v);
+    if constexpr (!kTilt) {
+      return q / temperature;
+    } else {
+      const double r = load(draft, v);
+      const double d = load(ref, v);
+      const double s = q / temperature + shift * (r / temperature - d / temperature);
+      return (q == -kInf || r == -kInf || d == -kInf) ? -kInf : s;
+    }
+  }
+  double proposal(int64_t v) const { return load(draft, v) / temperature; }
+  double target_score(int64_t v) const { return load(target, v) / temperature; }
+  double ref_score(int64_t v) const { return load(ref, v) / temperature; }
+};
+
+template <typename T>
+inline int64_t draft_token(const VerifyParams<T>& p, int64_t b, int64_t i) {
+  return p.draft_tokens[b * p.draft_tokens_stride_batch + i * p.draft_tokens_stride_position];
+}
+
+template <typename T>
+inline double uniform(const VerifyParams<T>& p, int64_t b, int64_t i) {
+  return p.uniforms[b * p.uniforms_stride_batch + i * p.uniforms_stride_position];
+}
+
+// What verification needs to know about one (row, position).
+struct PositionStats {
+  LogNormalizer p_star;    // warp(softmax(s))
+  LogNormalizer proposal;  // warp(softmax(zr / tau)), positions < num_draft
+  double log_z = 0.0;      // log sum_v q (r/d)^lambda, untruncated
+  int64_t greedy_token = -1;
+  bool accept = false;
+  Error error;
+};
+
+// Rejects NaN / +inf and all -inf rows; returns the row maximum.
+template <typename T>
+inline double checked_row_max(const T* row, int64_t vocab, Which which, int64_t b, int64_t i, Error& error) {
+  double best = -kInf;
+  int bad = 0;
+#pragma omp simd reduction(max : best) reduction(| : bad)
+  for (int64_t v = 0; v < vocab; ++v) {
+    const double x = load(row, v);
+    bad |= !(x < kInf);
+    best = std::max(best, x);
+  }
+  if (bad) {
+    int64_t v = 0;
+    while (load(row, v) < kInf) ++v;
+    error = Error{Status::kNonFiniteLogit, which, b, i, v};
+  } else if (best == -kInf) {
+    error = Error{Status::kEmptyRow, which, b, i, -1};
+  }
+  return best;
+}
+
+template <typename T, bool kTilt>
+PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scratch& scratch) {
+  PositionStats out;
+  const bool has_proposal = i < p.num_draft;
+  const bool has_ref = p.has_ref();
+  const bool greedy = p.sampling.greedy();
+  const PositionScores<T, kTilt> scores{p.target.row(b, i), (has_proposal || has_ref) ? p.draft.row(b, i) : nullptr,
+                                        has_ref ? p.ref.row(b, i) : nullptr, greedy ? 1.0 : p.sampling.temperature,
+                                        p.shift};
+  const double target_max = checked_row_max(scores.target, p.vocab, Which::kTarget, b, i, out.error);
+  double draft_max = -kInf, ref_max = -kInf;
+  if (out.error.ok() && scores.draft) draft_max = checked_row_max(scores.draft, p.vocab, Which::kDraft, b, i, out.error);
+  if (out.error.ok() && has_ref) ref_max = checked_row_max(scores.ref, p.vocab, Which::kRef, b, i, out.error);
+  if (!out.error.ok()) return out;
+
+  const auto tilted = [&](int64_t v) { return scores.tilted(v); };
+  const double tilted_max = kTilt ? row_max(tilted, p.vocab) : target_max / scores.temperature;
+  if (tilted_max == -kInf) {
+    out.error = Error{Status::kNoSupport, Which::kNone, b, i, -1};
+    return out;
+  }
+  if (greedy) {
+    out.greedy_token = row_argmax(tilted, p.vocab);
+    out.accept = has_proposal && draft_token(p, b, i) == out.greedy_token;
+    return out;
+  }
+
+  const double tau = scores.temperature;
+  const double proposal_max = draft_max / tau;
+  const auto proposal = [&](int64_t v) { return scores.proposal(v); };
+  double log_total_s_full, log_total_r_full = 0.0, log_total_q = 0.0, log_total_d = 0.0;
+  if (!p.sampling.truncates(p.vocab)) {
+    // One fused pass for every normaliser this position needs.
+    const double target_max_t = target_max / tau, ref_max_t = ref_max / tau;
+    const int64_t vocab = p.vocab;
+    double sum_s = 0.0, sum_r = 0.0, sum_q = 0.0, sum_d = 0.0;
+    if (has_ref) {
+#pragma omp simd reduction(+ : sum_s, sum_r, sum_q, sum_d)
+      for (int64_t v = 0; v < vocab; ++v) {
+        sum_s += exp_nonpositive(scores.tilted(v) - tilted_max);
+        sum_r += exp_nonpositive(scores.proposal(v) - proposal_max);
+        sum_q += exp_nonpositive(scores.target_score(v) - target_max_t);
+        sum_d += exp_nonpositive(scores.ref_score(v) - ref_max_t);
+      }
+      log_total_r_full = proposal_max + std::log(sum_r);
+      log_total_q = target_max_t + std::log(sum_q);
+      log_total_d = ref_max_t + std::log(sum_d);
+    } else if (has_proposal) {
+#pragma omp simd reduction(+ : sum_s, sum_r)
+      for (int64_t v = 0; v < vocab; ++v) {
+        sum_s += exp_nonpositive(scores.tilted(v) - tilted_max);
+        sum_r += exp_nonpositive(scores.proposal(v) - proposal_max);
+      }
+      log_total_r_full = proposal_max + std::log(sum_r);
+    } else {
+#pragma omp simd reduction(+ : sum_s)
+      for (int64_t v = 0; v < vocab; ++v) sum_s += exp_nonpositive(scores.tilted(v) - tilted_max);
+    }
+    log_total_s_full = tilted_max + std::log(sum_s);
+    out.p_star.max = tilted_max;
+    out.p_star.log_total = log_total_s_full;
+    out.proposal.max = proposal_max;
+    out.proposal.log_total = log_total_r_full;
+  } else {
+    out.p_star = normalize(tilted, p.vocab, tilted_max, p.sampling, scratch);
+    if (has_proposal) out.proposal = normalize(proposal, p.vocab, proposal_max, p.sampling, scratch);
+    if (has_ref) {
+      log_total_s_full = log_sum_exp(tilted, p.vocab, tilted_max);
+      log_total_r_full = log_sum_exp(proposal, p.vocab, proposal_max);
+      log_total_q = log_sum_exp([&](int64_t v) { return scores.target_score(v); }, p.vocab, target_max / tau);
+      log_total_d = log_sum_exp([&](int64_t v) { return scores.ref_score(v); }, p.vocab, ref_max / tau);
+    }
+  }
+  if (has_ref) out.log_z = log_total_s_full - log_total_q - p.shift * (log_total_r_full - log_total_d);
+
+  if (has_proposal) {
+    const int64_t x = draft_token(p, b, i);
+    const double u = uniform(p, b, i);
+    const double log_p = out.p_star.log_prob(scores.tilted(x), x);
+    const double log_r = out.proposal.log_prob(scores.proposal(x), x);
+    const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
+    out.accept = log_p > -kInf && log_r > -kInf && std::log(u) < log_m - log_r;
+  }
+  return out;
+}
+
+// The correction (first rejection j < num_draft) or bonus (j == num_draft) token.
+template <typename T, bool kTilt>
+int64_t draw_last_token(const VerifyParams<T>& p, int64_t b, int64_t j, const PositionStats& stats, Scratch& scratch) {
+  if (p.sampling.greedy()) return stats.greedy_token;
+  const PositionScores<T, kTilt> scores{p.target.row(b, j), (j < p.num_draft || p.has_ref()) ? p.draft.row(b, j) : nullptr,
+                                        p.has_ref() ? p.ref.row(b, j) : nullptr, p.sampling.temperature, p.shift};
+  const double u = uniform(p, b, p.num_draft);
+  const auto p_star = [&](int64_t v) { return stats.p_star.prob(scores.tilted(v), v); };
+  if (j < p.num_draft) {
+    const double scale = p.paper_mode ? std::exp(stats.log_z) : 1.0;
+    const auto residual = [&](int64_t v) {
+      return std::max(0.0, p_star(v) * scale - stats.proposal.prob(scores.proposal(v), v));
+    };
+    const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
+    if (token >= 0) return token;
+  }
+  return inverse_cdf(p_star, p.vocab, u, scratch);
+}
+
+// Validates the small inputs; the logits are checked row by row inside the kernel.
+template <typename T>
+Error check_tokens_and_uniforms(const VerifyParams<T>& p) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t i = 0; i < p.num_draft; ++i) {
+      const int64_t x = draft_token(p, b, i);
+      if (x < 0 || x >= p.vocab) return Error{Status::kBadDraftToken, Which::kNone, b, i, x};
+    }
+    for (int64_t i = 0; i <= p.num_draft; ++i) {
+      const double u = uniform(p, b, i);
+      if (!(u > 0.0 && u < 1.0)) return Error{Status::kBadUniform, Which::kNone, b, i, -1};
+    }
+  }
+  return Error{};
+}
+
+template <typename T, bool kTilt, class ParallelFor>
+Error verify_impl(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
+  const int64_t positions = p.num_draft + 1;
+  std::vector<PositionStats> stats(p.batch * positions);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
+  parallel_for(int64_t(0), p.batch * positions, grain, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t item = begin; item < end; ++item)
+      stats[item] = position_stats<T, kTilt>(p, item / positions, item % positions, scratch);
+  });
+  for (const PositionStats& s : stats)
+    if (!s.error.ok()) return s.error;
+
+  parallel_for(int64_t(0), p.batch, std::max<int64_t>(1, grain / positions), [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t b = begin; b < end; ++b) {
+      const PositionStats* row = &stats[b * positions];
+      int64_t accepted = 0;
+      while (accepted < p.num_draft && row[accepted].accept) ++accepted;
+      int64_t* tokens = p.tokens + b * positions;
+      for (int64_t i = 0; i < positions; ++i) {
+        tokens[i] = i < accepted ? draft_token(p, b, i) : -1;
+        p.log_z[b * positions + i] = static_cast<float>(row[i].log_z);
+      }
+      tokens[accepted] = draw_last_token<T, kTilt>(p, b, accepted, row[accepted], scratch);
+      p.num_accepted[b] = accepted;
+    }
+  });
+  return Error{};
+}
+
+// Batched SSS verification. Outputs are written only when the returned Error is ok().
+template <typename T, class ParallelFor>
+Error verify(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
+  const Error error = check_tokens_and_uniforms(p);
+  if (!error.ok()) return error;
+  if (p.has_ref() && p.shift != 0.0) return verify_impl<T, true>(p, parallel_for);
+  return verify_impl<T, false>(p, parallel_for);
+}
+
+// One token per row from warp(softmax(logits / tau)) by inverse CDF, or the argmax at tau = 0.
+template <typename T, class ParallelFor>
+Error sample(const SampleParams<T>& p, ParallelFor&& parallel_for) {
+  for (int64_t b = 0; b < p.batch && !p.sampling.greedy(); ++b) {
+    const double u = p.uniforms[b * p.uniforms_stride];
+    if (!(u > 0.0 && u < 1.0)) return Error{Status::kBadUniform, Which::kNone, b, -1, -1};
+  }
+  std::vector<Error> errors(p.batch);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
+  parallel_for(int64_t(0), p.batch, grain, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t b = begin; b < end; ++b) {
+      const T* row = p.logits.row(b, 0);
+      const double max = checked_row_max(row, p.vocab, Which::kLogits, b, -1, errors[b]);
+      if (!errors[b].ok()) continue;
+      if (p.sampling.greedy()) {
+        p.tokens[b] = row_argmax([&](int64_t v) { return load(row, v); }, p.vocab);
+        continue;
+      }
+      const double tau = p.sampling.temperature;
+      const auto score = [&](int64_t v) { return load(row, v) / tau; };
+      const LogNormalizer norm = normalize(score, p.vocab, max / tau, p.sampling, scratch);
+      p.tokens[b] = inverse_cdf([&](int64_t v) { return norm.prob(score(v), v); }, p.vocab, p.uniforms[b * p.uniforms_stride], scratch);
+    }
+  });
+  for (const Error& e : errors)
+    if (!e.ok()) return e;
+  return Error{};
+}
+
+}  // namespace sss_ext::cpu

@@ -1,0 +1,30 @@
+// Schemas of the sss_ext op family (one TORCH_LIBRARY block) and the Python module that
+// loads them. Device implementations: csrc/cpu/ops_cpu.cpp, csrc/cuda/ops_cuda.cpp.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(sss_ext, m) {
+  // One SSS verification round. logits: (B, K+1, V); draft_tokens: (B, K); uniforms: (B, K+1).
+  // Returns tokens (B, K+1), num_accepted (B,), log_z (B, K+1).
+  m.def(
+      "verify(Tensor target_logits, Tensor draft_logits, Tensor draft_tokens, Tensor? ref_logits, Tensor uniforms, "
+      "float temperature, int top_k, float top_p, float shift, str mode) -> (Tensor, Tensor, Tensor)");
+  // One token per row from warp(softmax(logits / temperature)). logits: (B, V); uniforms: (B,). Returns (B,).
+  m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.def("build_info", [] {
+    pybind11::dict info;
+#ifdef SSS_EXT_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_version"] = SSS_EXT_CUDA_VERSION;
+#else
+    info["cuda"] = false;
+    info["cuda_version"] = pybind11::none();
+#endif
+    info["torch_version"] = SSS_EXT_TORCH_VERSION;
+    info["cpu_kernels"] = pybind11::make_tuple("verify", "sample");
+    return info;
+  });
+}

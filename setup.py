@@ -1,0 +1,65 @@
+"""Build of sss_ext.
+
+CPU kernels are always built. CUDA kernels are built when the installed torch is a CUDA
+build (``torch.version.cuda``) and a toolkit is found (``CUDA_HOME``), never based on the
+visible GPU. Override with ``SSS_EXT_CUDA=0`` (never) or ``SSS_EXT_CUDA=1`` (required: fail
+if impossible). The decision is printed and recorded in ``sss_ext._C.build_info()``.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_decision():
+    override = os.environ.get("SSS_EXT_CUDA", "auto").strip().lower()
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    why = f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+    if override in ("0", "false", "off", "no"):
+        return False, f"disabled by SSS_EXT_CUDA={override} ({why})"
+    if override in ("1", "true", "on", "yes"):
+        if not possible:
+            raise RuntimeError(f"SSS_EXT_CUDA={override} asks for CUDA kernels, but {why}: need a CUDA build of torch and a toolkit")
+        return True, f"forced by SSS_EXT_CUDA={override} ({why})"
+    if override != "auto":
+        raise RuntimeError(f"SSS_EXT_CUDA must be 0, 1 or auto, got {override!r}")
+    return possible, f"auto: {why}"
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+with_cuda, reason = cuda_decision()
+print(f"sss_ext: building CPU kernels{' and CUDA kernels' if with_cuda else ' only'} ({reason})")
+
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off"]
+macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+ext_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
+if with_cuda:
+    ext_sources += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
+    macros += [("SSS_EXT_WITH_CUDA", None), ("SSS_EXT_CUDA_VERSION", f'"{torch.version.cuda}"')]
+    extension = CUDAExtension(
+        "sss_ext._C",
+        ext_sources,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+
+setup(
+    name="sss_ext",
+    version="0.1.0",
+    description="Reward-Shifted Speculative Sampling: fused verification kernels and decoding loop",
+    packages=find_packages(include=["sss_ext", "sss_ext.*"]),
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+)

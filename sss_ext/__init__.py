@@ -1,0 +1,14 @@
+"""sss_ext: Reward-Shifted Speculative Sampling for test-time weak-to-strong alignment.
+
+``verify`` and ``sample`` run the registered ``torch.ops.sss_ext`` kernels;
+``reference`` holds the pure-PyTorch oracle; ``warp_probs`` is the one warping function
+shared by all of them.
+"""
+
+from . import reference
+from .ops import BUILD_INFO, sample, verify
+from .types import VerifyOutput
+from .warp import warp_probs
+
+__all__ = ["verify", "sample", "warp_probs", "reference", "VerifyOutput", "BUILD_INFO"]
+__version__ = "0.1.0"

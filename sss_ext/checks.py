@@ -1,0 +1,136 @@
+"""Argument validation shared by the op wrappers and the reference.
+
+Every check raises ``ValueError`` naming the argument and what was expected, so a bad
+call fails before any kernel runs. Checks here look only at metadata (shapes, dtypes,
+devices, Python scalars) and at the small integer/uniform tensors; the kernels check
+the logits' values (NaN, +inf, rows without support) themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODES = ("exact", "paper")
+
+
+def check_tensor(name: str, value, *, ndim: int, dtypes) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        expected = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype {expected}, got {str(value.dtype).replace('torch.', '')}")
+    return value
+
+
+def check_shape(name: str, value: torch.Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(value.shape)}")
+
+
+def check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_sampling(temperature, top_k, top_p) -> tuple[float, int, float]:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite float >= 0 (0 means greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a float in (0, 1] (1 disables it), got {top_p!r}")
+    return float(temperature), int(top_k), float(top_p)
+
+
+def check_shift(shift) -> float:
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift < 0:
+        raise ValueError(f"shift (lambda) must be a finite float >= 0, got {shift!r}")
+    return float(shift)
+
+
+def check_mode(mode, ref_logits) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "paper" and ref_logits is None:
+        raise ValueError("mode='paper' needs ref_logits: the paper's rule divides by the reference draft d")
+    return mode
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Values of an int64 id tensor must lie in [0, vocab_size). Syncs on CUDA."""
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} must hold token ids in [0, {vocab_size}), found {bad}")
+
+
+def check_uniforms(uniforms, shape: tuple, meaning: str, device) -> torch.Tensor:
+    """Uniforms must be float64 in the open interval (0, 1). Syncs on CUDA."""
+    check_tensor("uniforms", uniforms, ndim=len(shape), dtypes=(torch.float64,))
+    check_shape("uniforms", uniforms, shape, meaning)
+    if uniforms.device != device:
+        raise ValueError(f"uniforms must be on {device} like the logits, got {uniforms.device}")
+    if uniforms.numel() and not bool(((uniforms > 0) & (uniforms < 1)).all()):
+        raise ValueError("uniforms must lie in the open interval (0, 1); 0, 1 and NaN are not allowed")
+    return uniforms
+
+
+def draw_uniforms(shape: tuple, device, generator: torch.Generator | None) -> torch.Tensor:
+    """float64 uniforms on the open grid {1, ..., 2**53 - 1} / 2**53: never 0, never 1."""
+    if generator is not None and generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator must be a {torch.device(device).type} generator, got one on {generator.device}")
+    grid = torch.randint(1, 2**53, shape, dtype=torch.int64, device=device, generator=generator)
+    return grid.to(torch.float64) * 2.0**-53
+
+
+def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode):
+    """Validate metadata of a verify call; returns (batch, num_draft_tokens, vocab_size) and scalars."""
+    check_tensor("target_logits", target_logits, ndim=3, dtypes=LOGIT_DTYPES)
+    check_tensor("draft_tokens", draft_tokens, ndim=2, dtypes=(torch.int64,))
+    batch, num_draft_tokens = draft_tokens.shape
+    vocab_size = target_logits.shape[-1]
+    if vocab_size < 1:
+        raise ValueError("target_logits must have a vocabulary dimension of size >= 1")
+    check_shape("target_logits", target_logits, (batch, num_draft_tokens + 1, vocab_size), "(B, K+1, V)")
+    check_tensor("draft_logits", draft_logits, ndim=3, dtypes=LOGIT_DTYPES)
+    if ref_logits is None:
+        if tuple(draft_logits.shape) not in ((batch, num_draft_tokens, vocab_size), (batch, num_draft_tokens + 1, vocab_size)):
+            raise ValueError(
+                f"draft_logits must have shape (B, K, V) = {(batch, num_draft_tokens, vocab_size)} or (B, K+1, V), "
+                f"got {tuple(draft_logits.shape)}"
+            )
+    else:
+        check_shape("draft_logits", draft_logits, (batch, num_draft_tokens + 1, vocab_size), "(B, K+1, V) when ref_logits is given")
+        check_tensor("ref_logits", ref_logits, ndim=3, dtypes=LOGIT_DTYPES)
+        check_shape("ref_logits", ref_logits, (batch, num_draft_tokens + 1, vocab_size), "(B, K+1, V)")
+    for name, tensor in (("draft_logits", draft_logits), ("ref_logits", ref_logits)):
+        if tensor is not None and tensor.dtype != target_logits.dtype:
+            raise ValueError(f"{name} must have the dtype of target_logits ({target_logits.dtype}), got {tensor.dtype}")
+    check_same_device(target_logits=target_logits, draft_logits=draft_logits, draft_tokens=draft_tokens, ref_logits=ref_logits)
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    shift = check_shift(shift)
+    mode = check_mode(mode, ref_logits)
+    return (batch, num_draft_tokens, vocab_size), (temperature, top_k, top_p, shift, mode)
+
+
+def check_logit_values(name: str, logits: torch.Tensor) -> None:
+    """No NaN or +inf anywhere, and at least one finite logit in every row. Syncs on CUDA."""
+    bad = torch.isnan(logits) | (logits == float("inf"))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite or -inf; found NaN or +inf at index {where}")
+    empty = (logits == float("-inf")).all(dim=-1)
+    if bool(empty.any()):
+        where = tuple(int(i) for i in empty.nonzero()[0])
+        raise ValueError(f"{name} has a row with every logit -inf (no token can be drawn) at index {where}")

@@ -1,0 +1,179 @@
+"""Public entry points of the op family: argument checks, uniforms, dispatch to ``torch.ops.sss_ext``.
+
+The registered ops (schemas in ``csrc/ops.cpp``) run on the tensors' device; the
+pure-PyTorch reference (:mod:`sss_ext.reference`) is never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from .checks import (
+    check_logit_values,
+    check_sampling,
+    check_tensor,
+    check_token_ids,
+    check_uniforms,
+    check_verify_args,
+    draw_uniforms,
+    LOGIT_DTYPES,
+)
+from .types import VerifyOutput
+
+BUILD_INFO = _C.build_info()
+
+
+def _check_device_built(name: str, tensor: torch.Tensor) -> None:
+    kind = tensor.device.type
+    if kind == "cuda" and not BUILD_INFO["cuda"]:
+        raise ValueError(
+            f"{name} is on {tensor.device}, but this sss_ext build has no CUDA kernels "
+            "(see `python -m sss_ext.info`); rebuild with a CUDA torch and CUDA_HOME set, or move the tensors to the CPU"
+        )
+    if kind not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name} is on {tensor.device}; sss_ext has kernels for cpu and cuda only")
+
+
+def _check_values_on_device(tensor: torch.Tensor, validate: bool) -> bool:
+    """CPU kernels check values themselves; on CUDA, ``validate`` buys a host-synchronising check."""
+    return validate and tensor.device.type == "cuda"
+
+
+def verify(
+    target_logits,
+    draft_logits,
+    draft_tokens,
+    ref_logits=None,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    shift=1.0,
+    mode="exact",
+    uniforms=None,
+    generator=None,
+    validate=True,
+) -> VerifyOutput:
+    """One batched round of Reward-Shifted Speculative Sampling verification.
+
+    Accepts draft token ``x[i]`` iff ``u[i] < p*(x[i]) / r~(x[i])`` with the tilted target
+    ``p* ∝ warp(q (r/d)^shift)`` and the proposal ``r~ = warp(r)``; emits the accepted drafts
+    followed by one correction (from ``(p* - r~)+``) or bonus (from ``p*[K]``) token.
+
+    Parameters
+    ----------
+    target_logits : torch.Tensor
+        Logits of the target ``q`` after the prefix and after each draft token.
+    draft_logits : torch.Tensor
+        Logits of the aligned draft ``r`` (the proposer). Position ``K`` may be omitted
+        when ``ref_logits`` is None.
+    draft_tokens : torch.Tensor
+        int64 draft tokens, drawn from ``sss_ext.warp_probs(draft_logits[:, :K], temperature, top_k, top_p)``.
+    ref_logits : torch.Tensor, optional
+        Logits of the reference draft ``d``. None gives standard speculative sampling.
+    temperature : float
+        ``> 0`` divides all logits; ``0`` is greedy (accept iff the draft is the tilted argmax).
+    top_k : int
+        Truncate ``p*`` and ``r~`` to the ``top_k`` most likely tokens; ``0`` disables.
+    top_p : float
+        Truncate ``p*`` and ``r~`` to their nucleus of mass ``top_p``; ``1.0`` disables.
+    shift : float
+        ``lambda >= 0``, the strength of the reward shift ``(r/d)^lambda``.
+    mode : {"exact", "paper"}
+        ``"paper"`` reproduces the published rule, which omits the normaliser ``Z``.
+    uniforms : torch.Tensor, optional
+        float64 in (0, 1): columns ``0..K-1`` are acceptance coins, column ``K`` drives the
+        correction/bonus draw by inverse CDF. Drawn from ``generator`` when None.
+    generator : torch.Generator, optional
+        Source of the uniforms when ``uniforms`` is None.
+    validate : bool
+        On CUDA, check token ids, uniforms and logits values before the launch (a host
+        sync). CPU kernels always check them.
+
+    Returns
+    -------
+    VerifyOutput
+        ``tokens`` (accepted drafts, correction/bonus, then -1), ``num_accepted``, ``log_z``.
+
+    Shape
+    -----
+    target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V); draft_tokens: (B, K);
+    ref_logits: (B, K+1, V); uniforms: (B, K+1) -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
+    """
+    (batch, num_draft_tokens, vocab_size), (temperature, top_k, top_p, shift, mode) = check_verify_args(
+        target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
+    )
+    _check_device_built("target_logits", target_logits)
+    shape = (batch, num_draft_tokens + 1)
+    if uniforms is None:
+        uniforms = draw_uniforms(shape, target_logits.device, generator)
+    else:
+        check_tensor("uniforms", uniforms, ndim=2, dtypes=(torch.float64,))
+    if _check_values_on_device(target_logits, validate):
+        check_uniforms(uniforms, shape, "(B, K+1)", target_logits.device)
+        check_token_ids("draft_tokens", draft_tokens, vocab_size)
+        for name, logits in (("target_logits", target_logits), ("draft_logits", draft_logits), ("ref_logits", ref_logits)):
+            if logits is not None:
+                check_logit_values(name, logits)
+    tokens, num_accepted, log_z = torch.ops.sss_ext.verify.default(
+        target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode
+    )
+    return VerifyOutput(tokens, num_accepted, log_z)
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None, *, validate=True) -> torch.Tensor:
+    """One token per row from ``warp_probs(logits, temperature, top_k, top_p)``.
+
+    The draw is the inverse CDF in vocabulary order driven by ``uniforms``, so it matches
+    :func:`sss_ext.reference.sample` token for token; ``temperature=0`` is the argmax.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        float32 / bfloat16 / float16 logits; ``-inf`` masks a token.
+    temperature, top_k, top_p : float, int, float
+        The warping shared with :func:`sss_ext.verify`.
+    uniforms : torch.Tensor, optional
+        float64 in (0, 1), one per row; drawn from ``generator`` when None.
+    generator : torch.Generator, optional
+        Source of the uniforms when ``uniforms`` is None.
+    validate : bool
+        On CUDA, check uniforms and logits values before the launch (a host sync).
+
+    Returns
+    -------
+    torch.Tensor
+        int64 token ids.
+
+    Shape
+    -----
+    logits: (B, V); uniforms: (B,) -> (B,)
+    """
+    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    if logits.shape[-1] < 1:
+        raise ValueError("logits must have a vocabulary dimension of size >= 1")
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    _check_device_built("logits", logits)
+    if uniforms is None:
+        uniforms = draw_uniforms((logits.shape[0],), logits.device, generator)
+    else:
+        check_tensor("uniforms", uniforms, ndim=1, dtypes=(torch.float64,))
+    if _check_values_on_device(logits, validate):
+        check_uniforms(uniforms, (logits.shape[0],), "(B,)", logits.device)
+        check_logit_values("logits", logits)
+    return torch.ops.sss_ext.sample.default(logits, uniforms, temperature, top_k, top_p)
+
+
+@torch.library.register_fake("sss_ext::verify")
+def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode):
+    batch, num_draft_tokens = draft_tokens.shape
+    tokens = draft_tokens.new_empty((batch, num_draft_tokens + 1))
+    num_accepted = draft_tokens.new_empty((batch,))
+    log_z = target_logits.new_empty((batch, num_draft_tokens + 1), dtype=torch.float32)
+    return tokens, num_accepted, log_z
+
+
+@torch.library.register_fake("sss_ext::sample")
+def _sample_fake(logits, uniforms, temperature, top_k, top_p):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)

@@ -1,0 +1,207 @@
+"""Pure-PyTorch reference of Reward-Shifted Speculative Sampling, in paper notation.
+
+This is the test oracle: every kernel is checked against it with the same uniforms. It
+computes in float64 and follows ``ALGORITHM.md`` sections 2 and 3 line by line.
+
+Notation (per batch row, positions ``i = 0..K``):
+
+* ``zq, zr, zd``: logits of the target ``q``, aligned draft ``r``, reference draft ``d``;
+* ``s = zq/tau + lambda * (zr/tau - zd/tau)``: tilted scores, ``p* = warp(softmax(s))``;
+* ``r~ = warp(softmax(zr/tau))``: the proposal the draft tokens ``x`` were drawn from;
+* accept ``x[i]`` iff ``log u[i] < log p*(x[i]) - log r~(x[i])``; correct from
+  ``normalize((p* - r~)+)`` at the first rejection, or draw the bonus from ``p*[K]``.
+
+Paper mode replaces ``p*`` by ``m = Z * p*`` in the acceptance ratio and the residual,
+``Z = sum_v q (r/d)**lambda``; for ``lambda = 1`` and no truncation that is the published
+rule ``min(1, q/d)`` with residual ``(q r / d - r)+``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import (
+    check_logit_values,
+    check_sampling,
+    check_tensor,
+    check_token_ids,
+    check_uniforms,
+    check_verify_args,
+    draw_uniforms,
+    LOGIT_DTYPES,
+)
+from .types import VerifyOutput
+from .warp import warp_log_probs
+
+NEG_INF = float("-inf")
+
+
+def log_normalizer(scores: torch.Tensor) -> torch.Tensor:
+    """``max + log(sum(exp(scores - max)))`` over the last dimension. Shape: (..., V) -> (...)."""
+    top = scores.amax(dim=-1, keepdim=True)
+    return (top + torch.log(torch.exp(scores - top).sum(dim=-1, keepdim=True))).squeeze(-1)
+
+
+def tilted_scores(zq, zr, zd, temperature: float, shift: float) -> torch.Tensor:
+    """``s = zq/tau + lambda*(zr/tau - zd/tau)``; ``-inf`` wherever a logit entering ``s`` is ``-inf``.
+
+    Shape
+    -----
+    zq, zr, zd: (B, K+1, V) float64 -> (B, K+1, V)
+    """
+    zq_t = zq / temperature
+    if zd is None:
+        return zq_t
+    s = zq_t + shift * (zr / temperature - zd / temperature)
+    masked = torch.isneginf(zq)
+    if shift != 0.0:
+        masked = masked | torch.isneginf(zr) | torch.isneginf(zd)
+    return s.masked_fill(masked, NEG_INF)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """First index whose running mass exceeds ``u * total``; else the last index with mass.
+
+    Shape
+    -----
+    weights: (B, V) float64 >= 0; uniforms: (B,) -> (B,) int64
+    """
+    cumulative = torch.cumsum(weights, dim=-1)
+    threshold = uniforms * cumulative[:, -1]
+    index = torch.searchsorted(cumulative, threshold.unsqueeze(-1), right=True).squeeze(-1)
+    vocab_size = weights.shape[-1]
+    last_positive = vocab_size - 1 - torch.argmax(torch.flip(weights > 0, dims=[-1]).to(torch.int8), dim=-1)
+    return torch.where(index < vocab_size, index, last_positive)
+
+
+def _first_rejection(accept: torch.Tensor) -> torch.Tensor:
+    """Number of leading ``True`` per row. Shape: (B, K) bool -> (B,) int64."""
+    return torch.cumprod(accept.to(torch.int64), dim=-1).sum(dim=-1)
+
+
+def _emit(draft_tokens: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Accepted drafts, then ``last``, then -1. Shape: (B, K), (B,), (B,) -> (B, K+1)."""
+    batch, num_draft_tokens = draft_tokens.shape
+    position = torch.arange(num_draft_tokens + 1, device=draft_tokens.device).expand(batch, -1)
+    padded = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), -1)], dim=1)
+    tokens = torch.where(position < num_accepted[:, None], padded, -1)
+    return tokens.scatter(1, num_accepted[:, None], last[:, None])
+
+
+def _check_support(log_probs: torch.Tensor, what: str) -> None:
+    empty = torch.isneginf(log_probs).all(dim=-1)
+    if bool(empty.any()):
+        where = tuple(int(i) for i in empty.nonzero()[0])
+        raise ValueError(f"{what} has no token with positive probability at (row, position) {where}")
+
+
+def verify(
+    target_logits,
+    draft_logits,
+    draft_tokens,
+    ref_logits=None,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    shift=1.0,
+    mode="exact",
+    uniforms=None,
+    generator=None,
+) -> VerifyOutput:
+    """Reference SSS verification; same signature and results as :func:`sss_ext.verify`.
+
+    Shape
+    -----
+    target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V) without ref;
+    draft_tokens: (B, K); ref_logits: (B, K+1, V); uniforms: (B, K+1)
+    -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
+    """
+    (batch, K, V), (tau, top_k, top_p, lam, mode) = check_verify_args(
+        target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
+    )
+    device = target_logits.device
+    check_token_ids("draft_tokens", draft_tokens, V)
+    if uniforms is None:
+        u = draw_uniforms((batch, K + 1), device, generator)
+    else:
+        u = check_uniforms(uniforms, (batch, K + 1), "(B, K+1)", device)
+    for name, logits in (("target_logits", target_logits), ("draft_logits", draft_logits), ("ref_logits", ref_logits)):
+        if logits is not None:
+            check_logit_values(name, logits)
+
+    zq = target_logits.to(torch.float64)
+    zr = draft_logits.to(torch.float64)
+    zd = None if ref_logits is None else ref_logits.to(torch.float64)
+    x = draft_tokens
+    rows = torch.arange(batch, device=device)
+
+    if tau == 0.0:
+        # Greedy: p* and r~ are one-hot; accept iff the draft is the tilted argmax.
+        s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, 1.0, lam)
+        _check_support(s, "the tilted target")
+        best = torch.argmax(s, dim=-1)  # (B, K+1)
+        num_accepted = _first_rejection(x == best[:, :K])
+        tokens = _emit(x, num_accepted, best[rows, num_accepted])
+        return VerifyOutput(tokens, num_accepted, torch.zeros(batch, K + 1, dtype=torch.float32, device=device))
+
+    # 1. Tilted target p* (truncated after tilting) and its normaliser Z.
+    s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, tau, lam)  # (B, K+1, V)
+    log_p_star = warp_log_probs(s, top_k, top_p)
+    _check_support(log_p_star, "the tilted target p*")
+    if zd is None:
+        log_z = torch.zeros(batch, K + 1, dtype=torch.float64, device=device)
+    else:
+        log_z = log_normalizer(s) - log_normalizer(zq / tau) - lam * (
+            log_normalizer(zr[:, : K + 1] / tau) - log_normalizer(zd / tau)
+        )
+    scale = torch.exp(log_z) if mode == "paper" else torch.ones_like(log_z)  # m = scale * p*
+
+    # 2. Proposal r~ the drafts were drawn from.
+    log_r_tilde = warp_log_probs(zr[:, :K] / tau, top_k, top_p)  # (B, K, V)
+
+    # 3. Accept x[i] iff log u < log m(x) - log r~(x); zero r~ or zero p* rejects.
+    log_p_x = log_p_star[:, :K].gather(-1, x[..., None]).squeeze(-1)
+    log_r_x = log_r_tilde.gather(-1, x[..., None]).squeeze(-1)
+    log_m_x = log_p_x + log_z[:, :K] if mode == "paper" else log_p_x
+    accept = torch.isfinite(log_p_x) & torch.isfinite(log_r_x) & (torch.log(u[:, :K]) < log_m_x - log_r_x)
+    num_accepted = _first_rejection(accept)
+
+    # 4. Correction from (m - r~)+ at the first rejection j (fallback p*), or bonus from p*[K].
+    j = num_accepted
+    p_j = torch.exp(log_p_star[rows, j])  # (B, V)
+    if K > 0:
+        r_j = torch.exp(log_r_tilde[rows, j.clamp(max=K - 1)])
+        residual = torch.clamp(p_j * scale[rows, j, None] - r_j, min=0.0)
+        use_residual = (j < K) & (torch.cumsum(residual, dim=-1)[:, -1] > 0)
+        weights = torch.where(use_residual[:, None], residual, p_j)
+    else:
+        weights = p_j
+    last = inverse_cdf(weights, u[:, K])
+
+    # 5. Emit accepted drafts, then the correction/bonus token.
+    tokens = _emit(x, num_accepted, last)
+    return VerifyOutput(tokens, num_accepted, log_z.to(torch.float32))
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None) -> torch.Tensor:
+    """Reference of :func:`sss_ext.sample`: one token per row from ``warp(softmax(logits/tau))``.
+
+    Shape
+    -----
+    logits: (B, V); uniforms: (B,) -> (B,) int64
+    """
+    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    batch, vocab_size = logits.shape
+    if vocab_size < 1:
+        raise ValueError("logits must have a vocabulary dimension of size >= 1")
+    tau, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    if uniforms is None:
+        u = draw_uniforms((batch,), logits.device, generator)
+    else:
+        u = check_uniforms(uniforms, (batch,), "(B,)", logits.device)
+    check_logit_values("logits", logits)
+    z = logits.to(torch.float64)
+    if tau == 0.0:
+        return torch.argmax(z, dim=-1)
+    return inverse_cdf(torch.exp(warp_log_probs(z / tau, top_k, top_p)), u)
