@@ -38,7 +38,7 @@ def sources(pattern):
 with_cuda, reason = cuda_decision()
 print(f"sss_ext: building CPU kernels{' and CUDA kernels' if with_cuda else ' only'} ({reason})")
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off"]
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
 macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
 ext_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
 if with_cuda:

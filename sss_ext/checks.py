@@ -22,7 +22,8 @@ def check_tensor(name: str, value, *, ndim: int, dtypes) -> torch.Tensor:
     if value.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
     if value.dtype not in dtypes:
-        expected = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        expected = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         raise ValueError(f"{name} must have dtype {expected}, got {str(value.dtype).replace('torch.', '')}")
     return value
 

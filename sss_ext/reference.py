@@ -42,20 +42,21 @@ def log_normalizer(scores: torch.Tensor) -> torch.Tensor:
     return (top + torch.log(torch.exp(scores - top).sum(dim=-1, keepdim=True))).squeeze(-1)
 
 
-def tilted_scores(zq, zr, zd, temperature: float, shift: float) -> torch.Tensor:
+def tilted_scores(zq, zr, zd, inverse_temperature: float, shift: float) -> torch.Tensor:
     """``s = zq/tau + lambda*(zr/tau - zd/tau)``; ``-inf`` wherever a logit entering ``s`` is ``-inf``.
+
+    Division by ``tau`` is a multiplication by ``inverse_temperature = 1/tau`` here and in
+    every kernel, so all implementations round identically.
 
     Shape
     -----
     zq, zr, zd: (B, K+1, V) float64 -> (B, K+1, V)
     """
-    zq_t = zq / temperature
-    if zd is None:
+    zq_t = zq * inverse_temperature
+    if zd is None or shift == 0.0:
         return zq_t
-    s = zq_t + shift * (zr / temperature - zd / temperature)
-    masked = torch.isneginf(zq)
-    if shift != 0.0:
-        masked = masked | torch.isneginf(zr) | torch.isneginf(zd)
+    s = zq_t + shift * (zr * inverse_temperature - zd * inverse_temperature)
+    masked = torch.isneginf(zq) | torch.isneginf(zr) | torch.isneginf(zd)
     return s.masked_fill(masked, NEG_INF)
 
 
@@ -139,26 +140,27 @@ def verify(
     if tau == 0.0:
         # Greedy: p* and r~ are one-hot; accept iff the draft is the tilted argmax.
         s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, 1.0, lam)
-        _check_support(s, "the tilted target")
+        _check_support(s, "the tilted target p*")
         best = torch.argmax(s, dim=-1)  # (B, K+1)
         num_accepted = _first_rejection(x == best[:, :K])
         tokens = _emit(x, num_accepted, best[rows, num_accepted])
         return VerifyOutput(tokens, num_accepted, torch.zeros(batch, K + 1, dtype=torch.float32, device=device))
 
     # 1. Tilted target p* (truncated after tilting) and its normaliser Z.
-    s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, tau, lam)  # (B, K+1, V)
+    inv_tau = 1.0 / tau
+    s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, inv_tau, lam)  # (B, K+1, V)
+    _check_support(s, "the tilted target p*")
     log_p_star = warp_log_probs(s, top_k, top_p)
-    _check_support(log_p_star, "the tilted target p*")
     if zd is None:
         log_z = torch.zeros(batch, K + 1, dtype=torch.float64, device=device)
     else:
-        log_z = log_normalizer(s) - log_normalizer(zq / tau) - lam * (
-            log_normalizer(zr[:, : K + 1] / tau) - log_normalizer(zd / tau)
+        log_z = log_normalizer(s) - log_normalizer(zq * inv_tau) - lam * (
+            log_normalizer(zr[:, : K + 1] * inv_tau) - log_normalizer(zd * inv_tau)
         )
     scale = torch.exp(log_z) if mode == "paper" else torch.ones_like(log_z)  # m = scale * p*
 
     # 2. Proposal r~ the drafts were drawn from.
-    log_r_tilde = warp_log_probs(zr[:, :K] / tau, top_k, top_p)  # (B, K, V)
+    log_r_tilde = warp_log_probs(zr[:, :K] * inv_tau, top_k, top_p)  # (B, K, V)
 
     # 3. Accept x[i] iff log u < log m(x) - log r~(x); zero r~ or zero p* rejects.
     log_p_x = log_p_star[:, :K].gather(-1, x[..., None]).squeeze(-1)
@@ -204,4 +206,4 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     z = logits.to(torch.float64)
     if tau == 0.0:
         return torch.argmax(z, dim=-1)
-    return inverse_cdf(torch.exp(warp_log_probs(z / tau, top_k, top_p)), u)
+    return inverse_cdf(torch.exp(warp_log_probs(z * (1.0 / tau), top_k, top_p)), u)

@@ -26,7 +26,7 @@ def kept_mask(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     Parameters
     ----------
     scores : torch.Tensor
-        float64 log-weights (already divided by the temperature); ``-inf`` allowed.
+        float64 log-weights (logits times ``1 / temperature``); ``-inf`` allowed.
     top_k, top_p : int, float
         ``0`` / ``1.0`` disable the corresponding truncation.
 
@@ -107,4 +107,4 @@ def warp_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, t
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return one_hot_argmax(logits.to(torch.float64))
-    return torch.exp(warp_log_probs(logits.to(torch.float64) / temperature, top_k, top_p))
+    return torch.exp(warp_log_probs(logits.to(torch.float64) * (1.0 / temperature), top_k, top_p))

@@ -13,13 +13,27 @@
 
 #include "../common.h"
 
+// Hot row loops are compiled twice, for AVX2 and for the baseline ISA, and picked at run
+// time (GCC/Clang function multi-versioning); helpers they call are forced inline so they
+// are vectorised inside each clone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define SSS_CPU_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define SSS_CPU_MULTIVERSION
+#endif
+#if defined(__GNUC__)
+#define SSS_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define SSS_FORCE_INLINE inline
+#endif
+
 namespace sss_ext::cpu {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // exp(x) for x <= 0 (and -inf), within ~1 ulp; branch-free so loops vectorise.
 // Results below 2^-1022 flush to zero (they cannot move a float64 sum of mass >= 1/V).
-inline double exp_nonpositive(double x) {
+SSS_FORCE_INLINE double exp_nonpositive(double x) {
   const double kLog2e = 1.4426950408889634;
   const double kShifter = 6755399441055744.0;  // 1.5 * 2^52: rounds to an integer in the low bits
   const double kLn2Hi = 6.93147180369123816490e-01;
@@ -42,17 +56,14 @@ inline double exp_nonpositive(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  int64_t shifted_bits, shifter_bits;
-  memcpy(&shifted_bits, &shifted, sizeof(double));
-  memcpy(&shifter_bits, &kShifter, sizeof(double));
-  const int64_t scale_bits = (shifted_bits - shifter_bits + 1023) << 52;  // 2^k
-  double scale;
-  memcpy(&scale, &scale_bits, sizeof(double));
-  return x < -708.0 ? 0.0 : p * scale;
+  const int64_t exponent = bit_cast<int64_t>(shifted) - bit_cast<int64_t>(kShifter);  // k
+  const double scale = bit_cast<double>((exponent + 1023) << 52);                       // 2^k
+  const double underflow = x < -708.0 ? 0.0 : 1.0;  // also -inf -> 0
+  return p * scale * underflow;
 }
 
 template <typename T>
-inline double load(const T* row, int64_t v) {
+SSS_FORCE_INLINE double load(const T* row, int64_t v) {
   return static_cast<double>(to_float(row[v]));
 }
 
@@ -61,7 +72,7 @@ inline double load(const T* row, int64_t v) {
 struct Kept {
   double threshold = -kInf;
   int64_t last_index = std::numeric_limits<int64_t>::max();
-  bool contains(double score, int64_t v) const { return score > threshold || (score == threshold && v <= last_index); }
+  SSS_FORCE_INLINE bool contains(double score, int64_t v) const { return (score > threshold) | ((score == threshold) & (v <= last_index)); }
 };
 
 // log sum_{v kept} exp(score(v)), as max + log(sum(exp(score - max))).
@@ -69,12 +80,12 @@ struct LogNormalizer {
   double max = -kInf;
   double log_total = -kInf;
   Kept kept;
-  double log_prob(double score, int64_t v) const { return kept.contains(score, v) ? score - log_total : -kInf; }
-  double prob(double score, int64_t v) const { return kept.contains(score, v) ? exp_nonpositive(score - log_total) : 0.0; }
+  SSS_FORCE_INLINE double log_prob(double score, int64_t v) const { return kept.contains(score, v) ? score - log_total : -kInf; }
+  SSS_FORCE_INLINE double prob(double score, int64_t v) const { return kept.contains(score, v) ? exp_nonpositive(score - log_total) : 0.0; }
 };
 
 template <class Score>
-inline double row_max(const Score& score, int64_t vocab) {
+SSS_FORCE_INLINE double row_max(const Score& score, int64_t vocab) {
   double best = -kInf;
 #pragma omp simd reduction(max : best)
   for (int64_t v = 0; v < vocab; ++v) best = std::max(best, score(v));
@@ -82,7 +93,7 @@ inline double row_max(const Score& score, int64_t vocab) {
 }
 
 template <class Score>
-inline double log_sum_exp(const Score& score, int64_t vocab, double max) {
+SSS_FORCE_INLINE double log_sum_exp(const Score& score, int64_t vocab, double max) {
   double total = 0.0;
 #pragma omp simd reduction(+ : total)
   for (int64_t v = 0; v < vocab; ++v) total += exp_nonpositive(score(v) - max);
@@ -91,7 +102,7 @@ inline double log_sum_exp(const Score& score, int64_t vocab, double max) {
 
 // First index of the maximum (ALGORITHM.md: greedy ties break to the lowest index).
 template <class Score>
-inline int64_t row_argmax(const Score& score, int64_t vocab) {
+SSS_FORCE_INLINE int64_t row_argmax(const Score& score, int64_t vocab) {
   double best = -kInf;
   int64_t index = 0;
   for (int64_t v = 0; v < vocab; ++v) {
@@ -162,14 +173,13 @@ LogNormalizer normalize(const Score& score, int64_t vocab, double max, const Sam
 // Inverse-CDF draw in vocabulary order: first v whose running mass exceeds u * total,
 // else the last v with positive mass. Returns -1 when the total mass is zero.
 template <class Weight>
-int64_t inverse_cdf(const Weight& weight, int64_t vocab, double u, Scratch& scratch) {
-  std::vector<double>& w = scratch.values;
-  w.resize(vocab);
-  double total = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    w[v] = weight(v);
-    total += w[v];
-  }
+SSS_FORCE_INLINE int64_t inverse_cdf(const Weight& weight, int64_t vocab, double u, Scratch& scratch) {
+  scratch.values.resize(vocab);
+  double* w = scratch.values.data();
+#pragma omp simd
+  for (int64_t v = 0; v < vocab; ++v) w[v] = weight(v);
+  double total = 0.0;  // in vocabulary order, like the reference's cumsum
+  for (int64_t v = 0; v < vocab; ++v) total += w[v];
   if (!(total > 0.0)) return -1;
   const double threshold = u * total;
   double running = 0.0;

@@ -11,27 +11,28 @@ namespace sss_ext::cpu {
 
 // The scores of one (row, position): tilted target s, proposal zr / tau, and the untilted
 // target / reference. kTilt = false means s = zq / tau (no reference model or lambda = 0).
+// "/ tau" is "* (1 / tau)" everywhere (also in the reference), so all round alike.
 template <typename T, bool kTilt>
 struct PositionScores {
   const T* target;  // (vocab,)
   const T* draft;   // (vocab,), nullptr at position num_draft without a reference
   const T* ref;     // (vocab,), nullptr without a reference
-  double temperature;
+  double inverse_temperature;
   double shift;
-  double tilted(int64_t v) const {
+  SSS_FORCE_INLINE double tilted(int64_t v) const {
     const double q = load(target, v);
     if constexpr (!kTilt) {
-      return q / temperature;
+      return q * inverse_temperature;
     } else {
       const double r = load(draft, v);
       const double d = load(ref, v);
-      const double s = q / temperature + shift * (r / temperature - d / temperature);
+      const double s = q * inverse_temperature + shift * (r * inverse_temperature - d * inverse_temperature);
       return (q == -kInf || r == -kInf || d == -kInf) ? -kInf : s;
     }
   }
-  double proposal(int64_t v) const { return load(draft, v) / temperature; }
-  double target_score(int64_t v) const { return load(target, v) / temperature; }
-  double ref_score(int64_t v) const { return load(ref, v) / temperature; }
+  SSS_FORCE_INLINE double proposal(int64_t v) const { return load(draft, v) * inverse_temperature; }
+  SSS_FORCE_INLINE double target_score(int64_t v) const { return load(target, v) * inverse_temperature; }
+  SSS_FORCE_INLINE double ref_score(int64_t v) const { return load(ref, v) * inverse_temperature; }
 };
 
 template <typename T>
@@ -56,7 +57,7 @@ struct PositionStats {
 
 // Rejects NaN / +inf and all -inf rows; returns the row maximum.
 template <typename T>
-inline double checked_row_max(const T* row, int64_t vocab, Which which, int64_t b, int64_t i, Error& error) {
+SSS_FORCE_INLINE double checked_row_max(const T* row, int64_t vocab, Which which, int64_t b, int64_t i, Error& error) {
   double best = -kInf;
   int bad = 0;
 #pragma omp simd reduction(max : best) reduction(| : bad)
@@ -76,13 +77,13 @@ inline double checked_row_max(const T* row, int64_t vocab, Which which, int64_t 
 }
 
 template <typename T, bool kTilt>
-PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scratch& scratch) {
+SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scratch& scratch) {
   PositionStats out;
   const bool has_proposal = i < p.num_draft;
   const bool has_ref = p.has_ref();
   const bool greedy = p.sampling.greedy();
   const PositionScores<T, kTilt> scores{p.target.row(b, i), (has_proposal || has_ref) ? p.draft.row(b, i) : nullptr,
-                                        has_ref ? p.ref.row(b, i) : nullptr, greedy ? 1.0 : p.sampling.temperature,
+                                        has_ref ? p.ref.row(b, i) : nullptr, greedy ? 1.0 : 1.0 / p.sampling.temperature,
                                         p.shift};
   const double target_max = checked_row_max(scores.target, p.vocab, Which::kTarget, b, i, out.error);
   double draft_max = -kInf, ref_max = -kInf;
@@ -91,7 +92,8 @@ PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scr
   if (!out.error.ok()) return out;
 
   const auto tilted = [&](int64_t v) { return scores.tilted(v); };
-  const double tilted_max = kTilt ? row_max(tilted, p.vocab) : target_max / scores.temperature;
+  const double tau_inv = scores.inverse_temperature;
+  const double tilted_max = kTilt ? row_max(tilted, p.vocab) : target_max * tau_inv;
   if (tilted_max == -kInf) {
     out.error = Error{Status::kNoSupport, Which::kNone, b, i, -1};
     return out;
@@ -102,13 +104,12 @@ PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scr
     return out;
   }
 
-  const double tau = scores.temperature;
-  const double proposal_max = draft_max / tau;
+  const double proposal_max = draft_max * tau_inv;
   const auto proposal = [&](int64_t v) { return scores.proposal(v); };
   double log_total_s_full, log_total_r_full = 0.0, log_total_q = 0.0, log_total_d = 0.0;
   if (!p.sampling.truncates(p.vocab)) {
     // One fused pass for every normaliser this position needs.
-    const double target_max_t = target_max / tau, ref_max_t = ref_max / tau;
+    const double target_max_t = target_max * tau_inv, ref_max_t = ref_max * tau_inv;
     const int64_t vocab = p.vocab;
     double sum_s = 0.0, sum_r = 0.0, sum_q = 0.0, sum_d = 0.0;
     if (has_ref) {
@@ -144,8 +145,8 @@ PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scr
     if (has_ref) {
       log_total_s_full = log_sum_exp(tilted, p.vocab, tilted_max);
       log_total_r_full = log_sum_exp(proposal, p.vocab, proposal_max);
-      log_total_q = log_sum_exp([&](int64_t v) { return scores.target_score(v); }, p.vocab, target_max / tau);
-      log_total_d = log_sum_exp([&](int64_t v) { return scores.ref_score(v); }, p.vocab, ref_max / tau);
+      log_total_q = log_sum_exp([&](int64_t v) { return scores.target_score(v); }, p.vocab, target_max * tau_inv);
+      log_total_d = log_sum_exp([&](int64_t v) { return scores.ref_score(v); }, p.vocab, ref_max * tau_inv);
     }
   }
   if (has_ref) out.log_z = log_total_s_full - log_total_q - p.shift * (log_total_r_full - log_total_d);
@@ -163,10 +164,10 @@ PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scr
 
 // The correction (first rejection j < num_draft) or bonus (j == num_draft) token.
 template <typename T, bool kTilt>
-int64_t draw_last_token(const VerifyParams<T>& p, int64_t b, int64_t j, const PositionStats& stats, Scratch& scratch) {
+SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b, int64_t j, const PositionStats& stats, Scratch& scratch) {
   if (p.sampling.greedy()) return stats.greedy_token;
   const PositionScores<T, kTilt> scores{p.target.row(b, j), (j < p.num_draft || p.has_ref()) ? p.draft.row(b, j) : nullptr,
-                                        p.has_ref() ? p.ref.row(b, j) : nullptr, p.sampling.temperature, p.shift};
+                                        p.has_ref() ? p.ref.row(b, j) : nullptr, 1.0 / p.sampling.temperature, p.shift};
   const double u = uniform(p, b, p.num_draft);
   const auto p_star = [&](int64_t v) { return stats.p_star.prob(scores.tilted(v), v); };
   if (j < p.num_draft) {
@@ -255,9 +256,9 @@ Error sample(const SampleParams<T>& p, ParallelFor&& parallel_for) {
         p.tokens[b] = row_argmax([&](int64_t v) { return load(row, v); }, p.vocab);
         continue;
       }
-      const double tau = p.sampling.temperature;
-      const auto score = [&](int64_t v) { return load(row, v) / tau; };
-      const LogNormalizer norm = normalize(score, p.vocab, max / tau, p.sampling, scratch);
+      const double tau_inv = 1.0 / p.sampling.temperature;
+      const auto score = [&](int64_t v) { return load(row, v) * tau_inv; };
+      const LogNormalizer norm = normalize(score, p.vocab, max * tau_inv, p.sampling, scratch);
       p.tokens[b] = inverse_cdf([&](int64_t v) { return norm.prob(score(v), v); }, p.vocab, p.uniforms[b * p.uniforms_stride], scratch);
     }
   });

@@ -1,0 +1,172 @@
+"""Exact enumeration (ALGORITHM.md 6.1): with lookup-table models, enumerate every draft and
+every accept/reject path over several rounds; the implied law of the first T emitted tokens
+must equal prod_t p*_t to 1e-10. Then probe the op and the reference cell by cell, so the
+enumerated law is the law they actually implement."""
+
+import itertools
+import math
+import zlib
+
+import pytest
+import torch
+
+import sss_ext
+from sss_ext.reference import log_normalizer, tilted_scores
+from sss_ext.warp import warp_log_probs
+
+VOCAB_SIZE, NUM_DRAFT_TOKENS, HORIZON = 3, 2, 4
+
+
+def table_logits(name: str, context: tuple, scale: float) -> torch.Tensor:
+    """A lookup-table 'model': fixed random float64 logits for each context. Shape: (V,)."""
+    seed = zlib.crc32(repr((name, context)).encode())
+    return scale * torch.randn(VOCAB_SIZE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class Setting:
+    def __init__(self, temperature, top_k, top_p, shift, mode, with_ref, scales=(1.5, 1.5, 1.5)):
+        self.temperature, self.top_k, self.top_p, self.shift, self.mode, self.with_ref = temperature, top_k, top_p, shift, mode, with_ref
+        self.scales = scales
+        self.cache = {}
+
+    def logits(self, context):
+        q, r, d = (table_logits(n, context, s) for n, s in zip("qrd", self.scales))
+        return q, r, (d if self.with_ref else None)
+
+    def position(self, context):
+        """p*, r~ (float64 probabilities) and Z at one context (memoised)."""
+        if context not in self.cache:
+            self.cache[context] = self._position(context)
+        return self.cache[context]
+
+    def _position(self, context):
+        q, r, d = self.logits(context)
+        inv = 1.0 / self.temperature
+        s = tilted_scores(q, r if d is not None else None, d, inv, self.shift)
+        p_star = torch.exp(warp_log_probs(s, self.top_k, self.top_p))
+        r_tilde = torch.exp(warp_log_probs(r * inv, self.top_k, self.top_p))
+        z = 1.0 if d is None else math.exp(
+            log_normalizer(s) - log_normalizer(q * inv) - self.shift * (log_normalizer(r * inv) - log_normalizer(d * inv))
+        )
+        return p_star, r_tilde, z
+
+
+def round_paths(setting, context):
+    """Every (probability, emitted tokens, draft tokens, accept thresholds, final weights) of one round."""
+    for drafts in itertools.product(range(VOCAB_SIZE), repeat=NUM_DRAFT_TOKENS):
+        positions = [setting.position(context + drafts[:i]) for i in range(NUM_DRAFT_TOKENS + 1)]
+        draft_probability = math.prod(float(positions[i][1][x]) for i, x in enumerate(drafts))
+        if draft_probability == 0.0:
+            continue
+        thresholds = []
+        for i, x in enumerate(drafts):
+            p_star, r_tilde, z = positions[i]
+            m = p_star * (z if setting.mode == "paper" else 1.0)
+            thresholds.append(min(1.0, float(m[x] / r_tilde[x])) if p_star[x] > 0 else 0.0)
+        reach = 1.0
+        for n in range(NUM_DRAFT_TOKENS + 1):
+            p_star, r_tilde, z = positions[n]
+            if n < NUM_DRAFT_TOKENS:
+                stop = reach * (1.0 - thresholds[n])
+                residual = torch.clamp(p_star * (z if setting.mode == "paper" else 1.0) - r_tilde, min=0.0)
+                weights = residual if residual.sum() > 0 else p_star
+            else:
+                stop, weights = reach, p_star
+            if stop > 0:
+                yield draft_probability * stop, n, drafts, thresholds, weights / weights.sum()
+            if n < NUM_DRAFT_TOKENS:
+                reach *= thresholds[n]
+
+
+def sequence_law(setting):
+    """Law of the first HORIZON emitted tokens, rounds chained from the empty context."""
+    law = {}
+    frontier = [((), 1.0)]
+    while frontier:
+        context, probability = frontier.pop()
+        if len(context) >= HORIZON:
+            key = context[:HORIZON]
+            law[key] = law.get(key, 0.0) + probability
+            continue
+        for path_probability, n, drafts, _, final in round_paths(setting, context):
+            for v in range(VOCAB_SIZE):
+                if final[v] > 0:
+                    frontier.append((context + drafts[:n] + (v,), probability * path_probability * float(final[v])))
+    return law
+
+
+def target_law(setting):
+    law = {}
+    for sequence in itertools.product(range(VOCAB_SIZE), repeat=HORIZON):
+        law[sequence] = math.prod(float(setting.position(sequence[:t])[0][y]) for t, y in enumerate(sequence))
+    return law
+
+
+def max_gap(law_a, law_b):
+    return max(abs(law_a.get(k, 0.0) - law_b.get(k, 0.0)) for k in set(law_a) | set(law_b))
+
+
+EXACT_SETTINGS = [
+    Setting(1.0, 0, 1.0, 1.0, "exact", True),
+    Setting(0.7, 0, 1.0, 2.0, "exact", True),
+    Setting(1.0, 2, 1.0, 1.0, "exact", True),
+    Setting(0.8, 0, 0.7, 0.5, "exact", True),
+    Setting(1.0, 0, 1.0, 1.0, "exact", False),
+    Setting(1.0, 0, 1.0, 0.0, "exact", True),
+]
+
+
+@pytest.mark.parametrize("setting", EXACT_SETTINGS, ids=lambda s: f"tau{s.temperature}-k{s.top_k}-p{s.top_p}-lam{s.shift}-ref{s.with_ref}")
+def test_enumerated_law_is_the_tilted_target(setting):
+    law = sequence_law(setting)
+    assert abs(sum(law.values()) - 1.0) < 1e-12
+    assert max_gap(law, target_law(setting)) < 1e-10
+
+
+def test_paper_mode_is_biased_when_z_is_far_from_one():
+    setting = Setting(1.0, 0, 1.0, 1.0, "paper", True, scales=(1.5, 3.0, 0.5))
+    z_values = [setting.position(c)[2] for c in [(), (0,), (1,), (2,)]]
+    assert max(abs(z - 1.0) for z in z_values) >= 0.1
+    assert max_gap(sequence_law(setting), target_law(setting)) > 1e-3  # the negative control fails
+
+
+def probe_rows(setting, context):
+    """Verify inputs whose uniforms sit inside every (accept/reject path, final-token cell)."""
+    rows, expected = [], []
+    for _, n, drafts, thresholds, final in round_paths(setting, context):
+        if any(0.0 < t < 1e-6 or 1.0 - 1e-6 < t < 1.0 for t in thresholds):
+            continue  # keep probes away from rounding at the boundaries
+        coins = [thresholds[i] / 2 for i in range(n)]
+        if n < NUM_DRAFT_TOKENS:
+            coins.append((1.0 + thresholds[n]) / 2)
+        coins += [0.5] * (NUM_DRAFT_TOKENS - len(coins))
+        cumulative = torch.cumsum(final, 0)
+        for v in range(VOCAB_SIZE):
+            low = float(cumulative[v - 1]) if v else 0.0
+            if float(cumulative[v]) - low > 1e-6:
+                rows.append((drafts, coins + [(low + float(cumulative[v])) / 2]))
+                expected.append(list(drafts[:n]) + [v] + [-1] * (NUM_DRAFT_TOKENS - n))
+    logits = [[setting.logits(context + drafts[:i]) for i in range(NUM_DRAFT_TOKENS + 1)] for drafts, _ in rows]
+    stack = lambda j: torch.stack([torch.stack([pos[j] for pos in row]) for row in logits]).to(torch.float32)  # noqa: E731
+    inputs = dict(
+        target_logits=stack(0),
+        draft_logits=stack(1),
+        draft_tokens=torch.tensor([d for d, _ in rows]),
+        ref_logits=stack(2) if setting.with_ref else None,
+        uniforms=torch.tensor([u for _, u in rows], dtype=torch.float64),
+    )
+    return inputs, torch.tensor(expected)
+
+
+@pytest.mark.parametrize("setting", EXACT_SETTINGS[:4] + [Setting(1.0, 0, 1.0, 1.0, "paper", True, scales=(1.5, 3.0, 0.5))],
+                         ids=lambda s: f"{s.mode}-tau{s.temperature}-k{s.top_k}-p{s.top_p}")
+def test_op_and_reference_realise_every_enumerated_path(device, setting):
+    # float32 logits in the probe: recompute the enumeration from the same rounded values.
+    rounded = Setting(setting.temperature, setting.top_k, setting.top_p, setting.shift, setting.mode, setting.with_ref, setting.scales)
+    rounded.logits = lambda c: tuple(None if t is None else t.to(torch.float32).to(torch.float64) for t in setting.logits(c))
+    for context in [(), (1,), (2, 0)]:
+        inputs, expected = probe_rows(rounded, context)
+        kwargs = dict(temperature=setting.temperature, top_k=setting.top_k, top_p=setting.top_p, shift=setting.shift, mode=setting.mode)
+        assert torch.equal(sss_ext.reference.verify(**inputs, **kwargs).tokens, expected)
+        on_device = {k: None if v is None else v.to(device) for k, v in inputs.items()}
+        assert torch.equal(sss_ext.verify(**on_device, **kwargs).tokens.cpu(), expected)
