@@ -9,6 +9,7 @@ from . import reference
 from .ops import BUILD_INFO, sample, verify
 from .types import VerifyOutput
 from .warp import warp_probs
+from .decoding import generate, SamplingConfig, GenerateOutput
 
-__all__ = ["verify", "sample", "warp_probs", "reference", "VerifyOutput", "BUILD_INFO"]
+__all__ = ["verify", "sample", "warp_probs", "reference", "VerifyOutput", "BUILD_INFO", "generate", "SamplingConfig", "GenerateOutput"]
 __version__ = "0.1.0"

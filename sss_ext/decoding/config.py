@@ -1,0 +1,151 @@
+"""``SamplingConfig``: every knob of :func:`sss_ext.generate`, validated when it is built.
+
+A bad value raises ``ValueError`` naming the field, so a wrong configuration fails before
+any model runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..checks import check_sampling, check_shift
+
+#: Every decoding method behind :func:`sss_ext.generate`.
+METHODS = ("sss", "sss-paper", "sd", "vanilla", "draft", "bon", "spec-rejection", "soft-bon")
+#: Methods that verify draft tokens with the target (speculative rounds).
+SPECULATIVE_METHODS = ("sss", "sss-paper", "sd")
+#: Methods that need the reference draft ``d``.
+REF_METHODS = ("sss", "sss-paper")
+#: Methods that call a reward function.
+REWARD_METHODS = ("bon", "spec-rejection", "soft-bon")
+REWARD_INPUTS = ("auto", "text", "ids")
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be a finite float in {left}{low}, {high}{right}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How :func:`sss_ext.generate` samples.
+
+    Parameters
+    ----------
+    max_new_tokens : int
+        Tokens generated per prompt at most (``>= 1``).
+    num_draft_tokens : int
+        ``K``, draft tokens proposed per speculative round (``>= 1``).
+    temperature : float
+        ``> 0`` tempers every model; ``0`` is greedy.
+    top_k, top_p : int, float
+        Truncation shared by the proposal and the (tilted) target; ``0`` / ``1.0`` disable.
+    shift : float
+        ``lambda >= 0``, strength of the reward shift ``(r/d)**lambda`` (sss, sss-paper).
+    seed : int
+        Seeds the one ``torch.Generator`` all randomness is drawn from.
+    num_samples : int
+        ``N`` of best-of-N and speculative rejection, ``n`` of soft best-of-n.
+    rejection_interval : int
+        ``m``: speculative rejection scores the partial responses every ``m`` tokens.
+    rejection_rate : float
+        ``alpha`` in ``[0, 1)``: fraction of the unfinished responses of a prompt that
+        speculative rejection drops at each decision (``floor(alpha * n)``); ``0`` is best-of-N.
+    beta : float
+        Soft best-of-n weight of the reward in ``beta * reward + log q - log r``.
+    soft_bon_threshold : float or None
+        Soft best-of-n falls back to soft best-of-n on the target when the chosen score is
+        below this; ``None`` never falls back.
+    eos_token_id : int, tuple of int, or None
+        Tokens that end a response; ``None`` takes the tokenizer's or the target's.
+    ignore_eos : bool
+        Generate ``max_new_tokens`` regardless of end-of-sequence tokens.
+    pad_token_id : int or None
+        Id fed in padded slots (never attended to); ``None`` takes the tokenizer's, else 0.
+    reward_input : {"auto", "text", "ids"}
+        What a reward callable receives: decoded texts or token-id tensors of
+        prompt + response; ``"auto"`` is text when a tokenizer is given.
+    """
+
+    max_new_tokens: int = 128
+    num_draft_tokens: int = 4
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    shift: float = 1.0
+    seed: int = 0
+    num_samples: int = 4
+    rejection_interval: int = 16
+    rejection_rate: float = 0.5
+    beta: float = 1.0
+    soft_bon_threshold: float | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    ignore_eos: bool = False
+    pad_token_id: int | None = None
+    reward_input: str = "auto"
+
+    def __post_init__(self):
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        _check_int("num_draft_tokens", self.num_draft_tokens, 1)
+        try:
+            check_sampling(self.temperature, self.top_k, self.top_p)
+            check_shift(self.shift)
+        except ValueError as error:
+            raise ValueError(f"SamplingConfig: {error}") from None
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        _check_int("num_samples", self.num_samples, 1)
+        _check_int("rejection_interval", self.rejection_interval, 1)
+        _check_float("rejection_rate", self.rejection_rate, 0.0, 1.0, high_open=True)
+        _check_float("beta", self.beta, 0.0, math.inf, high_open=True)
+        if self.soft_bon_threshold is not None and (
+            isinstance(self.soft_bon_threshold, bool) or not isinstance(self.soft_bon_threshold, (int, float))
+            or math.isnan(self.soft_bon_threshold)
+        ):
+            raise ValueError(f"soft_bon_threshold must be a float or None, got {self.soft_bon_threshold!r}")
+        eos = self.eos_token_id
+        if eos is not None:
+            if isinstance(eos, int) and not isinstance(eos, bool):
+                eos = (eos,)
+            if not isinstance(eos, (tuple, list)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
+                raise ValueError(f"eos_token_id must be an int >= 0, a tuple of them, or None, got {self.eos_token_id!r}")
+            object.__setattr__(self, "eos_token_id", tuple(int(t) for t in eos))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.pad_token_id is not None:
+            _check_int("pad_token_id", self.pad_token_id, 0)
+        if self.reward_input not in REWARD_INPUTS:
+            raise ValueError(f"reward_input must be one of {REWARD_INPUTS}, got {self.reward_input!r}")
+
+    def replace(self, **changes) -> "SamplingConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        unknown = set(changes) - {field.name for field in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown SamplingConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of the fields."""
+        out = dataclasses.asdict(self)
+        if out["eos_token_id"] is not None:
+            out["eos_token_id"] = list(out["eos_token_id"])
+        return out
+
+
+def check_method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method

@@ -1,0 +1,158 @@
+"""Batched speculative rounds: SSS (exact or paper rule) and standard speculative sampling.
+
+One round for the active rows (``K' = min(K, max remaining budget - 1)`` so no round runs
+past ``max_new_tokens``):
+
+1. the draft ``r`` proposes ``K'`` tokens one at a time, each drawn with the fused
+   ``sss_ext.sample`` from ``warp(r)`` (SSS runs one more draft step to get ``zr[K']``);
+2. **one** target forward over ``[last, x_0 .. x_{K'-1}]`` gives ``zq[0..K']`` for the whole
+   batch, and (SSS) one reference forward over the same block gives ``zd[0..K']``;
+3. ``sss_ext.verify`` accepts a per-row prefix of ``a_b`` drafts and emits one
+   correction/bonus token;
+4. each cache keeps its first ``a_b + 1`` appended slots per row (rejected slots are masked,
+   then cropped or re-aligned, see :mod:`sss_ext.decoding.cache`); rows that emitted EOS or
+   spent their budget leave the batch.
+
+Cache invariant between rounds: the target and reference caches hold every token of the
+row except the last one (``pending``). So does the draft's under SSS. Under standard
+speculative sampling the draft runs only ``K'`` steps, so after a round where all drafts
+were accepted it lacks ``x_{K'-1}``; that token is *carried* and fed together with the
+pending token at the next round's first draft step (a width-2 step, padded for rows
+without a carry) instead of costing an extra draft forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .cache import KVState
+from .config import SamplingConfig
+from .rows import RowBook, left_pad
+from .stats import StatsRecorder
+
+
+class SpeculativeRun:
+    """Speculative decoding of ``prompts`` (one row each).
+
+    Parameters
+    ----------
+    target, draft : transformers causal LMs
+    ref : transformers causal LM or None
+        The reference draft ``d``; None gives standard speculative sampling.
+    mode : {"exact", "paper"}
+        Verification rule (``"paper"`` needs ``ref``).
+
+    Shape
+    -----
+    prompts: B tensors (L_b,); book.log_z: (B,) sum of log Z over the emitted tokens
+    """
+
+    def __init__(self, target, draft, ref, mode: str, prompts, prompt_of_row, config: SamplingConfig, generator,
+                 stats: StatsRecorder, eos_token_ids, pad_token_id: int, device):
+        self.config = config
+        self.mode = mode
+        self.generator = generator
+        self.stats = stats
+        self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, eos_token_ids, device, stats)
+        record = lambda role, width: stats.forward(role, self.book.active_prompts, width)  # noqa: E731
+        batch = len(prompts)
+        self.target = KVState(target, "target", record, "target", batch, device)
+        self.draft = KVState(draft, "draft", record, "draft", batch, device)
+        self.ref = KVState(ref, "ref", record, "ref_model", batch, device) if ref is not None else None
+        ids, mask = left_pad(prompts, pad_token_id, device)
+        for state in self.states:
+            if ids.shape[1] > 1:
+                state.forward(ids[:, :-1], mask[:, :-1])
+        self.pending = ids[:, -1]
+        # standard SD only: the draft has not seen carry_token yet (all drafts accepted last round)
+        self.carry = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.carry_token = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    @property
+    def states(self) -> list[KVState]:
+        return [s for s in (self.target, self.draft, self.ref) if s is not None]
+
+    def _draft_step(self, first: bool, previous: torch.Tensor | None) -> torch.Tensor:
+        """Draft logits for the next position. Shape: -> (B, V)"""
+        if first and bool(self.carry.any()):
+            tokens = torch.stack([self.carry_token, self.pending], dim=1)
+            mask = torch.stack([self.carry, torch.ones_like(self.carry)], dim=1)
+            return self.draft.forward(tokens, mask)[:, -1]
+        token = self.pending if first else previous
+        return self.draft.forward(token[:, None])[:, -1]
+
+    def round(self) -> None:
+        """One verification round of every active row."""
+        config = self.config
+        temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
+        num_draft = min(config.num_draft_tokens, int(self.book.remaining().max()) - 1)
+        sss = self.ref is not None
+        for state in self.states:
+            state.begin_round()
+
+        # 1. draft proposals x_0..x_{K'-1}, drawn from warp(r); SSS also needs zr[K']
+        draft_logits, drafts = [], []
+        for step in range(num_draft + 1 if sss else num_draft):
+            logits = self._draft_step(step == 0, drafts[-1] if drafts else None)
+            draft_logits.append(logits)
+            if step < num_draft:
+                drafts.append(ops.sample(logits, temperature, top_k, top_p, generator=self.generator))
+        batch = self.pending.shape[0]
+        draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
+        block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
+
+        # 2. one target forward (and one reference forward) over the block
+        target_logits = self.target.forward(block, logits_to_keep=num_draft + 1)
+        ref_logits = self.ref.forward(block, logits_to_keep=num_draft + 1) if sss else None
+        if draft_logits:
+            draft_stack = torch.stack(draft_logits, dim=1)
+        else:
+            draft_stack = target_logits.new_zeros((batch, 0, target_logits.shape[-1]))
+        target_logits, draft_stack, ref_logits = _common_dtype(target_logits, draft_stack, ref_logits)
+
+        # 3. verification
+        out = ops.verify(
+            target_logits, draft_stack, draft_tokens, ref_logits,
+            temperature=temperature, top_k=top_k, top_p=top_p, shift=config.shift,
+            mode=self.mode if sss else "exact", generator=self.generator,
+        )
+        accepted = out.num_accepted
+        keep = accepted + 1
+
+        # 4. per-row rollback of every cache
+        self.target.rollback(keep)
+        if sss:
+            self.ref.rollback(keep)
+            self.draft.rollback(keep)
+        else:
+            # the draft appended [carry?] + [last, x_0 .. x_{K'-2}]: keep the carry and up to K' of the rest
+            self.draft.rollback(self.carry.to(torch.int64) + torch.clamp(keep, max=num_draft))
+            if num_draft > 0:
+                self.carry = accepted == num_draft
+                self.carry_token = draft_tokens[:, -1]
+        prompts = self.book.active_prompts
+        self.stats.rows("rounds", prompts, 1)
+        self.stats.rows("proposed_drafts", prompts, num_draft)
+        self.stats.rows("accepted_drafts", prompts, accepted)
+
+        _, done = self.book.append(out.tokens, keep, out.log_z if sss else None)
+        self.pending = out.tokens.gather(1, accepted[:, None]).squeeze(1)
+        stay = self.book.remove(done)
+        if stay is not None:
+            for state in self.states:
+                state.select_rows(stay)
+            self.pending = self.pending[stay]
+            self.carry = self.carry[stay]
+            self.carry_token = self.carry_token[stay]
+
+    def run(self) -> None:
+        while self.book.num_active:
+            self.round()
+
+
+def _common_dtype(*logits):
+    dtypes = {t.dtype for t in logits if t is not None}
+    if len(dtypes) <= 1:
+        return logits
+    return tuple(t.float() if t is not None else None for t in logits)
