@@ -1,0 +1,239 @@
+// Definitions of the launchers declared in launch.h; included once per storage type by
+// csrc/cuda/*.cu, which instantiate them. Framework-free.
+#pragma once
+
+#include <nvtx3/nvToolsExt.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "launch.h"
+#include "verify.cuh"
+
+namespace sss_ext::cuda {
+namespace detail {
+
+// NVTX ranges around every launch when the environment has SSS_EXT_NVTX=1.
+inline bool nvtx_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SSS_EXT_NVTX");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  return enabled;
+}
+
+struct NvtxRange {
+  bool active;
+  explicit NvtxRange(const char* name) : active(nvtx_enabled()) {
+    if (active) nvtxRangePushA(name);
+  }
+  ~NvtxRange() {
+    if (active) nvtxRangePop();
+  }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+};
+
+constexpr size_t align_bytes(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Workspace layout; depends only on sizes so the byte count is device independent.
+struct Layout {
+  int max_splits = 1;   // bound on stats splits per (row, position)
+  int draw_splits = 1;  // draw chunks per row
+  size_t partials = 0, truncations = 0, chunks = 0, done = 0, total = 0;
+};
+
+template <typename T>
+Layout layout(int64_t batch, int64_t num_draft, int64_t vocab) {
+  constexpr int64_t kVec = Storage<T>::kVec;
+  const int64_t rows = batch * (num_draft + 1);
+  const int64_t vectors = (vocab + 2 * kVec - 2) / kVec;  // any alignment of a row
+  Layout out;
+  out.max_splits = static_cast<int>(std::clamp<int64_t>(vectors / kStatsThreads, 1, kMaxSplits));
+  out.draw_splits = static_cast<int>(std::clamp<int64_t>((vectors + 2 * kDrawThreads - 1) / (2 * kDrawThreads), 1, kMaxSplits));
+  out.partials = 0;
+  out.truncations = out.partials + align_bytes(sizeof(Partial) * rows * out.max_splits);
+  out.chunks = out.truncations + align_bytes(sizeof(Truncation) * rows * 2);
+  out.done = out.chunks + align_bytes(sizeof(ChunkTotals) * batch * out.draw_splits);
+  out.total = out.done + align_bytes(sizeof(unsigned int) * batch);
+  return out;
+}
+
+inline int current_device_attribute(cudaDeviceAttr attribute, std::atomic<int> (&cache)[64], cudaError_t& error) {
+  int device = 0;
+  error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return 1;
+  if (device < 64 && cache[device].load() > 0) return cache[device].load();
+  int value = 1;
+  error = cudaDeviceGetAttribute(&value, attribute, device);
+  if (error != cudaSuccess) return 1;
+  if (device < 64) cache[device].store(std::max(value, 1));
+  return std::max(value, 1);
+}
+
+template <class Kernel>
+int blocks_per_sm(Kernel kernel, int threads, std::atomic<int> (&cache)[64], cudaError_t& error) {
+  int device = 0;
+  error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return 1;
+  if (device < 64 && cache[device].load() > 0) return cache[device].load();
+  int value = 1;
+  error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&value, kernel, threads, 0);
+  if (error != cudaSuccess) return 1;
+  if (device < 64) cache[device].store(std::max(value, 1));
+  return std::max(value, 1);
+}
+
+// kernel<<<grid, threads, 0, stream>>>(problem); returns the launch error.
+template <typename T>
+cudaError_t launch_kernel(void (*kernel)(Problem<T>), int64_t grid, int threads, cudaStream_t stream, const Problem<T>& problem) {
+#if defined(SSS_EXT_HOST_EMULATION)  // kernel logic tests without a GPU: threads emulated on the host
+  (void)stream;
+  return sss_ext_emulate_launch(kernel, grid, threads, problem);
+#else
+  kernel<<<static_cast<unsigned int>(grid), threads, 0, stream>>>(problem);
+  return cudaGetLastError();
+#endif
+}
+
+// Stats blocks per (row, position): the fewest (long chunks per block) that make the grid
+// fill whole waves of resident blocks (>= 95% of the last wave busy), else the best filling.
+inline int choose_splits(int64_t rows, int max_splits, int64_t wave) {
+  int best = max_splits;
+  double best_efficiency = 0.0;
+  for (int s = 1; s <= max_splits; ++s) {
+    const double waves = static_cast<double>(rows * s) / static_cast<double>(wave);
+    const double efficiency = waves / std::ceil(waves);
+    if (efficiency >= 0.95) return s;
+    if (efficiency > best_efficiency) {
+      best_efficiency = efficiency;
+      best = s;
+    }
+  }
+  return best;
+}
+
+// Chooses pr.splits (<= the workspace bound already in pr.splits) and launches the stats pass.
+template <typename T, bool kGreedy, bool kTilt, bool kExact>
+cudaError_t launch_stats(Problem<T>& pr, int64_t rows, cudaStream_t stream) {
+  static std::atomic<int> sm_cache[64];
+  static std::atomic<int> occupancy_cache[64];
+  cudaError_t error = cudaSuccess;
+  const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount, sm_cache, error);
+  if (error != cudaSuccess) return error;
+  const int per_sm = blocks_per_sm(stats_kernel<T, kGreedy, kTilt, kExact>, kStatsThreads, occupancy_cache, error);
+  if (error != cudaSuccess) return error;
+  pr.splits = choose_splits(rows, pr.splits, int64_t(sms) * per_sm);
+  const NvtxRange range("sss_ext::stats");
+  return launch_kernel(stats_kernel<T, kGreedy, kTilt, kExact>, rows * pr.splits, kStatsThreads, stream, pr);
+}
+
+template <typename T>
+cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes, cudaStream_t stream, bool check_greedy_uniforms) {
+  if (params.batch == 0) return cudaSuccess;
+  if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.num_draft < 0) return cudaErrorInvalidValue;
+  const Layout lay = layout<T>(params.batch, params.num_draft, params.vocab);
+  if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
+  const int64_t rows = params.batch * (params.num_draft + 1);
+  if (rows * std::max(lay.max_splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31))
+    return cudaErrorInvalidConfiguration;
+
+  Problem<T> pr;
+  pr.p = params;
+  pr.greedy = params.sampling.greedy();
+  pr.tilt = params.has_ref() && params.shift != 0.0;
+  pr.truncated = !pr.greedy && params.sampling.truncates(params.vocab);
+  pr.check_greedy_uniforms = check_greedy_uniforms;
+  pr.score.inverse_temperature = pr.greedy ? 1.0 : 1.0 / params.sampling.temperature;
+  pr.score.shift = params.shift;
+  pr.score.tilt = pr.tilt;
+  const double scale = 1.4426950408889634 * pr.score.inverse_temperature;  // log2(e) / tau
+  pr.scale_hi = static_cast<float>(scale);
+  pr.scale_lo = static_cast<float>(scale - static_cast<double>(pr.scale_hi));
+  pr.shift = static_cast<float>(params.shift);
+  pr.splits = lay.max_splits;
+  pr.draw_splits = pr.greedy ? 1 : lay.draw_splits;
+  char* base = static_cast<char*>(workspace);
+  pr.partials = reinterpret_cast<Partial*>(base + lay.partials);
+  pr.truncations = reinterpret_cast<Truncation*>(base + lay.truncations);
+  pr.chunks = reinterpret_cast<ChunkTotals*>(base + lay.chunks);
+  pr.done = reinterpret_cast<unsigned int*>(base + lay.done);
+
+  cudaError_t error;
+  const bool exact = params.vocab < kExactVocab;
+  if (pr.greedy)
+    error = pr.tilt ? launch_stats<T, true, true, false>(pr, rows, stream) : launch_stats<T, true, false, false>(pr, rows, stream);
+  else if (exact)
+    error = pr.tilt ? launch_stats<T, false, true, true>(pr, rows, stream) : launch_stats<T, false, false, true>(pr, rows, stream);
+  else
+    error = pr.tilt ? launch_stats<T, false, true, false>(pr, rows, stream) : launch_stats<T, false, false, false>(pr, rows, stream);
+  if (error != cudaSuccess) return error;
+
+  if (pr.truncated) {
+    const NvtxRange range("sss_ext::truncation");
+    if ((error = launch_kernel(truncation_kernel<T>, rows * 2, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  }
+  const NvtxRange range("sss_ext::draw");
+  return launch_kernel(draw_kernel<T>, params.batch * pr.draw_splits, kDrawThreads, stream, pr);
+}
+
+// sample() is verify() with no draft tokens and no reference: the bonus draw from p*[0].
+struct SampleLayout {
+  size_t num_accepted = 0, log_z = 0, verify = 0, total = 0;
+};
+
+template <typename T>
+SampleLayout sample_layout(const SampleParams<T>& params) {
+  SampleLayout out;
+  out.log_z = align_bytes(sizeof(int64_t) * params.batch);
+  out.verify = out.log_z + align_bytes(sizeof(float) * params.batch);
+  out.total = out.verify + layout<T>(params.batch, 0, params.vocab).total;
+  return out;
+}
+
+}  // namespace detail
+
+template <typename T>
+size_t verify_workspace_bytes(const VerifyParams<T>& params) {
+  return detail::layout<T>(params.batch, params.num_draft, params.vocab).total;
+}
+
+template <typename T>
+cudaError_t launch_verify(const VerifyParams<T>& params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const detail::NvtxRange range("sss_ext::verify");
+  return detail::run(params, workspace, workspace_bytes, stream, true);
+}
+
+template <typename T>
+size_t sample_workspace_bytes(const SampleParams<T>& params) {
+  return detail::sample_layout(params).total;
+}
+
+template <typename T>
+cudaError_t launch_sample(const SampleParams<T>& params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const detail::NvtxRange range("sss_ext::sample");
+  if (params.batch == 0) return cudaSuccess;
+  const detail::SampleLayout lay = detail::sample_layout(params);
+  if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
+  char* base = static_cast<char*>(workspace);
+  VerifyParams<T> v;
+  v.target = params.logits;  // (batch, vocab) read as (batch, 1, vocab)
+  v.draft = params.logits;   // never read: no draft tokens, no reference
+  v.uniforms = params.uniforms;
+  v.uniforms_stride_batch = params.uniforms_stride;
+  v.uniforms_stride_position = 0;
+  v.batch = params.batch;
+  v.num_draft = 0;
+  v.vocab = params.vocab;
+  v.sampling = params.sampling;
+  v.shift = 0.0;
+  v.tokens = params.tokens;  // (batch, 1)
+  v.num_accepted = reinterpret_cast<int64_t*>(base + lay.num_accepted);
+  v.log_z = reinterpret_cast<float*>(base + lay.log_z);
+  return detail::run(v, base + lay.verify, workspace_bytes - lay.verify, stream, false);
+}
+
+}  // namespace sss_ext::cuda
