@@ -57,7 +57,7 @@ step build 300 "$PY" setup.py build_ext --inplace || FAILED=1
 
 # 2. CUDA tests (reference sweep, chi-square, opcheck, graphs, invalid rows, alignment).
 step test_cuda 240 "$PY" -m pytest python_tests/test_cuda.py -q -rfEs -s -p no:cacheprovider || FAILED=1
-grep -E "CUDA vs reference|passed|failed" "$LOGS/test_cuda.log" | tee -a "$SUMMARY"
+grep -E "CUDA vs reference|passed|failed" "$LOGS/test_cuda.log" 2>/dev/null | tee -a "$SUMMARY"
 cp "$LOGS/test_cuda.log" "$OUT/" 2>/dev/null
 
 # 3. compute-sanitizer on a small sweep (no caching allocator, so every tensor is its own allocation).
@@ -95,13 +95,13 @@ for tool in memcheck racecheck; do
   SWEEP=$size PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "$tool" 120 \
     compute-sanitizer --tool "$tool" --error-exitcode 3 --kernel-name kns=sss_ext "$PY" "$LOGS/sanitize_sweep.py"
   rc=$?
-  if [ $rc != 0 ] && grep -qiE "unrecognized|unknown option|invalid.*kernel-name" "$LOGS/$tool.log"; then  # older filter syntax
+  if [ $rc != 0 ] && grep -qiE "unrecognized|unknown option|invalid.*kernel-name" "$LOGS/$tool.log" 2>/dev/null; then  # older filter syntax
     SWEEP=$size PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "$tool-unfiltered" 120 \
       compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" "$LOGS/sanitize_sweep.py"
     rc=$?
   fi
   [ $rc != 0 ] && FAILED=1
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize sweep done" "$LOGS/$tool"*.log | tee -a "$SUMMARY"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize sweep done" "$LOGS/$tool"*.log 2>/dev/null | tee -a "$SUMMARY"
 done
 
 # 4. Benchmark: the goal configuration first, the rest of the grid while the budget lasts.

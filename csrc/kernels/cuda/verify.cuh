@@ -425,14 +425,35 @@ __device__ RankKey descend(const RowScore<T>& score, int64_t vocab, RankKey floo
       sh.min_index[j] = 0xffffffffu;
     }
     __syncthreads();
-    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
-      const double s = score(v);
-      const RankKey key = rank_key(s, v);
-      if (key < floor || !prefix_matches(key, current, digit)) continue;
-      const uint32_t bucket = key_digit(key, digit);
-      atomicAdd(&sh.count[bucket], 1u);
-      atomicMin(&sh.min_index[bucket], static_cast<unsigned int>(v));
-      if (by_mass) atomicAdd(&sh.mass[bucket], fast_exp(s - max_score, sh.exp_table));
+    // Warp-aggregated histogram: the lanes of a warp that fall into one bucket add once
+    // (scores cluster in few buckets, so plain shared atomics would serialise).
+    const int lane = threadIdx.x % kWarp;
+    for (int64_t base = 0; base < vocab; base += blockDim.x) {
+      const int64_t v = base + threadIdx.x;
+      uint32_t bucket = 0xffffffffu;  // no bucket
+      double mass = 0.0;
+      if (v < vocab) {
+        const double s = score(v);
+        const RankKey key = rank_key(s, v);
+        if (!(key < floor) && prefix_matches(key, current, digit)) {
+          bucket = key_digit(key, digit);
+          if (by_mass) mass = fast_exp(s - max_score, sh.exp_table);
+        }
+      }
+      const unsigned int peers = __match_any_sync(0xffffffffu, bucket);
+      if (by_mass) {  // each lane: the mass of its bucket's lanes, in lane order
+        double group = 0.0;
+        for (int src = 0; src < kWarp; ++src) {
+          const double other = __shfl_sync(0xffffffffu, mass, src);
+          if ((peers >> src) & 1u) group += other;
+        }
+        mass = group;
+      }
+      if (bucket != 0xffffffffu && lane == __ffs(peers) - 1) {  // the lowest lane holds the lowest index
+        atomicAdd(&sh.count[bucket], static_cast<unsigned int>(__popc(peers)));
+        atomicMin(&sh.min_index[bucket], static_cast<unsigned int>(v));
+        if (by_mass) atomicAdd(&sh.mass[bucket], mass);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
