@@ -9,6 +9,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -164,3 +165,12 @@ def log_sum_exp(values):
 
 def all_sequences(vocab_size: int, length: int):
     return itertools.product(range(vocab_size), repeat=length)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; imported by the decoding test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,17 +7,9 @@ import torch
 
 import sss_ext
 from sss_ext.decoding.baselines import _softmax_pick
-from decoding_helpers import chi_square_pvalue, full_logits, sum_reward, trio
+from decoding_helpers import chi_square_pvalue, full_logits, one_thread, sum_reward, trio  # noqa: F401  (one_thread: autouse fixture)
 
 PROMPTS = [[1, 2], [3], [4, 5, 6]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

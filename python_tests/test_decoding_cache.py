@@ -12,17 +12,9 @@ import torch
 import sss_ext
 from sss_ext.decoding.cache import KVState
 from sss_ext.decoding.speculative import SpeculativeRun
-from decoding_helpers import full_logits, tiny_llama, trio
+from decoding_helpers import full_logits, one_thread, tiny_llama, trio  # noqa: F401  (one_thread: autouse fixture)
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,10 @@ import pytest
 import torch
 
 import sss_ext
-from decoding_helpers import greedy_reference, trio
+from decoding_helpers import greedy_reference, one_thread, trio  # noqa: F401  (one_thread: autouse fixture)
 
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [2, 2]]
 LENGTH = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

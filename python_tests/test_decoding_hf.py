@@ -5,15 +5,7 @@ import torch
 
 import sss_ext
 import sss_ext.hf
-from decoding_helpers import greedy_reference, trio
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from decoding_helpers import greedy_reference, one_thread, trio  # noqa: F401  (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")

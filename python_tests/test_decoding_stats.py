@@ -6,15 +6,7 @@ import pytest
 import torch
 
 import sss_ext
-from decoding_helpers import sum_reward, trio
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from decoding_helpers import one_thread, sum_reward, trio  # noqa: F401  (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
