@@ -190,7 +190,7 @@ __device__ __forceinline__ void accumulate(Accumulator<true>& acc, const double 
   for (int e = 0; e < kVec; ++e) acc.sum = __dadd_rn(acc.sum, fast_exp(x[e] - acc.max, table));
 }
 
-// Block-wide (max, sum) of one stream in natural units; valid in thread 0.
+// Block-wide (max, sum) of one stream in natural units (every thread gets it).
 template <bool kExact>
 __device__ __forceinline__ void block_max_sum(Accumulator<kExact> acc, double& max, double& sum, const ExpTable& table, double* scratch) {
   const double kLn2 = 0.69314718055994530942;
@@ -696,8 +696,8 @@ struct RowDecision {
 };
 
 // Derives the row's decisions (one warp per position); when `write` is set, also writes
-// tokens (accepted drafts, the greedy token or a placeholder at j, -1 after), num_accepted
-// and log_z.
+// num_accepted, log_z and the tokens except the one drawn at j (accepted drafts, the greedy
+// token, -1 after; all -1 for an invalid row).
 template <typename T, int kThreads>
 __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecision& out) {
   constexpr int kWarps = kThreads / kWarp;
@@ -726,9 +726,10 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
   __syncthreads();
   if (!write) return;
   for (int64_t i = threadIdx.x; i < positions; i += kThreads) {
+    if (!out.invalid && i == j && !pr.greedy) continue;  // the drawn token: written by draw_token alone
     int64_t token = -1;
     if (!out.invalid && i < j) token = p.draft_tokens[b * p.draft_tokens_stride_batch + i * p.draft_tokens_stride_position];
-    if (!out.invalid && i == j && pr.greedy) token = out.at_j.greedy_token;
+    if (!out.invalid && i == j) token = out.at_j.greedy_token;
     p.tokens[b * positions + i] = token;
   }
   // log_z of position i was written by lane 0 of warp i % kWarps: overwrite from that thread.
