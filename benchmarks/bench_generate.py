@@ -1,17 +1,18 @@
 """End-to-end decoding speed on CPU: vanilla, sd and sss at batch 1 and batch 8.
 
 Small random Llama models built from configs (nothing downloaded). For every
-(method, batch) cell: tokens/s, target calls per generated token, acceptance rate, and
-the split of time between the models' own forward passes (timed with forward pre/post
-hooks on the three top-level modules) and everything else (the decoding loop: sampling
-and verification ops, cache rollback, bookkeeping). ``loop_overhead_pct`` is
-``(total - forward) / forward`` in CPU time of the single compute thread
-(``time.thread_time``; robust to other jobs on a shared machine); wall-clock figures are
-recorded too. sss at batch 8 is also run under cProfile to show the split by function.
+(hidden size, new tokens, method, batch) cell: tokens/s, target calls per generated token,
+acceptance rate, and the split of time between the models' own forward passes (forward
+pre/post hooks on the three top-level modules), the sampler ops (``sss_ext.sample`` /
+``sss_ext.verify``: checks, uniforms, fused kernel) and the rest of the Python decoding
+loop (masks, cache rollback, bookkeeping), each as a percentage of the forward time.
+With ``--threads 1`` times are the compute thread's CPU time (``time.thread_time``;
+robust to other jobs on a shared machine); with more threads they are wall-clock times
+(run it on a quiet machine). sss at batch 8 is also run under cProfile.
 
 Writes ``benchmarks/results/generate_cpu.csv`` and ``generate_cpu.md``.
 
-    python benchmarks/bench_generate.py [--new-tokens 64] [--repeats 3] [--hidden-sizes 512 256]
+    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 64 256] [--hidden-sizes 512 256]
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import io
 import os
 import platform
 import pstats
+import sys
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sss_ext
+from sss_ext import ops
 
 DEPTH_SCALE = 0.03
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -106,50 +109,84 @@ class ForwardTimer:
             handle.remove()
 
 
+class OpTimer:
+    """Wall and CPU (thread) time spent inside ``sss_ext.ops.sample`` / ``verify`` (checks, uniforms, kernel)."""
+
+    def __init__(self):
+        self.seconds = self.cpu_seconds = 0.0
+        self.originals = {name: getattr(ops, name) for name in ("sample", "verify")}
+        for name, function in self.originals.items():
+            setattr(ops, name, self._timed(function))
+
+    def _timed(self, function):
+        def timed(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - wall
+                self.cpu_seconds += time.thread_time() - cpu
+        return timed
+
+    def reset(self):
+        self.seconds = self.cpu_seconds = 0.0
+
+    def close(self):
+        for name, function in self.originals.items():
+            setattr(ops, name, function)
+
+
 def prompts_for(batch, vocab_size, seed):
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(12, 21, (batch,), generator=generator).tolist()
     return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
-def run_cell(models, method, batch, args, timer):
+def run_cell(models, method, batch, new_tokens, args, timer, op_timer):
+    """Median (by total time) of ``--repeats`` runs of one cell; times on the benchmark's clock (see ``clock``)."""
     target, draft, ref = models
     prompts = prompts_for(batch, args.vocab_size, seed=batch)
-    kwargs = dict(method=method, max_new_tokens=args.new_tokens, num_draft_tokens=args.num_draft_tokens,
+    kwargs = dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens,
                   temperature=1.0, ignore_eos=True)
     ref_model = ref if method == "sss" else None
     sss_ext.generate(target, draft, prompts, ref_model=ref_model, **{**kwargs, "max_new_tokens": 8}, seed=99)  # warm-up
+    wall_clock = args.threads > 1
     rows = []
     for repeat in range(args.repeats):
         timer.reset()
+        op_timer.reset()
         start, start_cpu = time.perf_counter(), time.thread_time()
         out = sss_ext.generate(target, draft, prompts, ref_model=ref_model, seed=repeat, **kwargs)
-        wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
-        forward, forward_cpu = sum(timer.seconds.values()), sum(timer.cpu_seconds.values())
+        seconds = time.perf_counter() - start if wall_clock else time.thread_time() - start_cpu
+        forward = timer.seconds if wall_clock else timer.cpu_seconds
+        forward_total = sum(forward.values())
+        ops_seconds = op_timer.seconds if wall_clock else op_timer.cpu_seconds
+        python_loop = seconds - forward_total - ops_seconds
         total = out.stats.total
         rows.append({
-            "method": method, "batch_size": batch, "new_tokens": total.new_tokens, "wall_s": wall, "cpu_s": cpu,
-            "tokens_per_s": total.new_tokens / wall, "tokens_per_cpu_s": total.new_tokens / cpu,
+            "method": method, "batch_size": batch, "new_tokens_per_row": new_tokens, "threads": args.threads,
+            "clock": "wall" if wall_clock else "thread_cpu", "seconds": seconds,
+            "tokens_per_s": total.new_tokens / seconds,
             "target_calls": total.target_calls, "target_calls_per_token": total.target_calls / (total.new_tokens / batch),
             "acceptance_rate": total.acceptance_rate if total.proposed_drafts else float("nan"),
             "mean_accepted_length": total.mean_accepted_length if total.rounds else float("nan"),
-            "forward_target_cpu_s": timer.cpu_seconds["target"], "forward_draft_cpu_s": timer.cpu_seconds["draft"],
-            "forward_ref_cpu_s": timer.cpu_seconds["ref"], "forward_cpu_s": forward_cpu, "loop_cpu_s": cpu - forward_cpu,
-            "loop_overhead_pct": 100.0 * (cpu - forward_cpu) / forward_cpu,
-            "forward_wall_s": forward, "loop_overhead_wall_pct": 100.0 * (wall - forward) / forward,
+            "forward_target_s": forward["target"], "forward_draft_s": forward["draft"], "forward_ref_s": forward["ref"],
+            "sampler_ops_s": ops_seconds, "python_loop_s": python_loop,
+            "sampler_ops_pct": 100.0 * ops_seconds / forward_total,
+            "python_loop_pct": 100.0 * python_loop / forward_total,
+            "overhead_pct": 100.0 * (seconds - forward_total) / forward_total,
         })
-    # median repeat by CPU time
-    rows.sort(key=lambda r: r["cpu_s"])
+    rows.sort(key=lambda r: r["seconds"])
     return rows[len(rows) // 2]
 
 
-def profile_cell(models, method, batch, args) -> str:
+def profile_cell(models, method, batch, new_tokens, args) -> str:
     target, draft, ref = models
     prompts = prompts_for(batch, args.vocab_size, seed=batch)
     profiler = cProfile.Profile(timer=time.thread_time)
     profiler.enable()
     sss_ext.generate(target, draft, prompts, ref_model=ref if method == "sss" else None, method=method,
-                     max_new_tokens=args.new_tokens, num_draft_tokens=args.num_draft_tokens, ignore_eos=True, seed=0)
+                     max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens, ignore_eos=True, seed=0)
     profiler.disable()
     stream = io.StringIO()
     stats = pstats.Stats(profiler, stream=stream)
@@ -159,7 +196,7 @@ def profile_cell(models, method, batch, args) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256], help="new tokens per row (EOS ignored)")
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[512, 256],
@@ -168,7 +205,8 @@ def main():
     parser.add_argument("--logit-scale", type=float, default=8.0, help="multiplies the output head (peakier distributions)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads; with 1, thread CPU time measures the work even on a shared machine")
+                        help="intra-op threads; 1: times are the thread's CPU time (robust on a shared machine); "
+                             "more: wall-clock times (run on a quiet machine)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -177,24 +215,28 @@ def main():
         models = build_models(args.vocab_size, args.logit_scale, hidden_size, args.target_layers)
         parameters = [sum(p.numel() for p in m.parameters()) for m in models]
         timer = ForwardTimer({"target": models[0], "draft": models[1], "ref": models[2]})
-        results = []
-        with torch.no_grad():
-            for method in ("vanilla", "sd", "sss"):
-                for batch in (1, 8):
-                    row = {"hidden_size": hidden_size, "target_parameters": parameters[0], "draft_parameters": parameters[1],
-                           **run_cell(models, method, batch, args, timer)}
-                    results.append(row)
-                    print(f"hidden {hidden_size} {method:8s} batch {batch}: {row['tokens_per_cpu_s']:8.1f} tok/CPU-s "
-                          f"({row['tokens_per_s']:.1f} tok/s wall)  target calls/token {row['target_calls_per_token']:.3f}  "
-                          f"acceptance {row['acceptance_rate']:.3f}  loop overhead {row['loop_overhead_pct']:.1f}%", flush=True)
+        op_timer = OpTimer()
+        for new_tokens in args.new_tokens:
+            results = []
+            with torch.no_grad():
+                for method in ("vanilla", "sd", "sss"):
+                    for batch in (1, 8):
+                        row = {"hidden_size": hidden_size, "target_parameters": parameters[0],
+                               "draft_parameters": parameters[1],
+                               **run_cell(models, method, batch, new_tokens, args, timer, op_timer)}
+                        results.append(row)
+                        print(f"hidden {hidden_size} tokens {new_tokens} {method:8s} batch {batch}: "
+                              f"{row['tokens_per_s']:8.1f} tok/s  target calls/token {row['target_calls_per_token']:.3f}  "
+                              f"acceptance {row['acceptance_rate']:.3f}  ops {row['sampler_ops_pct']:.1f}%  "
+                              f"python loop {row['python_loop_pct']:.1f}%", flush=True)
+            for row in results:
+                base = next(r for r in results if r["method"] == row["method"] and r["batch_size"] == 1)
+                row["speedup_vs_batch1"] = row["tokens_per_s"] / base["tokens_per_s"]
+            profile = profile_cell(models, "sss", 8, new_tokens, args)
+            sections.append(section_markdown(results, profile, hidden_size, new_tokens, parameters))
+            all_rows += results
         timer.close()
-        for row in results:
-            base = next(r for r in results if r["method"] == row["method"] and r["batch_size"] == 1)
-            row["speedup_vs_batch1"] = row["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
-            row["speedup_vs_batch1_wall"] = row["tokens_per_s"] / base["tokens_per_s"]
-        profile = profile_cell(models, "sss", 8, args)
-        sections.append(section_markdown(results, profile, args, hidden_size, parameters))
-        all_rows += results
+        op_timer.close()
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "generate_cpu.csv"), "w", newline="") as handle:
@@ -203,62 +245,65 @@ def main():
         for row in all_rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    clock = ("wall-clock time (several intra-op threads; run on a quiet machine)" if args.threads > 1 else
+             "CPU time of the single compute thread (`time.thread_time`), which other jobs do not inflate")
     header = [
         "# End-to-end decoding speed on CPU (`benchmarks/bench_generate.py`)",
         "",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} intra-op thread(s); load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(the machine was shared with other jobs)",
+        f"{args.threads} intra-op thread(s); load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+        f"- command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`",
         f"- random Llama models, float32, vocabulary {args.vocab_size}, output head x{args.logit_scale}: target with "
         f"{args.target_layers} layers; draft r and reference d are self-speculative 1-layer models (the target's "
         "embeddings, first layer and head; r's layer weights perturbed, so r != d)",
-        f"- {args.new_tokens} new tokens per prompt (EOS ignored), prompts of 12-20 tokens, K = {args.num_draft_tokens}, "
-        f"temperature 1, median of {args.repeats} runs; one configuration per hidden size",
-        "- timing: CPU time of the single compute thread (`time.thread_time`), which other jobs on the machine do not "
-        "inflate the way they inflate wall time; wall-clock tokens/s are shown too. Forward time = time inside the "
-        "three models' top-level `forward` (hooks); loop overhead = (total - forward) / forward, i.e. everything "
-        "sss_ext adds: sss_ext.sample / sss_ext.verify kernels, masks and positions, cache rollback, bookkeeping",
+        f"- prompts of 12-20 tokens, EOS ignored, K = {args.num_draft_tokens}, temperature 1, median of "
+        f"{args.repeats} runs",
+        f"- times: {clock}. Split: forward = inside the three models' top-level `forward` (hooks); sampler ops = inside "
+        "`sss_ext.sample` / `sss_ext.verify` (argument checks, uniforms, fused kernel); Python loop = the rest of "
+        "`sss_ext.generate` (masks and positions, cache rollback and re-alignment, row bookkeeping, statistics). "
+        "Percentages are of the forward time",
         "",
     ]
     with open(os.path.join(args.out, "generate_cpu.md"), "w") as handle:
         handle.write("\n".join(header + [line for section in sections for line in section]))
 
 
-def section_markdown(results, profile, args, hidden_size, parameters):
+def section_markdown(results, profile, hidden_size, new_tokens, parameters):
     lines = [
-        f"## hidden size {hidden_size}: target {parameters[0] / 1e6:.1f}M parameters, draft / reference "
-        f"{parameters[1] / 1e6:.2f}M each",
+        f"## hidden size {hidden_size} (target {parameters[0] / 1e6:.1f}M parameters, draft / reference "
+        f"{parameters[1] / 1e6:.2f}M each), {new_tokens} new tokens per row",
         "",
-        "| method | batch | tokens / CPU-s | speed-up vs batch 1 | tokens/s wall | target calls / token | acceptance | "
-        "accepted / round | forward CPU s (q / r / d) | loop CPU s | loop overhead |",
+        "| method | batch | tokens/s | speed-up vs batch 1 | target calls / token | acceptance | accepted / round | "
+        "forward s (q / r / d) | sampler ops | Python loop | ops + loop |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         acceptance = "-" if r["acceptance_rate"] != r["acceptance_rate"] else f"{r['acceptance_rate']:.3f}"
         accepted = "-" if r["mean_accepted_length"] != r["mean_accepted_length"] else f"{r['mean_accepted_length']:.2f}"
         lines.append(
-            f"| {r['method']} | {r['batch_size']} | {r['tokens_per_cpu_s']:.1f} | {r['speedup_vs_batch1']:.2f}x | "
-            f"{r['tokens_per_s']:.1f} | {r['target_calls_per_token']:.3f} | {acceptance} | {accepted} | "
-            f"{r['forward_target_cpu_s']:.3f} / {r['forward_draft_cpu_s']:.3f} / {r['forward_ref_cpu_s']:.3f} | "
-            f"{r['loop_cpu_s']:.3f} | {r['loop_overhead_pct']:.1f}% |")
-    worst = max(results, key=lambda r: r["loop_overhead_pct"])
+            f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_batch1']:.2f}x | "
+            f"{r['target_calls_per_token']:.3f} | {acceptance} | {accepted} | "
+            f"{r['forward_target_s']:.3f} / {r['forward_draft_s']:.3f} / {r['forward_ref_s']:.3f} | "
+            f"{r['sampler_ops_pct']:.1f}% | {r['python_loop_pct']:.1f}% | {r['overhead_pct']:.1f}% |")
+    worst = max(results, key=lambda r: r["python_loop_pct"])
     speedups = {r["method"]: r["speedup_vs_batch1"] for r in results if r["batch_size"] == 8}
     lines += [
         "",
-        "Goals:",
-        "",
-        f"- decoding loop < 10% over the models' forward time: {'met' if worst['loop_overhead_pct'] < 10 else 'missed'} "
-        f"(worst cell {worst['method']} batch {worst['batch_size']}: {worst['loop_overhead_pct']:.1f}%)",
+        f"- Python loop < 10% of the forward time: {'met' if worst['python_loop_pct'] < 10 else 'missed'} "
+        f"(worst cell {worst['method']} batch {worst['batch_size']}: {worst['python_loop_pct']:.1f}%; with the "
+        f"sampler ops {worst['overhead_pct']:.1f}%)",
         "- batch 8 > 4x the tokens/s of batch 1: "
         + ", ".join(f"{m} {v:.2f}x ({'met' if v > 4 else 'missed'})" for m, v in speedups.items()),
         "",
-        f"cProfile of sss at batch 8, hidden {hidden_size} (top functions by own CPU time; the models' work is "
-        "`linear`, `scaled_dot_product_attention`, `cat` inside the cache update, ...; `torch._ops.sss_ext.` rows are "
-        "one of the two fused ops, sample or verify (cProfile gives both the same name and keeps one row)):",
+        "<details><summary>cProfile of sss at batch 8 (top functions by own time; the models' work is `linear`, "
+        "`scaled_dot_product_attention`, `cat` inside the cache update, ...; `torch._ops.sss_ext.` is one of the "
+        "two fused ops, sample or verify: cProfile gives both the same name and keeps one row)</summary>",
         "",
         "```",
         profile.strip(),
         "```",
+        "",
+        "</details>",
         "",
     ]
     return lines

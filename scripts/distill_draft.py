@@ -10,7 +10,7 @@ measured with the *full* target distribution on held-out sequences (the last
 temperature; the best checkpoint is written to sss_ext/models/weights/draft_layers.safetensors
 (bf16) and MANIFEST.json at once, so the job can be stopped at any time.
 
-    nice -n 19 python scripts/distill_draft.py --max-minutes 40
+    nice -n 19 python scripts/distill_draft.py --max-cpu-minutes 60
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from sss_ext.models.draft import DRAFT_FILE, build_draft, load_draft, save_draft
 from sss_ext.models.manifest import update_manifest
 from sss_ext.models.paths import WEIGHTS_DIR, cache_dir
 from sss_ext.models.target import load_target
+
+from gen_distill_data import load_distill_data  # scripts/ is on sys.path when run as a script
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -58,13 +60,15 @@ def acceptance(q_logits, d_logits, temperature: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", type=Path, default=cache_dir() / "distill" / "target_T0.8_n32_s0.pt")
+    ap.add_argument("--data", type=Path, nargs="+", default=[cache_dir() / "distill" / "target_T0.8_n32_s0.pt"],
+                    help="files of scripts/gen_distill_data.py; the last --val-seqs sequences of the last one are held out")
     ap.add_argument("--layers", default="0,1,2,3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-steps", type=int, default=100000)
-    ap.add_argument("--max-minutes", type=float, default=40.0, help="wall-clock budget")
+    ap.add_argument("--max-cpu-minutes", type=float, default=60.0,
+                    help="budget in process CPU time (all threads; unaffected by pauses or other jobs)")
     ap.add_argument("--eval-every", type=int, default=15)
     ap.add_argument("--val-seqs", type=int, default=24)
     ap.add_argument("--bench-temperature", type=float, default=0.7)
@@ -78,7 +82,7 @@ def main() -> None:
     layer_ids = tuple(int(x) for x in args.layers.split(","))
     target, _ = load_target()
     draft = load_draft(target, args.out) if args.resume else build_draft(target, layer_ids)
-    data = torch.load(args.data)
+    data = load_distill_data(args.data)
     n_new = data["new_tokens"]
     n = data["input_ids"].shape[0]
     val = slice(n - args.val_seqs, n)
@@ -106,9 +110,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     step, seen_tokens = 0, 0
     draft.train()
-    deadline = t_wall + 60 * args.max_minutes
+    deadline = t_cpu + 60 * args.max_cpu_minutes
     warmup = 20
-    while step < args.max_steps and time.time() < deadline:
+    while step < args.max_steps and time.process_time() < deadline:
         perm = torch.randperm(train_n, generator=g)
         for start in range(0, train_n - args.batch_size + 1, args.batch_size):
             idx = perm[start : start + args.batch_size]
@@ -125,7 +129,7 @@ def main() -> None:
             seen_tokens += idx.numel() * n_new
             if step % 5 == 0:
                 print(f"step {step} loss {loss.item():.4f} wall={time.time() - t_wall:.0f}s", flush=True)
-            if step % args.eval_every == 0 or time.time() >= deadline or step >= args.max_steps:
+            if step % args.eval_every == 0 or time.process_time() >= deadline or step >= args.max_steps:
                 acc1, acct = evaluate()
                 history.append({"step": step, "loss": round(loss.item(), 4), "acc_T1": acc1,
                                 f"acc_T{args.bench_temperature}": acct, "wall_s": round(time.time() - t_wall)})
@@ -135,7 +139,7 @@ def main() -> None:
                     save_draft(draft, args.out, metadata={"layer_ids": ",".join(map(str, layer_ids)), "step": step})
                     update_manifest("draft", {
                         "script": "scripts/distill_draft.py", "args": {k: str(v) for k, v in vars(args).items()},
-                        "data": str(args.data.name), "data_meta": {k: str(v) for k, v in data.get("meta", {}).items()},
+                        "data": [path.name for path in args.data], "data_meta": [{k: str(v) for k, v in meta.items()} for meta in data["meta"]],
                         "layer_ids": list(layer_ids), "step": step, "tokens_seen": seen_tokens,
                         "heldout_acceptance_T1": acc1, f"heldout_acceptance_T{args.bench_temperature}": acct,
                         "undistilled_acceptance_T1": init["acc_T1"],
@@ -143,7 +147,7 @@ def main() -> None:
                         "cpu_seconds": round(time.process_time() - t_cpu, 1), "wall_seconds": round(time.time() - t_wall, 1),
                         "history": history,
                     })
-            if time.time() >= deadline or step >= args.max_steps:
+            if time.process_time() >= deadline or step >= args.max_steps:
                 break
     print(f"done step={step} best acc_T1={best:.4f} cpu={time.process_time() - t_cpu:.0f}s wall={time.time() - t_wall:.0f}s")
 

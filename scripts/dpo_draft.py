@@ -65,6 +65,42 @@ def collate(rows, key_prompt="prompt_ids", key_cont="cont_ids"):
     return ids, mask, len(rows[0][key_cont])
 
 
+@torch.no_grad()
+def tilt_diagnostics(target, ref, aligned, tok, prompts, args, aligned_samples) -> dict:
+    """How far DPO moved ``r`` from ``d``, in the quantities SSS depends on (held-out prompts).
+
+    On continuations sampled from the target at ``--eval-temperature``: the normaliser
+    ``Z = sum_v q r / d`` of the tilted target (lambda = 1; SSS is exact whatever ``Z``, but
+    ``Z`` far from 1 means the tilt is dominated by tokens where ``r / d`` is extreme), and
+    the acceptance rates ``sum_v min(q, d)``, ``sum_v min(q, r)`` (speculative sampling with
+    ``r``) and ``sum_v min(r, p*)`` (SSS), all with temperature-warped distributions. On
+    ``r``'s own held-out samples: the Monte Carlo ``KL(r || d)`` per token.
+    """
+    temperature = args.eval_temperature
+    target_samples = sample(target, tok, prompts, 1, args.max_new_tokens, temperature, 64, args.seed + 2)
+    ids, mask, n_new = collate(target_samples)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def logp(model):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=n_new + 1).logits[:, :-1]
+        return torch.log_softmax(logits.double() / temperature, -1)
+
+    lq, lr, ld = logp(target), logp(aligned), logp(ref)
+    log_z = torch.logsumexp(lq + lr - ld, -1)
+    p_star = (lq + lr - ld - log_z[..., None]).exp()
+    ids_r, mask_r, n_r = collate(aligned_samples)
+    kl_r_d = (sequence_logps(aligned, ids_r, mask_r, n_r) - sequence_logps(ref, ids_r, mask_r, n_r)) / n_r
+    return {
+        "tilt_eval_temperature": temperature,
+        "tilt_mean_abs_z_minus_1": float((log_z.exp() - 1).abs().mean()),
+        "tilt_median_z": float(log_z.exp().median()),
+        "acceptance_d_vs_q": float(torch.minimum(lq.exp(), ld.exp()).sum(-1).mean()),
+        "acceptance_r_vs_q": float(torch.minimum(lq.exp(), lr.exp()).sum(-1).mean()),
+        "acceptance_sss_lambda1": float(torch.minimum(lr.exp(), p_star).sum(-1).mean()),
+        "kl_r_to_d_per_token_T1": float(kl_r_d.mean()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=0)
@@ -78,6 +114,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--eval-temperature", type=float, default=0.7, help="temperature of the Z / acceptance diagnostics")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR / ADAPTER_DIR)
     args = ap.parse_args()
@@ -154,6 +191,8 @@ def main() -> None:
     for name, model in (("ref_d", ref), ("aligned_r", aligned)):
         outs = sample(model, tok, held_prompts, args.eval_samples, args.max_new_tokens, 1.0, 128, args.seed + 1)
         res[name] = proxy([r["text"] for r in outs])
+    closeness = tilt_diagnostics(target, ref, aligned, tok, held_prompts, args, outs)
+    print(closeness, flush=True)
     diff = res["aligned_r"] - res["ref_d"]
     boot = torch.stack([diff[torch.randint(len(diff), (len(diff),), generator=g)].mean() for _ in range(1000)])
     metrics = {
@@ -164,6 +203,7 @@ def main() -> None:
         "heldout_proxy_gain_ci95": [float(boot.quantile(0.025)), float(boot.quantile(0.975))],
         "heldout_positive_frac_ref_d": float((res["ref_d"] > 0.05).float().mean()),
         "heldout_positive_frac_aligned_r": float((res["aligned_r"] > 0.05).float().mean()),
+        **closeness,
     }
     update_manifest("dpo", {
         "script": "scripts/dpo_draft.py", "args": {k: str(v) for k, v in vars(args).items()},

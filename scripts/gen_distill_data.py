@@ -42,9 +42,11 @@ def main() -> None:
     if args.limit:
         rows = rows[: args.limit]
     prompts = [r["prompt"] for r in rows for _ in range(args.samples_per_prompt)]
-    chunks = {"input_ids": [], "attention_mask": [], "prompt_len": [], "topk_idx": [], "topk_logp": [], "rest_logp": []}
-    for start in range(0, len(prompts), args.batch_size):
+    chunks = {"input_ids": [], "attention_mask": [], "topk_idx": [], "topk_logp": [], "rest_logp": []}
+    done = resume(chunks, args, out)
+    for start in range(done, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
+        torch.manual_seed(args.seed + start)  # per batch: a resumed run equals an uninterrupted one
         enc = tok(batch, return_tensors="pt", padding=True)
         with torch.no_grad():
             gen = model.generate(
@@ -61,11 +63,10 @@ def main() -> None:
         mask = torch.cat([enc["attention_mask"], torch.ones(seq.shape[0], seq.shape[1] - plen, dtype=torch.long)], 1)
         chunks["input_ids"].append(seq)
         chunks["attention_mask"].append(mask)
-        chunks["prompt_len"].append(torch.full((seq.shape[0],), plen))
         chunks["topk_idx"].append(top.indices.to(torch.int32))
         chunks["topk_logp"].append(top.values.to(torch.float16))
         chunks["rest_logp"].append(rest.to(torch.float32))
-        save(chunks, args, out)  # after every batch: the job can be stopped at any time
+        save(chunks, args, out)  # after every batch: the job can be stopped and resumed at any time
         update_manifest("distill_data", {
             "script": "scripts/gen_distill_data.py", "args": {k: str(v) for k, v in vars(args).items()},
             "sequences": start + len(batch), "positions": (start + len(batch)) * args.max_new_tokens,
@@ -74,6 +75,22 @@ def main() -> None:
         })
         print(f"{start + len(batch)}/{len(prompts)} wall={time.time() - t_wall:.0f}s cpu={time.process_time() - t_cpu:.0f}s", flush=True)
     print(f"saved {out}  cpu={time.process_time() - t_cpu:.0f}s wall={time.time() - t_wall:.0f}s")
+
+
+RESUME_KEYS = ("seed", "samples_per_prompt", "max_new_tokens", "temperature", "batch_size", "top_k")
+
+
+def resume(chunks, args, out) -> int:
+    """Keep the batches an earlier run with the same settings already wrote; return how many sequences."""
+    if not out.exists():
+        return 0
+    data = torch.load(out)
+    if any(data["meta"].get(key) != getattr(args, key) for key in RESUME_KEYS):
+        raise SystemExit(f"{out} was written with other settings ({data['meta']}); pass --out to write elsewhere")
+    for key in ("input_ids", "attention_mask", "topk_idx", "topk_logp", "rest_logp"):
+        chunks[key].append(data[key])
+    print(f"resuming after {data['input_ids'].shape[0]} sequences in {out}")
+    return data["input_ids"].shape[0]
 
 
 def save(chunks, args, out):
@@ -94,6 +111,24 @@ def save(chunks, args, out):
     }
     torch.save(data, str(out) + ".tmp")
     Path(str(out) + ".tmp").replace(out)
+
+
+def load_distill_data(paths: list[Path]) -> dict:
+    """The data files written by this script, concatenated in order (rows left-padded to one width)."""
+    parts = [torch.load(path) for path in paths]
+    if len({part["new_tokens"] for part in parts}) != 1:
+        raise SystemExit(f"{[str(p) for p in paths]} have different --max-new-tokens")
+    width = max(part["input_ids"].shape[1] for part in parts)
+
+    def lpad(x, value):
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    data = {key: torch.cat([part[key] for part in parts]) for key in ("topk_idx", "topk_logp", "rest_logp")}
+    data["input_ids"] = torch.cat([lpad(part["input_ids"], EOS_TOKEN_ID) for part in parts])
+    data["attention_mask"] = torch.cat([lpad(part["attention_mask"], 0) for part in parts])
+    data["new_tokens"] = parts[0]["new_tokens"]
+    data["meta"] = [part["meta"] for part in parts]
+    return data
 
 
 if __name__ == "__main__":

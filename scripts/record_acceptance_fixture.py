@@ -23,6 +23,8 @@ from sss_ext.models.manifest import update_manifest
 from sss_ext.models.paths import WEIGHTS_DIR, cache_dir
 from sss_ext.models.target import load_target
 
+from gen_distill_data import load_distill_data  # scripts/ is on sys.path when run as a script
+
 FIXTURE = WEIGHTS_DIR / "acceptance_fixture.json"
 
 
@@ -38,14 +40,15 @@ def acceptance_on(target, draft, ids: torch.Tensor, mask: torch.Tensor, n_new: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", type=Path, default=cache_dir() / "distill" / "target_T0.8_n32_s0.pt")
+    ap.add_argument("--data", type=Path, nargs="+", default=[cache_dir() / "distill" / "target_T0.8_n32_s0.pt"],
+                    help="the files the draft was distilled on (same order); the fixture is their held-out tail")
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.process_time()
     target, tok = load_target()
-    data = torch.load(args.data)
+    data = load_distill_data(args.data)
     n_new = data["new_tokens"]
     ids, mask = data["input_ids"][-args.seqs :], data["attention_mask"][-args.seqs :]
     draft = load_draft(target)
@@ -56,7 +59,7 @@ def main() -> None:
         "acceptance_T1": acceptance_on(target, draft, ids, mask, n_new, 1.0),
         "acceptance_T0.7": acceptance_on(target, draft, ids, mask, n_new, 0.7),
         "undistilled_acceptance_T1": acceptance_on(target, undistilled, ids, mask, n_new, 1.0),
-        "source": f"last {args.seqs} (held-out) sequences of {args.data.name}",
+        "source": f"last {args.seqs} (held-out) sequences of {args.data[-1].name}",
     }
     FIXTURE.write_text(json.dumps(fixture, indent=1) + "\n")
     update_manifest("acceptance_fixture", {k: fixture[k] for k in ("acceptance_T1", "acceptance_T0.7", "undistilled_acceptance_T1", "source")}

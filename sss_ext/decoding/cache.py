@@ -160,8 +160,10 @@ class KVState:
         if token_mask is None:
             token_mask = torch.ones_like(tokens, dtype=torch.bool)
             position_ids = self.lengths[:, None] + torch.arange(width, device=tokens.device)
+            new_lengths = self.lengths + width
         else:
             position_ids = (self.lengths[:, None] + torch.cumsum(token_mask, dim=1) - 1).clamp_min(0)
+            new_lengths = self.lengths + token_mask.sum(dim=1)
         attention_mask = torch.cat([self.slot_mask, token_mask], dim=1)
         self.record(self.role, width)
         output = self.model(
@@ -173,7 +175,7 @@ class KVState:
             logits_to_keep=logits_to_keep,
         )
         self.slot_mask = attention_mask
-        self.lengths = self.lengths + token_mask.sum(dim=1)
+        self.lengths = new_lengths
         return output.logits
 
     def begin_round(self) -> None:

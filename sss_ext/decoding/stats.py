@@ -89,8 +89,9 @@ class StatsReport:
 class StatsRecorder:
     """Accumulates counters while a method runs; rows map to prompts through ``prompt_of_row``.
 
-    Per-prompt counters live in int64 tensors so a batched call costs a few tensor ops,
-    not a Python loop over rows.
+    Per-prompt counters live in int64 tensors (no Python loop over rows); what every row of
+    an unchanged batch adds (forward calls, rounds, proposed drafts) accumulates as Python
+    ints and is applied once when the batch changes, so a forward call costs no tensor op.
 
     Shape
     -----
@@ -106,21 +107,43 @@ class StatsRecorder:
         self.total = {name: 0 for name in self._COUNTERS}
         self.per_prompt = {name: torch.zeros(num_prompts, dtype=torch.int64) for name in self._COUNTERS}
         self.finish_time = torch.zeros(num_prompts, dtype=torch.float64)
-        self._batch_key = None  # prompt_index tensor of the last forward (RowBook replaces it when rows leave)
+        # per-prompt counts of the current batch (prompt_index of the last call; RowBook replaces
+        # that tensor when rows leave) accumulate as Python ints and are applied once per batch
+        self._batch_key = None
+        self._per_call = {}  # counter -> calls: adds once per prompt present in the batch
+        self._per_row = {}  # counter -> units: adds once per row of the batch
 
     def _per_prompt_counts(self, prompt_index: torch.Tensor) -> torch.Tensor:
         return torch.bincount(prompt_index.cpu(), minlength=self.num_prompts)  # a no-op copy for host tensors
 
+    def _use_batch(self, prompt_index: torch.Tensor) -> None:
+        if prompt_index is self._batch_key:
+            return
+        self._flush()
+        self._batch_key = prompt_index
+        self._batch_rows = int(prompt_index.numel())
+        self._batch_counts = self._per_prompt_counts(prompt_index)
+
+    def _flush(self) -> None:
+        """Apply the pending per-batch counts to the per-prompt tensors."""
+        if self._batch_key is None:
+            return
+        present = (self._batch_counts > 0).to(torch.int64)
+        for name, calls in self._per_call.items():
+            self.per_prompt[name] += present * calls
+        for name, units in self._per_row.items():
+            self.per_prompt[name] += self._batch_counts * units
+        self._per_call.clear()
+        self._per_row.clear()
+
     def forward(self, role: str, prompt_index: torch.Tensor, width: int) -> None:
         """One forward call of ``role`` over ``len(prompt_index)`` rows of ``width`` positions."""
-        if prompt_index is not self._batch_key:  # the active rows changed: recount them once
-            self._batch_key = prompt_index
-            self._batch_counts = self._per_prompt_counts(prompt_index)
-            self._batch_present = (self._batch_counts > 0).to(torch.int64)
-        self.total[f"{role}_calls"] += 1
-        self.total[f"{role}_tokens"] += int(prompt_index.numel()) * width
-        self.per_prompt[f"{role}_calls"] += self._batch_present
-        self.per_prompt[f"{role}_tokens"] += self._batch_counts * width
+        self._use_batch(prompt_index)
+        calls, tokens = f"{role}_calls", f"{role}_tokens"
+        self.total[calls] += 1
+        self.total[tokens] += self._batch_rows * width
+        self._per_call[calls] = self._per_call.get(calls, 0) + 1
+        self._per_row[tokens] = self._per_row.get(tokens, 0) + width
 
     def reward(self, prompt_index: torch.Tensor) -> None:
         """One reward call over ``len(prompt_index)`` sequences."""
@@ -131,10 +154,13 @@ class StatsRecorder:
         self.per_prompt["reward_sequences"] += counts
 
     def rows(self, name: str, prompt_index: torch.Tensor, values: torch.Tensor | int) -> None:
-        """Add per-row ``values`` (e.g. accepted drafts) to counter ``name``."""
-        prompt_index = prompt_index.cpu()
+        """Add per-row ``values`` (e.g. accepted drafts; an int: the same for every row) to counter ``name``."""
         if isinstance(values, int):
-            values = torch.full(prompt_index.shape, values, dtype=torch.int64)
+            self._use_batch(prompt_index)
+            self.total[name] += self._batch_rows * values
+            self._per_row[name] = self._per_row.get(name, 0) + values
+            return
+        prompt_index = prompt_index.cpu()
         values = values.to(device="cpu", dtype=torch.int64)
         self.total[name] += int(values.sum())
         self.per_prompt[name].index_add_(0, prompt_index, values)
@@ -150,6 +176,8 @@ class StatsRecorder:
 
     def report(self) -> StatsReport:
         wall = time.perf_counter() - self.start
+        self._flush()
+        self._batch_key = None
         total = GenerationStats(**self.total, wall_time=wall)
         columns = {name: self.per_prompt[name].tolist() for name in self._COUNTERS}
         finish = self.finish_time.tolist()
