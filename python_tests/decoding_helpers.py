@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from stats_helpers import chi_square_from_counts
+
 
 def tiny_llama(vocab_size: int = 12, seed: int = 0, *, hidden_size: int = 16, num_hidden_layers: int = 1,
                logit_scale: float = 1.0, max_position_embeddings: int = 64, attn_implementation: str = "sdpa",
@@ -85,33 +87,13 @@ def sequence_law(models, prompt: list[int], length: int, step_law, eos: int | No
     return law
 
 
-def chi_square_pvalue(counts: dict[tuple, int], law: dict[tuple, float], min_expected: float = 5.0) -> float:
-    """Goodness of fit of ``counts`` to ``law``; cells with small expectation are pooled."""
-    from scipy.stats import chi2
-
-    total = sum(counts.values())
-    unexpected = [k for k in counts if k not in law]
-    if unexpected:
+def chi_square_pvalue(counts: dict[tuple, int], law: dict[tuple, float]) -> float:
+    """Goodness of fit of sequence ``counts`` to ``law`` (a sequence outside the law gives p = 0)."""
+    if any(key not in law for key in counts):
         return 0.0
-    cells = sorted(law, key=lambda k: law[k])
-    observed, expected = [], []
-    pool_o, pool_e = 0.0, 0.0
-    for key in cells:
-        e = law[key] * total
-        o = counts.get(key, 0)
-        if e < min_expected:
-            pool_o += o
-            pool_e += e
-        else:
-            observed.append(o)
-            expected.append(e)
-    if pool_e > 0:
-        observed.append(pool_o)
-        expected.append(pool_e)
-    observed, expected = np.array(observed), np.array(expected)
-    statistic = float(((observed - expected) ** 2 / expected).sum())
-    dof = len(observed) - 1
-    return float(chi2.sf(statistic, dof))
+    keys = list(law)
+    return chi_square_from_counts(np.array([counts.get(key, 0) for key in keys], dtype=float),
+                                  np.array([law[key] for key in keys], dtype=float))
 
 
 def count_sequences(sequences) -> dict[tuple, int]:

@@ -9,18 +9,15 @@ from scipy import stats
 ALPHA = 0.01
 
 
-def chi_square_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value of observed token ids against probabilities.
+def chi_square_from_counts(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson chi-square p-value of observed ``counts`` against category probabilities.
 
-    Categories with expected count < 5 are pooled into one; a token with zero probability
-    that is observed gives p = 0.
+    Categories with expected count < 5 are pooled into one; an observed category of zero
+    probability gives p = 0.
     """
-    probs = probs.double().cpu().numpy()
-    counts = np.bincount(tokens.cpu().numpy(), minlength=probs.size).astype(float)
-    total = counts.sum()
     if np.any(counts[probs == 0] > 0):
         return 0.0
-    expected = probs * total
+    expected = probs * counts.sum()
     big = expected >= 5
     observed = np.append(counts[big], counts[~big].sum())
     expected = np.append(expected[big], expected[~big].sum())
@@ -28,6 +25,13 @@ def chi_square_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     if keep.sum() < 2:  # a single category: only the zero-probability check above can fail
         return 1.0
     return float(stats.chisquare(observed[keep], expected[keep]).pvalue)
+
+
+def chi_square_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square p-value of observed token ids against probabilities (see ``chi_square_from_counts``)."""
+    probs = probs.double().cpu().numpy()
+    counts = np.bincount(tokens.cpu().numpy(), minlength=probs.size).astype(float)
+    return chi_square_from_counts(counts, probs)
 
 
 def detectable_tv(num_samples: int, probs: torch.Tensor, power_z: float = 4.0) -> float:

@@ -19,7 +19,7 @@ if not (sss_ext.BUILD_INFO["cuda"] and torch.cuda.is_available()):
         allow_module_level=True,
     )
 
-from scipy import stats  # noqa: E402
+from stats_helpers import chi_square_pvalue  # noqa: E402
 
 DEVICE = torch.device("cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -179,20 +179,6 @@ def test_deterministic():
 
 # ---------------------------------------------------------------------------------------
 # Exactness: the emitted token at a position follows p* there
-
-
-def chi_square_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness of fit of integer draws to probs (cells with expectation < 5 merged)."""
-    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).to(torch.float64)
-    expected = probs.cpu().to(torch.float64) * counts.sum()
-    assert float(counts[expected == 0].sum()) == 0, "a token of probability 0 was emitted"
-    small = expected < 5
-    observed = torch.cat([counts[~small], counts[small].sum().reshape(1)]) if bool(small.any()) else counts[~small]
-    wanted = torch.cat([expected[~small], expected[small].sum().reshape(1)]) if bool(small.any()) else expected[~small]
-    keep = wanted > 0
-    if int(keep.sum()) < 2:  # one possible token: nothing to fit beyond the zero-probability check
-        return 1.0
-    return float(stats.chisquare(observed[keep].numpy(), wanted[keep].numpy()).pvalue)
 
 
 def tilted_target(target, draft, ref, temperature, shift, top_k, top_p):
