@@ -6,7 +6,8 @@ Loss per continuation position: KL(q || d) over the target's top-k tokens plus o
 for the remaining mass (exact KL of the coarsened distributions; top-64 holds almost all
 of q's mass). Every ``--eval-every`` steps the acceptance rate ``sum_v min(q, d)`` is
 measured with the *full* target distribution on held-out sequences (the last
-``--val-seqs`` sequences, never trained on), at temperature 1 and at the benchmark's
+``--val-seqs`` sequences of the last data file; no continuation of their
+prompts is trained on), at temperature 1 and at the benchmark's
 temperature; the best checkpoint is written to sss_ext/models/weights/draft_layers.safetensors
 (bf16) and MANIFEST.json at once, so the job can be stopped at any time.
 
@@ -86,7 +87,9 @@ def main() -> None:
     n_new = data["new_tokens"]
     n = data["input_ids"].shape[0]
     val = slice(n - args.val_seqs, n)
-    train_n = n - args.val_seqs
+    # held out by prompt: no continuation of a validation prompt (from any data file) is trained on
+    train_rows = torch.nonzero(~torch.isin(data["prompt_index"], data["prompt_index"][val])).squeeze(1)
+    train_n = len(train_rows)
     # full target logits on the held-out sequences (once)
     vi, vm = data["input_ids"][val], data["attention_mask"][val]
     with torch.no_grad():
@@ -115,7 +118,7 @@ def main() -> None:
     while step < args.max_steps and time.process_time() < deadline:
         perm = torch.randperm(train_n, generator=g)
         for start in range(0, train_n - args.batch_size + 1, args.batch_size):
-            idx = perm[start : start + args.batch_size]
+            idx = train_rows[perm[start : start + args.batch_size]]
             lr = args.lr * min(1.0, (step + 1) / warmup)
             for group in opt.param_groups:
                 group["lr"] = lr

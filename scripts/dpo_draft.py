@@ -205,12 +205,16 @@ def main() -> None:
         "heldout_positive_frac_aligned_r": float((res["aligned_r"] > 0.05).float().mean()),
         **closeness,
     }
-    update_manifest("dpo", {
+    entry = {
         "script": "scripts/dpo_draft.py", "args": {k: str(v) for k, v in vars(args).items()},
         "loss": "sss_ext.models.dpo.dpo_loss (sigmoid DPO)", "train_cpu_seconds": round(train_cpu, 1),
         "cpu_seconds": round(time.process_time() - t_cpu, 1), "wall_seconds": round(time.time() - t_wall, 1),
         "history": history, **metrics,
-    })
+    }
+    if args.out.resolve() == (WEIGHTS_DIR / ADAPTER_DIR).resolve():
+        update_manifest("dpo", entry)  # the shipped adapter
+    else:  # an exploratory run: its record stays beside its adapter
+        (args.out / "metrics.json").write_text(json.dumps(entry, indent=1))
     print(metrics)
     print(f"cpu={time.process_time() - t_cpu:.0f}s wall={time.time() - t_wall:.0f}s")
 

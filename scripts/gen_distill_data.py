@@ -67,9 +67,10 @@ def main() -> None:
         chunks["topk_logp"].append(top.values.to(torch.float16))
         chunks["rest_logp"].append(rest.to(torch.float32))
         save(chunks, args, out)  # after every batch: the job can be stopped and resumed at any time
-        update_manifest("distill_data", {
+        update_manifest(f"distill_data_{out.stem}", {
             "script": "scripts/gen_distill_data.py", "args": {k: str(v) for k, v in vars(args).items()},
             "sequences": start + len(batch), "positions": (start + len(batch)) * args.max_new_tokens,
+            "resumed_after_sequences": done,
             "cpu_seconds": round(time.process_time() - t_cpu, 1), "wall_seconds": round(time.time() - t_wall, 1),
             "file": f"$SSS_EXT_CACHE/distill/{out.name} (not shipped)",
         })
@@ -126,6 +127,9 @@ def load_distill_data(paths: list[Path]) -> dict:
     data = {key: torch.cat([part[key] for part in parts]) for key in ("topk_idx", "topk_logp", "rest_logp")}
     data["input_ids"] = torch.cat([lpad(part["input_ids"], EOS_TOKEN_ID) for part in parts])
     data["attention_mask"] = torch.cat([lpad(part["attention_mask"], 0) for part in parts])
+    # the training prompt each row continues (rows follow the prompt order, samples_per_prompt each)
+    data["prompt_index"] = torch.cat([torch.arange(part["input_ids"].shape[0]) // part["meta"]["samples_per_prompt"]
+                                      for part in parts])
     data["new_tokens"] = parts[0]["new_tokens"]
     data["meta"] = [part["meta"] for part in parts]
     return data
