@@ -23,19 +23,15 @@ from sss_ext.models.manifest import update_manifest
 from sss_ext.models.paths import WEIGHTS_DIR, cache_dir
 from sss_ext.models.target import load_target
 
-from gen_distill_data import load_distill_data  # scripts/ is on sys.path when run as a script
+from distill_draft import acceptance, cont_logits  # scripts/ is on sys.path when run as a script
+from gen_distill_data import load_distill_data
 
 FIXTURE = WEIGHTS_DIR / "acceptance_fixture.json"
 
 
 @torch.no_grad()
 def acceptance_on(target, draft, ids: torch.Tensor, mask: torch.Tensor, n_new: int, temperature: float) -> float:
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    zq = target(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -n_new - 1 : -1].float()
-    zd = draft(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -n_new - 1 : -1].float()
-    q = torch.softmax(zq / temperature, -1)
-    d = torch.softmax(zd / temperature, -1)
-    return float(torch.minimum(q, d).sum(-1).mean())
+    return acceptance(cont_logits(target, ids, mask, n_new), cont_logits(draft, ids, mask, n_new), temperature)
 
 
 def main() -> None:

@@ -107,9 +107,7 @@ class StatsRecorder:
         self.total = {name: 0 for name in self._COUNTERS}
         self.per_prompt = {name: torch.zeros(num_prompts, dtype=torch.int64) for name in self._COUNTERS}
         self.finish_time = torch.zeros(num_prompts, dtype=torch.float64)
-        # per-prompt counts of the current batch (prompt_index of the last call; RowBook replaces
-        # that tensor when rows leave) accumulate as Python ints and are applied once per batch
-        self._batch_key = None
+        self._batch_key = None  # prompt_index of the last call (RowBook replaces it when rows leave)
         self._per_call = {}  # counter -> calls: adds once per prompt present in the batch
         self._per_row = {}  # counter -> units: adds once per row of the batch
 
