@@ -4,6 +4,11 @@ CPU kernels are always built. CUDA kernels are built when the installed torch is
 build (``torch.version.cuda``) and a toolkit is found (``CUDA_HOME``), never based on the
 visible GPU. Override with ``SSS_EXT_CUDA=0`` (never) or ``SSS_EXT_CUDA=1`` (required: fail
 if impossible). The decision is printed and recorded in ``sss_ext._C.build_info()``.
+
+The C++ standard is the installed torch's own (``BuildExtension`` picks it: C++17 up to
+torch 2.13, C++20 from 2.14). CUDA architectures come from ``TORCH_CUDA_ARCH_LIST``; when it
+is unset, the visible GPUs decide (torch's rule) and with none visible the build targets
+``DEFAULT_CUDA_ARCHS`` (Ampere, Ada, Hopper, plus PTX for later GPUs).
 """
 
 import glob
@@ -35,10 +40,36 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
-with_cuda, reason = cuda_decision()
-print(f"sss_ext: building CPU kernels{' and CUDA kernels' if with_cuda else ' only'} ({reason})")
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
+
+def cuda_archs():
+    """TORCH_CUDA_ARCH_LIST if set, else the visible GPUs', else DEFAULT_CUDA_ARCHS; sets the variable."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return "the visible GPUs' architectures (TORCH_CUDA_ARCH_LIST unset)"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    return f"no GPU visible: default TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}"
+
+
+def sanitize_flags():
+    """SSS_EXT_SANITIZE=1: AddressSanitizer + UBSan for the host code (see README, Reliability)."""
+    if os.environ.get("SSS_EXT_SANITIZE", "0").strip().lower() in ("", "0", "false", "off", "no"):
+        return [], []
+    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    return flags, ["-fsanitize=address,undefined"]
+
+
+with_cuda, reason = cuda_decision()
+print(f"sss_ext: building CPU kernels{' and CUDA kernels' if with_cuda else ' only'} ({reason}; torch {torch.__version__})")
+if with_cuda:
+    print(f"sss_ext: CUDA architectures: {cuda_archs()}")
+sanitize_compile, sanitize_link = sanitize_flags()
+if sanitize_compile:
+    print(f"sss_ext: sanitizers on: {' '.join(sanitize_compile)}")
+
+cxx_flags = sanitize_compile + ["-O3", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
 macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
 ext_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
 if with_cuda:
@@ -48,11 +79,11 @@ if with_cuda:
         "sss_ext._C",
         ext_sources,
         define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
+        extra_link_args=["-fopenmp"] + sanitize_link,
     )
 else:
-    extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+    extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"] + sanitize_link)
 
 setup(
     name="sss_ext",

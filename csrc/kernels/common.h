@@ -58,7 +58,15 @@ enum class Status : int32_t {
   kNonFiniteLogit,  // NaN or +inf in a logits row (tensor named by `which`)
   kEmptyRow,        // every logit of a row is -inf (tensor named by `which`)
   kNoSupport,       // the tilted target has no token with positive probability
+  kScoreRange,      // a scaled logit (logit / temperature) or the tilted score's row maximum
+                    // lies outside [-kMaxScaledScore, kMaxScaledScore] (tensor named by `which`;
+                    // kNone: the tilted score)
 };
+
+// Largest magnitude of a finite scaled logit z / temperature and of the row maximum of the
+// tilted score s = zq/tau + lambda (zr/tau - zd/tau). Inside this range no intermediate of
+// the float64 arithmetic overflows to NaN; outside it a call is refused (kScoreRange).
+constexpr double kMaxScaledScore = 1e300;
 
 enum class Which : int32_t { kNone = 0, kTarget, kDraft, kRef, kLogits };
 
