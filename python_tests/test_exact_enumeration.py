@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sss_ext
-from sss_ext.reference import log_normalizer, tilted_scores
+from sss_ext.reference import tilted_scores
 from sss_ext.warp import warp_log_probs
 
 VOCAB_SIZE, NUM_DRAFT_TOKENS, HORIZON = 3, 2, 4
@@ -46,7 +46,7 @@ class Setting:
         p_star = torch.exp(warp_log_probs(s, self.top_k, self.top_p))
         r_tilde = torch.exp(warp_log_probs(r * inv, self.top_k, self.top_p))
         z = 1.0 if d is None else math.exp(
-            log_normalizer(s) - log_normalizer(q * inv) - self.shift * (log_normalizer(r * inv) - log_normalizer(d * inv))
+            torch.logsumexp(s, -1) - torch.logsumexp(q * inv, -1) - self.shift * (torch.logsumexp(r * inv, -1) - torch.logsumexp(d * inv, -1))
         )
         return p_star, r_tilde, z
 

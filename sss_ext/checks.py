@@ -14,6 +14,10 @@ import torch
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODES = ("exact", "paper")
+MAX_TOP_K = 2**63 - 1
+# Largest magnitude of a finite scaled logit z / temperature and of the row maximum of the
+# tilted score (kMaxScaledScore in csrc/kernels/common.h; docs/algorithm.md §7).
+MAX_SCALED_SCORE = 1e300
 
 
 def check_tensor(name: str, value, *, ndim: int, dtypes) -> torch.Tensor:
@@ -45,8 +49,10 @@ def check_sampling(temperature, top_k, top_p) -> tuple[float, int, float]:
         raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite float >= 0 (0 means greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+    if temperature > 0 and not math.isfinite(1.0 / temperature):
+        raise ValueError(f"temperature must be 0 (greedy) or have a finite inverse (>= 5.6e-309), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k must be an int >= 0 (0 disables it) and <= 2**63 - 1, got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a float in (0, 1] (1 disables it), got {top_p!r}")
     return float(temperature), int(top_k), float(top_p)
@@ -76,12 +82,18 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name} must hold token ids in [0, {vocab_size}), found {bad}")
 
 
-def check_uniforms(uniforms, shape: tuple, meaning: str, device) -> torch.Tensor:
-    """Uniforms must be float64 in the open interval (0, 1). Syncs on CUDA."""
+def check_uniforms_meta(uniforms, shape: tuple, meaning: str, device) -> torch.Tensor:
+    """Uniforms must be a float64 tensor of ``shape`` on ``device``; no value is read."""
     check_tensor("uniforms", uniforms, ndim=len(shape), dtypes=(torch.float64,))
     check_shape("uniforms", uniforms, shape, meaning)
-    if uniforms.device != device:
+    if uniforms.device != torch.device(device):
         raise ValueError(f"uniforms must be on {device} like the logits, got {uniforms.device}")
+    return uniforms
+
+
+def check_uniforms(uniforms, shape: tuple, meaning: str, device) -> torch.Tensor:
+    """Uniforms must be float64 in the open interval (0, 1). Syncs on CUDA."""
+    check_uniforms_meta(uniforms, shape, meaning, device)
     if uniforms.numel() and not bool(((uniforms > 0) & (uniforms < 1)).all()):
         raise ValueError("uniforms must lie in the open interval (0, 1); 0, 1 and NaN are not allowed")
     return uniforms
@@ -89,6 +101,8 @@ def check_uniforms(uniforms, shape: tuple, meaning: str, device) -> torch.Tensor
 
 def draw_uniforms(shape: tuple, device, generator: torch.Generator | None) -> torch.Tensor:
     """float64 uniforms on the open grid {1, ..., 2**53 - 1} / 2**53: never 0, never 1."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != torch.device(device).type:
         raise ValueError(f"generator must be a {torch.device(device).type} generator, got one on {generator.device}")
     grid = torch.randint(1, 2**53, shape, dtype=torch.int64, device=device, generator=generator)
@@ -123,6 +137,16 @@ def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, tem
     shift = check_shift(shift)
     mode = check_mode(mode, ref_logits)
     return (batch, num_draft_tokens, vocab_size), (temperature, top_k, top_p, shift, mode)
+
+
+def check_scaled_range(name: str, logits: torch.Tensor, inverse_temperature: float) -> None:
+    """Finite ``logits * inverse_temperature`` must lie in [-MAX_SCALED_SCORE, MAX_SCALED_SCORE]."""
+    finite = logits.to(torch.float64).masked_fill(torch.isneginf(logits), 0.0)
+    if finite.numel() and not float(finite.abs().amax()) * inverse_temperature <= MAX_SCALED_SCORE:
+        raise ValueError(
+            f"{name} / temperature leaves the supported range [-1e300, 1e300]: "
+            "use a larger temperature (or 0 for greedy) or smaller logits"
+        )
 
 
 def check_logit_values(name: str, logits: torch.Tensor) -> None:

@@ -10,11 +10,10 @@ import torch
 
 from . import _C
 from .checks import (
-    check_logit_values,
+    check_same_device,
     check_sampling,
     check_tensor,
-    check_token_ids,
-    check_uniforms,
+    check_uniforms_meta,
     check_verify_args,
     draw_uniforms,
     LOGIT_DTYPES,
@@ -35,9 +34,18 @@ def _check_device_built(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {tensor.device}; sss_ext has kernels for cpu and cuda only")
 
 
-def _check_values_on_device(tensor: torch.Tensor, validate: bool) -> bool:
-    """CPU kernels check values themselves; on CUDA, ``validate`` buys a host-synchronising check."""
-    return validate and tensor.device.type == "cuda"
+def _validated_on_device(op, args: tuple, invalid_rows: torch.Tensor, validate: bool) -> None:
+    """On CUDA with ``validate``, one small device-to-host read of the invalid-row flags.
+
+    The CPU kernels raise a named ``ValueError`` themselves. The CUDA kernels mark an
+    invalid row (``-1``) instead of synchronising; when a row is marked, the call is
+    replayed on CPU copies of the inputs so that the same named ``ValueError`` is raised.
+    """
+    if not validate or invalid_rows.device.type != "cuda" or not bool(invalid_rows.any()):
+        return
+    op(*(arg.cpu() if isinstance(arg, torch.Tensor) else arg for arg in args))
+    rows = invalid_rows.nonzero().flatten().tolist()
+    raise ValueError(f"the CUDA kernel found invalid input in rows {rows[:8]} (the CPU kernel accepts the same input)")
 
 
 def verify(
@@ -88,8 +96,11 @@ def verify(
     generator : torch.Generator, optional
         Source of the uniforms when ``uniforms`` is None.
     validate : bool
-        On CUDA, check token ids, uniforms and logits values before the launch (a host
-        sync). CPU kernels always check them.
+        On CUDA, raise the named ``ValueError`` for invalid values (draft ids, uniforms,
+        NaN/+inf or all ``-inf`` logits, out-of-range scaled logits, a ``p*`` without
+        support) at the cost of one small device-to-host copy; ``False`` keeps the call
+        free of host synchronisation and marks invalid rows with ``num_accepted = -1``
+        and ``-1`` tokens. CPU kernels always raise.
 
     Returns
     -------
@@ -109,16 +120,10 @@ def verify(
     if uniforms is None:
         uniforms = draw_uniforms(shape, target_logits.device, generator)
     else:
-        check_tensor("uniforms", uniforms, ndim=2, dtypes=(torch.float64,))
-    if _check_values_on_device(target_logits, validate):
-        check_uniforms(uniforms, shape, "(B, K+1)", target_logits.device)
-        check_token_ids("draft_tokens", draft_tokens, vocab_size)
-        for name, logits in (("target_logits", target_logits), ("draft_logits", draft_logits), ("ref_logits", ref_logits)):
-            if logits is not None:
-                check_logit_values(name, logits)
-    tokens, num_accepted, log_z = torch.ops.sss_ext.verify.default(
-        target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode
-    )
+        check_uniforms_meta(uniforms, shape, "(B, K+1)", target_logits.device)
+    args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode)
+    tokens, num_accepted, log_z = torch.ops.sss_ext.verify.default(*args)
+    _validated_on_device(torch.ops.sss_ext.verify.default, args, num_accepted < 0, validate)
     return VerifyOutput(tokens, num_accepted, log_z)
 
 
@@ -139,7 +144,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     generator : torch.Generator, optional
         Source of the uniforms when ``uniforms`` is None.
     validate : bool
-        On CUDA, check uniforms and logits values before the launch (a host sync).
+        As in :func:`verify`: on CUDA, one small device-to-host copy buys the named
+        ``ValueError``; ``False`` marks invalid rows with token ``-1``.
 
     Returns
     -------
@@ -158,15 +164,18 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     if uniforms is None:
         uniforms = draw_uniforms((logits.shape[0],), logits.device, generator)
     else:
-        check_tensor("uniforms", uniforms, ndim=1, dtypes=(torch.float64,))
-    if _check_values_on_device(logits, validate):
-        check_uniforms(uniforms, (logits.shape[0],), "(B,)", logits.device)
-        check_logit_values("logits", logits)
-    return torch.ops.sss_ext.sample.default(logits, uniforms, temperature, top_k, top_p)
+        check_uniforms_meta(uniforms, (logits.shape[0],), "(B,)", logits.device)
+    args = (logits, uniforms, temperature, top_k, top_p)
+    tokens = torch.ops.sss_ext.sample.default(*args)
+    _validated_on_device(torch.ops.sss_ext.sample.default, args, tokens < 0, validate)
+    return tokens
 
 
 @torch.library.register_fake("sss_ext::verify")
 def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode):
+    # Mixed devices would dispatch here (a meta tensor to the fake kernel): refuse them.
+    check_same_device(target_logits=target_logits, draft_logits=draft_logits, draft_tokens=draft_tokens,
+                      ref_logits=ref_logits, uniforms=uniforms)
     batch, num_draft_tokens = draft_tokens.shape
     tokens = draft_tokens.new_empty((batch, num_draft_tokens + 1))
     num_accepted = draft_tokens.new_empty((batch,))
@@ -176,4 +185,5 @@ def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms
 
 @torch.library.register_fake("sss_ext::sample")
 def _sample_fake(logits, uniforms, temperature, top_k, top_p):
+    check_same_device(logits=logits, uniforms=uniforms)
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)

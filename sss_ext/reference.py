@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of Reward-Shifted Speculative Sampling, in paper notation.
 
 This is the test oracle: every kernel is checked against it with the same uniforms. It
-computes in float64 and follows ``ALGORITHM.md`` sections 2 and 3 line by line.
+computes in float64 and follows ``docs/algorithm.md`` §1-§5 line by line.
 
 Notation (per batch row, positions ``i = 0..K``):
 
@@ -13,7 +13,8 @@ Notation (per batch row, positions ``i = 0..K``):
 
 Paper mode replaces ``p*`` by ``m = Z * p*`` in the acceptance ratio and the residual,
 ``Z = sum_v q (r/d)**lambda``; for ``lambda = 1`` and no truncation that is the published
-rule ``min(1, q/d)`` with residual ``(q r / d - r)+``.
+rule ``min(1, q/d)`` with residual ``(q r / d - r)+``, drawn as the proportional
+``(p* - r~ / Z)+`` so that no ``log Z`` overflows.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import torch
 from .checks import (
     check_logit_values,
     check_sampling,
+    check_scaled_range,
     check_tensor,
     check_token_ids,
     check_uniforms,
     check_verify_args,
     draw_uniforms,
     LOGIT_DTYPES,
+    MAX_SCALED_SCORE,
 )
 from .types import VerifyOutput
 from .warp import warp_log_probs
@@ -36,10 +39,26 @@ from .warp import warp_log_probs
 NEG_INF = float("-inf")
 
 
-def log_normalizer(scores: torch.Tensor) -> torch.Tensor:
-    """``max + log(sum(exp(scores - max)))`` over the last dimension. Shape: (..., V) -> (...)."""
+def max_and_log_sum(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, log(sum(exp(scores - max))))`` over the last dimension, kept apart.
+
+    Shape
+    -----
+    scores: (..., V) -> (...), (...)
+    """
     top = scores.amax(dim=-1, keepdim=True)
-    return (top + torch.log(torch.exp(scores - top).sum(dim=-1, keepdim=True))).squeeze(-1)
+    return top.squeeze(-1), torch.log(torch.exp(scores - top).sum(dim=-1))
+
+
+def log_normaliser_z(s, zq_t, zr_t, zd_t, shift: float) -> torch.Tensor:
+    """``log Z = log sum_v q (r/d)**lambda`` from tempered scores, maxima and log-sums summed apart.
+
+    Shape
+    -----
+    s, zq_t, zr_t, zd_t: (B, K+1, V) -> (B, K+1)
+    """
+    (m_s, l_s), (m_q, l_q), (m_r, l_r), (m_d, l_d) = (max_and_log_sum(x) for x in (s, zq_t, zr_t, zd_t))
+    return (m_s - m_q - shift * (m_r - m_d)) + (l_s - l_q - shift * (l_r - l_d))
 
 
 def tilted_scores(zq, zr, zd, inverse_temperature: float, shift: float) -> torch.Tensor:
@@ -89,11 +108,19 @@ def _emit(draft_tokens: torch.Tensor, num_accepted: torch.Tensor, last: torch.Te
     return tokens.scatter(1, num_accepted[:, None], last[:, None])
 
 
-def _check_support(log_probs: torch.Tensor, what: str) -> None:
-    empty = torch.isneginf(log_probs).all(dim=-1)
-    if bool(empty.any()):
-        where = tuple(int(i) for i in empty.nonzero()[0])
-        raise ValueError(f"{what} has no token with positive probability at (row, position) {where}")
+def _check_tilted(s: torch.Tensor) -> None:
+    """p* needs a token with positive probability and a row maximum inside the supported range."""
+    top = s.amax(dim=-1)
+    if bool(torch.isneginf(top).any()):
+        where = tuple(int(i) for i in torch.isneginf(top).nonzero()[0])
+        raise ValueError(f"the tilted target p* has no token with positive probability at (row, position) {where}")
+    outside = ~(top.abs() <= MAX_SCALED_SCORE)
+    if bool(outside.any()):
+        where = tuple(int(i) for i in outside.nonzero()[0])
+        raise ValueError(
+            "the tilted score zq/temperature + shift * (zr/temperature - zd/temperature) has a row maximum outside "
+            f"[-1e300, 1e300] at (row, position) {where}: use a smaller shift or a larger temperature"
+        )
 
 
 def verify(
@@ -127,9 +154,13 @@ def verify(
         u = draw_uniforms((batch, K + 1), device, generator)
     else:
         u = check_uniforms(uniforms, (batch, K + 1), "(B, K+1)", device)
-    for name, logits in (("target_logits", target_logits), ("draft_logits", draft_logits), ("ref_logits", ref_logits)):
+    # Without a reference, draft_logits[:, K] (if given) is never used, so never checked.
+    used_draft = draft_logits if ref_logits is not None else draft_logits[:, :K]
+    inverse_temperature = 1.0 if tau == 0.0 else 1.0 / tau
+    for name, logits in (("target_logits", target_logits), ("draft_logits", used_draft), ("ref_logits", ref_logits)):
         if logits is not None:
             check_logit_values(name, logits)
+            check_scaled_range(name, logits, inverse_temperature)
 
     zq = target_logits.to(torch.float64)
     zr = draft_logits.to(torch.float64)
@@ -140,7 +171,7 @@ def verify(
     if tau == 0.0:
         # Greedy: p* and r~ are one-hot; accept iff the draft is the tilted argmax.
         s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, 1.0, lam)
-        _check_support(s, "the tilted target p*")
+        _check_tilted(s)
         best = torch.argmax(s, dim=-1)  # (B, K+1)
         num_accepted = _first_rejection(x == best[:, :K])
         tokens = _emit(x, num_accepted, best[rows, num_accepted])
@@ -149,15 +180,12 @@ def verify(
     # 1. Tilted target p* (truncated after tilting) and its normaliser Z.
     inv_tau = 1.0 / tau
     s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, inv_tau, lam)  # (B, K+1, V)
-    _check_support(s, "the tilted target p*")
+    _check_tilted(s)
     log_p_star = warp_log_probs(s, top_k, top_p)
     if zd is None:
         log_z = torch.zeros(batch, K + 1, dtype=torch.float64, device=device)
     else:
-        log_z = log_normalizer(s) - log_normalizer(zq * inv_tau) - lam * (
-            log_normalizer(zr[:, : K + 1] * inv_tau) - log_normalizer(zd * inv_tau)
-        )
-    scale = torch.exp(log_z) if mode == "paper" else torch.ones_like(log_z)  # m = scale * p*
+        log_z = log_normaliser_z(s, zq * inv_tau, zr[:, : K + 1] * inv_tau, zd * inv_tau, lam)
 
     # 2. Proposal r~ the drafts were drawn from.
     log_r_tilde = warp_log_probs(zr[:, :K] * inv_tau, top_k, top_p)  # (B, K, V)
@@ -170,11 +198,16 @@ def verify(
     num_accepted = _first_rejection(accept)
 
     # 4. Correction from (m - r~)+ at the first rejection j (fallback p*), or bonus from p*[K].
+    #    Paper mode draws from the proportional (p* - r~ / Z)+, which no log Z overflows.
     j = num_accepted
     p_j = torch.exp(log_p_star[rows, j])  # (B, V)
     if K > 0:
-        r_j = torch.exp(log_r_tilde[rows, j.clamp(max=K - 1)])
-        residual = torch.clamp(p_j * scale[rows, j, None] - r_j, min=0.0)
+        log_r_j = log_r_tilde[rows, j.clamp(max=K - 1)]
+        if mode == "paper":
+            r_j = torch.exp(log_r_j - log_z[rows, j, None]).masked_fill(torch.isneginf(log_r_j), 0.0)
+        else:
+            r_j = torch.exp(log_r_j)
+        residual = torch.clamp(p_j - r_j, min=0.0)
         use_residual = (j < K) & (torch.cumsum(residual, dim=-1)[:, -1] > 0)
         weights = torch.where(use_residual[:, None], residual, p_j)
     else:
@@ -203,6 +236,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     else:
         u = check_uniforms(uniforms, (batch,), "(B,)", logits.device)
     check_logit_values("logits", logits)
+    check_scaled_range("logits", logits, 1.0 if tau == 0.0 else 1.0 / tau)
     z = logits.to(torch.float64)
     if tau == 0.0:
         return torch.argmax(z, dim=-1)

@@ -52,8 +52,9 @@ def kept_mask(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 def masked_log_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``scores - logsumexp(scores[keep])`` on kept tokens, ``-inf`` elsewhere.
 
-    The normaliser is ``max + log(sum(exp(scores - max)))`` over the kept tokens, the
-    form the kernels use.
+    Computed as ``(scores - max) - log(sum(exp(scores - max)))`` over the kept tokens, the
+    form the kernels use: the maximum and the log-sum stay apart, so ``log(sum)`` survives
+    even when ``|max|`` is too large for ``max + log(sum)`` to differ from ``max``.
 
     Shape
     -----
@@ -61,8 +62,8 @@ def masked_log_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
     """
     masked = scores.masked_fill(~keep, float("-inf"))
     top = masked.amax(dim=-1, keepdim=True)
-    log_total = top + torch.log(torch.exp(masked - top).sum(dim=-1, keepdim=True))
-    return masked - log_total
+    log_sum = torch.log(torch.exp(masked - top).sum(dim=-1, keepdim=True))
+    return (masked - top) - log_sum
 
 
 def warp_log_probs(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -25,6 +25,8 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
 
 inline void check_sampling(double temperature, int64_t top_k, double top_p) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0, "temperature must be a finite float >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(temperature == 0 || std::isfinite(1.0 / temperature),
+                    "temperature must be 0 (greedy) or have a finite inverse (>= 5.6e-309), got ", temperature);
   TORCH_CHECK_VALUE(top_k >= 0, "top_k must be an int >= 0 (0 disables it), got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "top_p must be a float in (0, 1] (1 disables it), got ", top_p);
 }
@@ -175,6 +177,14 @@ inline void raise_if_error(const Error& e, int64_t vocab) {
     case Status::kEmptyRow:
       TORCH_CHECK_VALUE(false, tensor_name(e.which), " has a row with every logit -inf (no token can be drawn) at row ",
                         e.batch_index, e.position >= 0 ? ", position " + std::to_string(e.position) : std::string());
+    case Status::kScoreRange:
+      if (e.which == Which::kNone)
+        TORCH_CHECK_VALUE(false, "the tilted score zq/temperature + shift * (zr/temperature - zd/temperature) has a row maximum "
+                          "outside [-1e300, 1e300] at row ", e.batch_index, ", position ", e.position,
+                          ": use a smaller shift or a larger temperature");
+      TORCH_CHECK_VALUE(false, tensor_name(e.which), " / temperature leaves the supported range [-1e300, 1e300] at row ",
+                        e.batch_index, e.position >= 0 ? ", position " + std::to_string(e.position) : std::string(),
+                        ": use a larger temperature (or 0 for greedy) or smaller logits");
     case Status::kNoSupport:
       TORCH_CHECK_VALUE(false, "the tilted target p* has no token with positive probability at row ", e.batch_index, ", position ",
                         e.position, ": target_logits, draft_logits and ref_logits mask disjoint vocabularies");

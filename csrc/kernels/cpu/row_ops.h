@@ -69,13 +69,19 @@ struct Kept {
   SSS_FORCE_INLINE bool contains(double score, int64_t v) const { return (score > threshold) | ((score == threshold) & (v <= last_index)); }
 };
 
-// log sum_{v kept} exp(score(v)), as max + log(sum(exp(score - max))).
+// log sum_{v kept} exp(score(v)) = max + log_sum, log_sum = log(sum(exp(score - max))) >= 0.
+// The two parts stay apart: log_prob = (score - max) - log_sum keeps log_sum even when
+// |max| is so large that max + log_sum would round to max.
 struct LogNormalizer {
   double max = -kInf;
-  double log_total = -kInf;
+  double log_sum = kInf;
   Kept kept;
-  SSS_FORCE_INLINE double log_prob(double score, int64_t v) const { return kept.contains(score, v) ? score - log_total : -kInf; }
-  SSS_FORCE_INLINE double prob(double score, int64_t v) const { return kept.contains(score, v) ? exp_nonpositive(score - log_total) : 0.0; }
+  SSS_FORCE_INLINE double log_prob(double score, int64_t v) const {
+    return kept.contains(score, v) ? (score - max) - log_sum : -kInf;
+  }
+  SSS_FORCE_INLINE double prob(double score, int64_t v) const {
+    return kept.contains(score, v) ? exp_nonpositive((score - max) - log_sum) : 0.0;
+  }
 };
 
 template <class Score>
@@ -86,12 +92,13 @@ SSS_FORCE_INLINE double row_max(const Score& score, int64_t vocab) {
   return best;
 }
 
+// log(sum(exp(score - max))) over the row, given its maximum.
 template <class Score>
-SSS_FORCE_INLINE double log_sum_exp(const Score& score, int64_t vocab, double max) {
+SSS_FORCE_INLINE double log_sum_exp_shifted(const Score& score, int64_t vocab, double max) {
   double total = 0.0;
 #pragma omp simd reduction(+ : total)
   for (int64_t v = 0; v < vocab; ++v) total += exp_nonpositive(score(v) - max);
-  return max + std::log(total);
+  return std::log(total);
 }
 
 // First index of the maximum (ALGORITHM.md: greedy ties break to the lowest index).
@@ -115,13 +122,13 @@ struct Scratch {
   std::vector<int64_t> order;
 };
 
-// Normaliser of warp(softmax(score)) given the row maximum (> -inf).
+// Normaliser of warp(softmax(score)) given the row maximum (finite, |max| <= kMaxScaledScore).
 template <class Score>
 LogNormalizer normalize(const Score& score, int64_t vocab, double max, const Sampling& sampling, Scratch& scratch) {
   LogNormalizer out;
   out.max = max;
   if (!sampling.truncates(vocab)) {
-    out.log_total = log_sum_exp(score, vocab, max);
+    out.log_sum = log_sum_exp_shifted(score, vocab, max);
     return out;
   }
   std::vector<double>& values = scratch.values;
@@ -152,6 +159,7 @@ LogNormalizer normalize(const Score& score, int64_t vocab, double max, const Sam
       before += exp_nonpositive(values[order[num_kept]] - max);
       ++num_kept;
     }
+    num_kept = std::max<int64_t>(num_kept, 1);  // the top-ranked token (mass 1) is always kept
   }
   // The last kept token: nth_element (top-k only) or the sort (top-p) put it at num_kept - 1.
   out.kept.last_index = order[num_kept - 1];
@@ -160,7 +168,7 @@ LogNormalizer normalize(const Score& score, int64_t vocab, double max, const Sam
   const Kept kept = out.kept;
 #pragma omp simd reduction(+ : total)
   for (int64_t v = 0; v < vocab; ++v) total += kept.contains(values[v], v) ? exp_nonpositive(values[v] - max) : 0.0;
-  out.log_total = max + std::log(total);
+  out.log_sum = std::log(total);
   return out;
 }
 

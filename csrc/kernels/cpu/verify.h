@@ -1,6 +1,6 @@
 // CPU kernels of the sss_ext op family: batched SSS verification and the fused sampler.
 // Framework-free: raw pointers in, raw pointers out, parallelism injected by the caller as
-// parallel_for(begin, end, grain, fn(begin, end)). Algorithm: ALGORITHM.md sections 2-3.
+// parallel_for(begin, end, grain, fn(begin, end)). Algorithm: docs/algorithm.md §1-§4.
 #pragma once
 
 #include <vector>
@@ -55,16 +55,19 @@ struct PositionStats {
   Error error;
 };
 
-// Rejects NaN / +inf and all -inf rows; returns the row maximum.
+// Rejects NaN / +inf, all -inf rows and rows whose finite logits scaled by
+// inverse_temperature leave [-kMaxScaledScore, kMaxScaledScore]; returns the row maximum.
 template <typename T>
-SSS_FORCE_INLINE double checked_row_max(const T* row, int64_t vocab, Which which, int64_t b, int64_t i, Error& error) {
-  double best = -kInf;
+SSS_FORCE_INLINE double checked_row_max(const T* row, int64_t vocab, double inverse_temperature, Which which, int64_t b,
+                                        int64_t i, Error& error) {
+  double best = -kInf, lowest = kInf;
   int bad = 0;
-#pragma omp simd reduction(max : best) reduction(| : bad)
+#pragma omp simd reduction(max : best) reduction(min : lowest) reduction(| : bad)
   for (int64_t v = 0; v < vocab; ++v) {
     const double x = load(row, v);
     bad |= !(x < kInf);
     best = std::max(best, x);
+    lowest = std::min(lowest, x == -kInf ? kInf : x);
   }
   if (bad) {
     int64_t v = 0;
@@ -72,8 +75,17 @@ SSS_FORCE_INLINE double checked_row_max(const T* row, int64_t vocab, Which which
     error = Error{Status::kNonFiniteLogit, which, b, i, v};
   } else if (best == -kInf) {
     error = Error{Status::kEmptyRow, which, b, i, -1};
+  } else if (!(std::max(std::fabs(best), std::fabs(lowest)) * inverse_temperature <= kMaxScaledScore)) {
+    error = Error{Status::kScoreRange, which, b, i, -1};
   }
   return best;
+}
+
+// log Z = log sum_v q (r/d)^lambda from the scaled row maxima (m_*) and shifted log-sums
+// (l_* = log sum exp(x - m_*)); the two groups are summed apart so neither loses the other.
+SSS_FORCE_INLINE double log_normaliser_z(double m_s, double l_s, double m_q, double l_q, double m_r, double l_r, double m_d,
+                                         double l_d, double shift) {
+  return (m_s - m_q - shift * (m_r - m_d)) + (l_s - l_q - shift * (l_r - l_d));
 }
 
 template <typename T, bool kTilt>
@@ -85,17 +97,21 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
   const PositionScores<T, kTilt> scores{p.target.row(b, i), (has_proposal || has_ref) ? p.draft.row(b, i) : nullptr,
                                         has_ref ? p.ref.row(b, i) : nullptr, greedy ? 1.0 : 1.0 / p.sampling.temperature,
                                         p.shift};
-  const double target_max = checked_row_max(scores.target, p.vocab, Which::kTarget, b, i, out.error);
+  const double tau_inv = scores.inverse_temperature;
+  const double target_max = checked_row_max(scores.target, p.vocab, tau_inv, Which::kTarget, b, i, out.error);
   double draft_max = -kInf, ref_max = -kInf;
-  if (out.error.ok() && scores.draft) draft_max = checked_row_max(scores.draft, p.vocab, Which::kDraft, b, i, out.error);
-  if (out.error.ok() && has_ref) ref_max = checked_row_max(scores.ref, p.vocab, Which::kRef, b, i, out.error);
+  if (out.error.ok() && scores.draft) draft_max = checked_row_max(scores.draft, p.vocab, tau_inv, Which::kDraft, b, i, out.error);
+  if (out.error.ok() && has_ref) ref_max = checked_row_max(scores.ref, p.vocab, tau_inv, Which::kRef, b, i, out.error);
   if (!out.error.ok()) return out;
 
   const auto tilted = [&](int64_t v) { return scores.tilted(v); };
-  const double tau_inv = scores.inverse_temperature;
   const double tilted_max = kTilt ? row_max(tilted, p.vocab) : target_max * tau_inv;
   if (tilted_max == -kInf) {
     out.error = Error{Status::kNoSupport, Which::kNone, b, i, -1};
+    return out;
+  }
+  if (!(std::fabs(tilted_max) <= kMaxScaledScore)) {
+    out.error = Error{Status::kScoreRange, Which::kNone, b, i, -1};
     return out;
   }
   if (greedy) {
@@ -104,12 +120,12 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
     return out;
   }
 
-  const double proposal_max = draft_max * tau_inv;
+  const double proposal_max = draft_max * tau_inv, target_max_t = target_max * tau_inv, ref_max_t = ref_max * tau_inv;
   const auto proposal = [&](int64_t v) { return scores.proposal(v); };
-  double log_total_s_full, log_total_r_full = 0.0, log_total_q = 0.0, log_total_d = 0.0;
+  // Untruncated shifted log-sums of s, zr/tau, zq/tau, zd/tau (the last three only with a reference).
+  double l_s, l_r = 0.0, l_q = 0.0, l_d = 0.0;
   if (!p.sampling.truncates(p.vocab)) {
     // One fused pass for every normaliser this position needs.
-    const double target_max_t = target_max * tau_inv, ref_max_t = ref_max * tau_inv;
     const int64_t vocab = p.vocab;
     double sum_s = 0.0, sum_r = 0.0, sum_q = 0.0, sum_d = 0.0;
     if (has_ref) {
@@ -120,36 +136,35 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
         sum_q += exp_nonpositive(scores.target_score(v) - target_max_t);
         sum_d += exp_nonpositive(scores.ref_score(v) - ref_max_t);
       }
-      log_total_r_full = proposal_max + std::log(sum_r);
-      log_total_q = target_max_t + std::log(sum_q);
-      log_total_d = ref_max_t + std::log(sum_d);
+      l_q = std::log(sum_q);
+      l_d = std::log(sum_d);
     } else if (has_proposal) {
 #pragma omp simd reduction(+ : sum_s, sum_r)
       for (int64_t v = 0; v < vocab; ++v) {
         sum_s += exp_nonpositive(scores.tilted(v) - tilted_max);
         sum_r += exp_nonpositive(scores.proposal(v) - proposal_max);
       }
-      log_total_r_full = proposal_max + std::log(sum_r);
     } else {
 #pragma omp simd reduction(+ : sum_s)
       for (int64_t v = 0; v < vocab; ++v) sum_s += exp_nonpositive(scores.tilted(v) - tilted_max);
     }
-    log_total_s_full = tilted_max + std::log(sum_s);
+    l_s = std::log(sum_s);
+    l_r = std::log(sum_r);
     out.p_star.max = tilted_max;
-    out.p_star.log_total = log_total_s_full;
+    out.p_star.log_sum = l_s;
     out.proposal.max = proposal_max;
-    out.proposal.log_total = log_total_r_full;
+    out.proposal.log_sum = l_r;
   } else {
     out.p_star = normalize(tilted, p.vocab, tilted_max, p.sampling, scratch);
     if (has_proposal) out.proposal = normalize(proposal, p.vocab, proposal_max, p.sampling, scratch);
     if (has_ref) {
-      log_total_s_full = log_sum_exp(tilted, p.vocab, tilted_max);
-      log_total_r_full = log_sum_exp(proposal, p.vocab, proposal_max);
-      log_total_q = log_sum_exp([&](int64_t v) { return scores.target_score(v); }, p.vocab, target_max * tau_inv);
-      log_total_d = log_sum_exp([&](int64_t v) { return scores.ref_score(v); }, p.vocab, ref_max * tau_inv);
+      l_s = log_sum_exp_shifted(tilted, p.vocab, tilted_max);
+      l_r = log_sum_exp_shifted(proposal, p.vocab, proposal_max);
+      l_q = log_sum_exp_shifted([&](int64_t v) { return scores.target_score(v); }, p.vocab, target_max_t);
+      l_d = log_sum_exp_shifted([&](int64_t v) { return scores.ref_score(v); }, p.vocab, ref_max_t);
     }
   }
-  if (has_ref) out.log_z = log_total_s_full - log_total_q - p.shift * (log_total_r_full - log_total_d);
+  if (has_ref) out.log_z = log_normaliser_z(tilted_max, l_s, target_max_t, l_q, proposal_max, l_r, ref_max_t, l_d, p.shift);
 
   if (has_proposal) {
     const int64_t x = draft_token(p, b, i);
@@ -170,11 +185,17 @@ SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b
                                         p.has_ref() ? p.ref.row(b, j) : nullptr, 1.0 / p.sampling.temperature, p.shift};
   const double u = uniform(p, b, p.num_draft);
   const auto p_star = [&](int64_t v) { return stats.p_star.prob(scores.tilted(v), v); };
-  if (j < p.num_draft) {
-    const double scale = p.paper_mode ? std::exp(stats.log_z) : 1.0;
+  if (j < p.num_draft && p.paper_mode) {
+    // (Z p* - r~)+ / Z = (p* - exp(log r~ - log Z))+: the same law, no overflow for any log Z.
+    const double log_z = stats.log_z;
     const auto residual = [&](int64_t v) {
-      return std::max(0.0, p_star(v) * scale - stats.proposal.prob(scores.proposal(v), v));
+      const double log_r = stats.proposal.log_prob(scores.proposal(v), v);
+      return std::max(0.0, p_star(v) - (log_r == -kInf ? 0.0 : std::exp(log_r - log_z)));
     };
+    const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
+    if (token >= 0) return token;
+  } else if (j < p.num_draft) {
+    const auto residual = [&](int64_t v) { return std::max(0.0, p_star(v) - stats.proposal.prob(scores.proposal(v), v)); };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
   }
@@ -240,7 +261,7 @@ Error verify(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
 // One token per row from warp(softmax(logits / tau)) by inverse CDF, or the argmax at tau = 0.
 template <typename T, class ParallelFor>
 Error sample(const SampleParams<T>& p, ParallelFor&& parallel_for) {
-  for (int64_t b = 0; b < p.batch && !p.sampling.greedy(); ++b) {
+  for (int64_t b = 0; b < p.batch; ++b) {
     const double u = p.uniforms[b * p.uniforms_stride];
     if (!(u > 0.0 && u < 1.0)) return Error{Status::kBadUniform, Which::kNone, b, -1, -1};
   }
@@ -250,13 +271,13 @@ Error sample(const SampleParams<T>& p, ParallelFor&& parallel_for) {
     Scratch scratch;
     for (int64_t b = begin; b < end; ++b) {
       const T* row = p.logits.row(b, 0);
-      const double max = checked_row_max(row, p.vocab, Which::kLogits, b, -1, errors[b]);
+      const double tau_inv = p.sampling.greedy() ? 1.0 : 1.0 / p.sampling.temperature;
+      const double max = checked_row_max(row, p.vocab, tau_inv, Which::kLogits, b, -1, errors[b]);
       if (!errors[b].ok()) continue;
       if (p.sampling.greedy()) {
         p.tokens[b] = row_argmax([&](int64_t v) { return load(row, v); }, p.vocab);
         continue;
       }
-      const double tau_inv = 1.0 / p.sampling.temperature;
       const auto score = [&](int64_t v) { return load(row, v) * tau_inv; };
       const LogNormalizer norm = normalize(score, p.vocab, max * tau_inv, p.sampling, scratch);
       p.tokens[b] = inverse_cdf([&](int64_t v) { return norm.prob(score(v), v); }, p.vocab, p.uniforms[b * p.uniforms_stride], scratch);
