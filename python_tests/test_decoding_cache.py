@@ -11,7 +11,7 @@ import torch
 
 import sss_ext
 from sss_ext.decoding.cache import KVState
-from sss_ext.decoding.speculative import SpeculativeRun
+from sss_ext.decoding.observe import RecordingObserver
 from decoding_helpers import full_logits, one_thread, tiny_llama, trio  # noqa: F401  (one_thread: autouse fixture)
 
 TOLERANCE = 1e-4
@@ -25,45 +25,39 @@ def models():
 PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [2, 2], [3, 1, 4, 1, 5, 9, 2]]
 
 
-def _spy_rounds(monkeypatch, models, use_ref: bool):
-    """Record, per round, the max |cached - recomputed| logits and the acceptance of every row."""
+def _observe_rounds(models, use_ref: bool):
+    """Record, per round, the max |cached - recomputed| logits and the acceptance of every row (through the observer)."""
     q, r, d = models
-    current = {}
+    observer = RecordingObserver(keep_logits=True)
+    out = sss_ext.generate(q, r, PROMPTS, ref_model=d if use_ref else None, method="sss" if use_ref else "sd",
+                           max_new_tokens=14, num_draft_tokens=3, eos_token_id=0, seed=3, observer=observer)
     record = {"error": 0.0, "accepted": [], "widths_ok": True, "batch_sizes": [], "carry_mixed": False, "holes": 0}
-    original_round = SpeculativeRun.round
-    original_verify = sss_ext.ops.verify
-
-    def round_spy(self):
-        current["run"] = self
-        record["batch_sizes"].append(self.book.num_active)
-        if bool(self.carry.any()) and not bool(self.carry.all()):
+    sequences = {row: list(prompt) for row, prompt in enumerate(PROMPTS)}  # each row's tokens before the round
+    rounds = observer.rounds()
+    assert [rec.index for rec in rounds] == list(range(len(rounds)))
+    for rec in rounds:
+        record["batch_sizes"].append(len(rec.rows))
+        if rec.carried is not None and bool(rec.carried.any()) and not bool(rec.carried.all()):
             record["carry_mixed"] = True
-        original_round(self)
-        for state in self.states:  # cache length == mask width, holes within the budget
-            longest = int(state.lengths.max()) if state.lengths.numel() else 0
-            budget = max(state.min_holes, state.hole_fraction * state.width)
-            record["widths_ok"] &= state.cache.get_seq_length() == state.width and state.width - longest <= budget
-            record["holes"] = max(record["holes"], state.width - longest)
-
-    def verify_spy(target_logits, draft_logits, draft_tokens, ref_logits=None, **kwargs):
-        run = current["run"]
-        for b, row in enumerate(run.book.active.tolist()):
-            sequence = PROMPTS[row] + run.book.sequence(row).tolist()
+        draft_tokens = rec.draft_tokens
+        for b, row in enumerate(rec.rows.tolist()):
             for i in range(draft_tokens.shape[1] + 1):
-                context = sequence + draft_tokens[b, :i].tolist()
-                for model, logits in ((q, target_logits), (r, draft_logits), (d, ref_logits)):
+                context = sequences[row] + draft_tokens[b, :i].tolist()
+                for model, role in ((q, "target"), (r, "draft"), (d, "ref")):
+                    logits = rec.logits.get(role)
                     if logits is None or i >= logits.shape[1]:
                         continue
                     error = float((full_logits(model, context) - logits[b, i].double()).abs().max())
                     record["error"] = max(record["error"], error)
-        out = original_verify(target_logits, draft_logits, draft_tokens, ref_logits, **kwargs)
-        record["accepted"].append(out.num_accepted.tolist())
-        return out
-
-    monkeypatch.setattr(SpeculativeRun, "round", round_spy)
-    monkeypatch.setattr(sss_ext.ops, "verify", verify_spy)
-    out = sss_ext.generate(q, r, PROMPTS, ref_model=d if use_ref else None, method="sss" if use_ref else "sd",
-                           max_new_tokens=14, num_draft_tokens=3, eos_token_id=0, seed=3)
+        record["accepted"].append(rec.verify.num_accepted.tolist())
+        for b, row in enumerate(rec.rows.tolist()):
+            sequences[row] += rec.tokens[b, : int(rec.num_emitted[b])].tolist()
+        for cache in rec.caches.values():  # cache length == mask width, holes within the budget
+            longest = int(cache.lengths.max()) if cache.lengths.numel() else 0
+            budget = max(KVState.min_holes, KVState.hole_fraction * cache.slots)
+            record["widths_ok"] &= cache.stored == cache.slots and cache.slots - longest <= budget
+            record["holes"] = max(record["holes"], cache.slots - longest)
+    assert [sequences[row][len(PROMPTS[row]):] for row in range(len(PROMPTS))] == [s.tolist() for s in out.sequences]
     return out, record
 
 
@@ -73,7 +67,7 @@ def test_cached_logits_equal_recomputation_over_rounds(monkeypatch, models, use_
     monkeypatch.setattr(KVState, "min_holes", min_holes)
     if min_holes == 0:
         monkeypatch.setattr(KVState, "hole_fraction", 0.0)
-    out, record = _spy_rounds(monkeypatch, models, use_ref)
+    out, record = _observe_rounds(models, use_ref)
     assert record["error"] < TOLERANCE
     assert record["widths_ok"]
     assert (record["holes"] == 0) == (min_holes == 0)  # lazy mode really ran with holes
@@ -107,7 +101,7 @@ def test_rollback_with_arbitrary_keep_equals_recomputation():
     width = max(map(len, sequences))
     ids = torch.tensor([[0] * (width - len(s)) + s for s in sequences])
     mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in sequences])
-    state = KVState(model, "target", lambda role, w: None, "target", len(sequences), torch.device("cpu"))
+    state = KVState(model, "target", lambda role, width, seconds: None, "target", len(sequences), torch.device("cpu"))
     with torch.no_grad():
         state.forward(ids[:, :-1], mask[:, :-1])
         pending = ids[:, -1]

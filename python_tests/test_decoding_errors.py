@@ -140,3 +140,51 @@ def test_sliding_window_models_are_refused(models):
     q, r, d = models
     with pytest.raises(ValueError, match="target uses cache layers"):
         sss_ext.generate(sliding, r, [[1, 2]], ref_model=d, max_new_tokens=2)
+
+
+def _in_training_mode(model):
+    """A fresh copy of ``model`` in training mode (as ``from_config`` / a constructor returns it)."""
+    import copy
+
+    return copy.deepcopy(model).train()
+
+
+@pytest.mark.parametrize("argument", ["target", "draft", "ref_model"])
+def test_models_in_training_mode_are_refused(models, no_forward, argument):
+    q, r, d = models
+    given = {"target": q, "draft": r, "ref_model": d}
+    given[argument] = _in_training_mode(given[argument])
+    match = (rf"{argument} is in training mode \(dropout makes the same seed give different outputs\); "
+             rf"call {argument}\.eval\(\)")
+    with pytest.raises(ValueError, match=match):
+        sss_ext.generate(given["target"], given["draft"], [[1, 2]], ref_model=given["ref_model"], method="sss")
+
+
+def test_model_built_from_a_config_is_in_training_mode(no_forward):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=32, max_position_embeddings=16)
+    fresh = AutoModelForCausalLM.from_config(config)
+    assert fresh.training
+    with pytest.raises(ValueError, match="target is in training mode"):
+        sss_ext.generate(fresh, None, [[1, 2]], method="vanilla")
+
+
+def test_submodule_in_training_mode_is_refused(models, no_forward):
+    q, r, d = models
+    draft = _in_training_mode(r).eval()
+    draft.model.layers[0].train()
+    with pytest.raises(ValueError, match="draft is in training mode"):
+        sss_ext.generate(q, draft, [[1, 2]], ref_model=d)
+
+
+def test_reward_model_in_training_mode_is_refused(models, no_forward):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    q, _, _ = models
+    config = LlamaConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=32, num_labels=1, pad_token_id=0, max_position_embeddings=16)
+    reward_model = LlamaForSequenceClassification(config)  # a constructor returns training mode
+    with pytest.raises(ValueError, match=r"reward_fn is in training mode .*call reward_fn\.eval\(\)"):
+        sss_ext.generate(q, None, [[1, 2]], method="bon", reward_fn=reward_model)

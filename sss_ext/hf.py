@@ -55,6 +55,7 @@ def decode(
     seed: int | None = None,
     reward_fn=None,
     tokenizer=None,
+    observer=None,
     **model_kwargs,
 ):
     """Decode with SSS (or another :func:`sss_ext.generate` method) from inside ``model.generate``.
@@ -72,6 +73,8 @@ def decode(
     sampling_config : SamplingConfig, optional
         Base settings; the generation config's length, sampling and special-token settings
         override it, then ``shift`` / ``num_draft_tokens`` / ``seed`` when given.
+    observer : callable or Observer, optional
+        Per-round records, as ``sss_ext.generate(..., observer=...)``.
 
     Returns
     -------
@@ -104,7 +107,7 @@ def decode(
             overrides[name] = value
     config = (sampling_config or SamplingConfig()).replace(**overrides)
     output = generate(model, draft_model, input_ids, ref_model=ref_model, tokenizer=tokenizer, method=method,
-                      config=config, reward_fn=reward_fn, attention_mask=attention_mask)
+                      config=config, reward_fn=reward_fn, attention_mask=attention_mask, observer=observer)
     decode.last_output = output
     pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or (0,))[0]
     new = torch.full((input_ids.shape[0], max_new_tokens), pad_id, dtype=torch.int64)

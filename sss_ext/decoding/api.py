@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .autoregressive import AutoregressiveRun
-from .baselines import MethodResult, best_of_n, soft_best_of_n, speculative_rejection
-from .config import REWARD_METHODS, SamplingConfig, check_method
-from .models import ModelSet, check_prompts, encode_prompts, resolve_models
-from .reward import RewardScorer, check_reward
-from .speculative import SpeculativeRun
+from .config import SamplingConfig
+from .context import RunContext
+from .methods import get_method
+from .observe import Tracker, as_observer
+from .scoring import RewardScorer, check_reward
 from .stats import StatsRecorder, StatsReport
+from .validate import check_prompts, encode_prompts, resolve_models
 
 
 @dataclass
@@ -57,7 +57,8 @@ def _resolve_config(config, overrides) -> SamplingConfig:
 
 @torch.no_grad()
 def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None, method: str = "sss",
-             config: SamplingConfig | None = None, reward_fn=None, *, attention_mask=None, **config_overrides) -> GenerateOutput:
+             config: SamplingConfig | None = None, reward_fn=None, *, attention_mask=None, observer=None,
+             **config_overrides) -> GenerateOutput:
     """Generate aligned continuations, batched over prompts.
 
     Parameters
@@ -73,12 +74,19 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
     tokenizer : transformers tokenizer, optional
         Encodes string prompts and decodes ``texts``; must not exceed the models' vocabulary.
     method : str
-        ``"sss"`` (exact), ``"sss-paper"``, ``"sd"``, ``"vanilla"``, ``"draft"``, ``"bon"``,
-        ``"spec-rejection"`` or ``"soft-bon"``.
+        A name of :data:`sss_ext.decoding.methods.METHODS`: ``"sss"`` (exact), ``"sss-paper"``,
+        ``"sd"``, ``"vanilla"``, ``"draft"``, ``"bon"``, ``"spec-rejection"`` or ``"soft-bon"``.
     config : SamplingConfig, optional
         Sampling settings; keyword ``config_overrides`` replace single fields.
     reward_fn : callable or transformers reward model, optional
-        Needed by bon, spec-rejection and soft-bon (see :mod:`sss_ext.decoding.reward`).
+        Needed by bon, spec-rejection and soft-bon (see :mod:`sss_ext.decoding.scoring`).
+    observer : callable or Observer, optional
+        Receives a :class:`~sss_ext.decoding.observe.RoundRecord` after every round (see
+        :mod:`sss_ext.decoding.observe`); with a ``clock`` attribute it also gets forward and
+        sampler-op timings. None: nothing is recorded.
+
+    Every model given must be in eval mode (``ValueError`` naming it otherwise): dropout
+    would make the same seed give different outputs.
 
     Returns
     -------
@@ -88,39 +96,26 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
     -----
     P prompts -> P sequences of length <= max_new_tokens
     """
-    method = check_method(method)
+    spec = get_method(method)
     config = _resolve_config(config, config_overrides)
-    models = resolve_models(target, draft, ref_model, tokenizer, method, config)
-    if method in REWARD_METHODS:
+    if observer is not None:
+        as_observer(observer)  # ValueError naming observer before any model runs
+    models = resolve_models(target, draft, ref_model, tokenizer, spec, config)
+    if spec.needs_reward:
         check_reward(reward_fn, method, tokenizer, config.reward_input)
     prompts = encode_prompts(prompts_or_input_ids, tokenizer, attention_mask)
     check_prompts(prompts, models, config)
 
     stats = StatsRecorder(len(prompts))
     generator = torch.Generator(device=models.device).manual_seed(config.seed)
-    result = _run(method, models, prompts, config, generator, stats, reward_fn)
+    scorer = RewardScorer(reward_fn, models.tokenizer, config.reward_input, stats) if spec.needs_reward else None
+    tracker = Tracker(observer, method) if observer is not None else None
+    ctx = RunContext(method=method, models=models, prompts=prompts, config=config, generator=generator, stats=stats,
+                     scorer=scorer, tracker=tracker)
+    result = spec.run(ctx)
     stats.set_new_tokens([int(s.numel()) for s in result.sequences])
     texts = None
     if tokenizer is not None:
         texts = [tokenizer.decode(s.tolist(), skip_special_tokens=True) for s in result.sequences]
     return GenerateOutput(sequences=result.sequences, texts=texts, prompt_ids=prompts, stats=stats.report(), method=method,
                           config=config, log_z=result.log_z, extras=result.extras)
-
-
-def _run(method: str, models: ModelSet, prompts, config: SamplingConfig, generator, stats: StatsRecorder, reward_fn) -> MethodResult:
-    prompt_of_row = torch.arange(len(prompts))
-    common = (prompts, prompt_of_row, config, generator, stats, models.eos_token_ids, models.pad_token_id, models.device)
-    if method in ("sss", "sss-paper", "sd"):
-        ref = models.ref if method != "sd" else None
-        run = SpeculativeRun(models.target, models.draft, ref, "paper" if method == "sss-paper" else "exact", *common)
-        run.run()
-        log_z = run.book.log_z.cpu().tolist() if ref is not None else None
-        return MethodResult(sequences=run.book.sequences(), log_z=log_z, extras=[{} for _ in prompts])
-    if method in ("vanilla", "draft"):
-        model, role = (models.target, "target") if method == "vanilla" else (models.draft, "draft")
-        run = AutoregressiveRun(model, role, role, *common)
-        run.run()
-        return MethodResult(sequences=run.book.sequences(), extras=[{} for _ in prompts])
-    scorer = RewardScorer(reward_fn, models.tokenizer, config.reward_input, stats)
-    baseline = {"bon": best_of_n, "spec-rejection": speculative_rejection, "soft-bon": soft_best_of_n}[method]
-    return baseline(models, prompts, config, generator, stats, scorer)

@@ -11,23 +11,24 @@ import torch
 from .. import ops
 from ..warp import warp_probs
 from .cache import KVState
-from .config import SamplingConfig
+from .context import MethodResult, RunContext
 from .rows import RowBook, left_pad
-from .stats import StatsRecorder
+
+_ARGUMENT = {"target": "target", "draft": "draft", "ref": "ref_model"}
 
 
 class AutoregressiveRun:
-    """Sample continuations of ``prompts`` (one row each) from ``model``.
+    """Sample continuations of ``prompts`` (one row each) from the model of ``role``.
 
     Parameters
     ----------
-    model : transformers causal LM
+    ctx : RunContext
     role : {"target", "draft"}
-        Under which name forward calls are counted.
-    prompts : list of torch.Tensor
-        One 1-D int64 prompt per row.
-    prompt_of_row : torch.Tensor
-        int64 prompt index of every row (for per-prompt stats).
+        Which model of ``ctx.models`` samples (and under which name its forwards are counted).
+    prompts : list of torch.Tensor, optional
+        One 1-D int64 prompt per row; default ``ctx.prompts``.
+    prompt_of_row : torch.Tensor, optional
+        int64 prompt index of every row (for per-prompt stats); default one row per prompt.
     track_log_prob : bool
         Accumulate ``log warp(p)(token)`` of every sampled token in ``log_prob``.
 
@@ -36,32 +37,57 @@ class AutoregressiveRun:
     prompts: R tensors (L_r,); prompt_of_row: (R,); log_prob: (R,) float64
     """
 
-    def __init__(self, model, role: str, name: str, prompts, prompt_of_row, config: SamplingConfig, generator,
-                 stats: StatsRecorder, eos_token_ids, pad_token_id: int, device, track_log_prob: bool = False):
+    def __init__(self, ctx: RunContext, role: str, prompts=None, prompt_of_row=None, track_log_prob: bool = False):
+        config, models, device = ctx.config, ctx.models, ctx.device
+        prompts = ctx.prompts if prompts is None else prompts
+        if prompt_of_row is None:
+            prompt_of_row = torch.arange(len(prompts))
         self.config = config
-        self.generator = generator
-        self.stats = stats
-        self.book = RowBook(prompt_of_row, config.max_new_tokens, 1, eos_token_ids, device, stats)
-        record = lambda role_, width: stats.forward(role_, self.book.active_prompts, width)  # noqa: E731
-        self.state = KVState(model, role, record, name, len(prompts), device)
+        self.generator = ctx.generator
+        self.stats = ctx.stats
+        self.role = role
+        self.tracker = ctx.tracker
+        self.run_index = self.tracker.new_run() if self.tracker is not None else 0
+        self.step_index = 0
+        self.book = RowBook(prompt_of_row, config.max_new_tokens, 1, models.eos_token_ids, device, ctx.stats)
+        self.state = KVState(models.get(role), role, self._record, _ARGUMENT[role], len(prompts), device, ctx.clock)
         self.track_log_prob = track_log_prob
         self.log_prob = torch.zeros(len(prompts), dtype=torch.float64, device=device)
-        ids, mask = left_pad(prompts, pad_token_id, device)
+        ids, mask = left_pad(prompts, models.pad_token_id, device)
         if ids.shape[1] > 1:
             self.state.forward(ids[:, :-1], mask[:, :-1])
         self.pending = ids[:, -1]
+        if self.tracker is not None:
+            self.tracker.emit("prefill", self.run_index, role, -1, self.book.active.cpu(), self.book.active_prompts.clone(),
+                              states=(self.state,))
+
+    def _record(self, role: str, width: int, seconds: float | None = None) -> None:
+        prompts = self.book.active_prompts
+        self.stats.forward(role, prompts, width)
+        if self.tracker is not None:
+            self.tracker.forward(role, int(prompts.numel()), width, seconds)
 
     def step(self) -> None:
         """One token for every active row."""
         config = self.config
+        tracker = self.tracker
+        if tracker is not None:
+            rows, row_prompts = self.book.active.cpu(), self.book.active_prompts.clone()
         logits = self.state.forward(self.pending[:, None])[:, -1]
-        token = ops.sample(logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
+        if tracker is None:
+            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
+        else:
+            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
         if self.track_log_prob:
             probs = warp_probs(logits, config.temperature, config.top_k, config.top_p)
             self.log_prob[self.book.active] += torch.log(probs.gather(1, token[:, None]).squeeze(1))
-        _, done = self.book.append(token[:, None])
+        kept, done = self.book.append(token[:, None])
         self.pending = token
         self._remove(done)
+        if tracker is not None:
+            tracker.emit("step", self.run_index, self.role, self.step_index, rows, row_prompts, states=(self.state,),
+                         logits={self.role: logits}, tokens=token[:, None], num_emitted=kept, finished=done)
+        self.step_index += 1
 
     def _remove(self, leaving: torch.Tensor) -> None:
         stay = self.book.remove(leaving)
@@ -79,3 +105,10 @@ class AutoregressiveRun:
         while self.book.num_active and (max_steps is None or steps < max_steps):
             self.step()
             steps += 1
+
+
+def run_autoregressive(ctx: RunContext, role: str) -> MethodResult:
+    """vanilla (``role="target"``) and draft-only (``role="draft"``) sampling."""
+    run = AutoregressiveRun(ctx, role)
+    run.run()
+    return MethodResult(sequences=run.book.sequences(), extras=[{} for _ in ctx.prompts])

@@ -19,26 +19,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ..checks import draw_uniforms
 from ..warp import warp_probs
 from .autoregressive import AutoregressiveRun
-from .config import SamplingConfig
-from .models import ModelSet
-from .reward import RewardScorer
-from .stats import StatsRecorder
-
-
-@dataclass
-class MethodResult:
-    """Per-prompt output of a method."""
-
-    sequences: list[torch.Tensor]
-    log_z: list[float] | None = None
-    extras: list[dict] = field(default_factory=list)
+from .context import MethodResult, RunContext
+from .rows import left_pad
 
 
 def _expand(prompts: list[torch.Tensor], copies: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -51,15 +38,11 @@ def _full(prompts: list[torch.Tensor], rows: list[int], sequences: list[torch.Te
     return [torch.cat([prompts[row], sequences[row]]) for row in rows]
 
 
-def _sample_run(model, role: str, prompts, prompt_of_row, models: ModelSet, config, generator, stats, track=False):
-    return AutoregressiveRun(model, role, role, prompts, prompt_of_row, config, generator, stats,
-                             models.eos_token_ids, models.pad_token_id, models.device, track_log_prob=track)
-
-
-def best_of_n(models: ModelSet, prompts, config: SamplingConfig, generator, stats: StatsRecorder, scorer: RewardScorer) -> MethodResult:
+def best_of_n(ctx: RunContext) -> MethodResult:
+    prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
     rows, prompt_of_row = _expand(prompts, n)
-    run = _sample_run(models.target, "target", rows, prompt_of_row, models, config, generator, stats)
+    run = AutoregressiveRun(ctx, "target", rows, prompt_of_row)
     run.run()
     candidates = run.book.sequences()
     rewards = scorer(_full(rows, list(range(len(rows))), candidates), prompt_of_row)
@@ -74,11 +57,11 @@ def best_of_n(models: ModelSet, prompts, config: SamplingConfig, generator, stat
     return result
 
 
-def speculative_rejection(models: ModelSet, prompts, config: SamplingConfig, generator, stats: StatsRecorder,
-                          scorer: RewardScorer) -> MethodResult:
+def speculative_rejection(ctx: RunContext) -> MethodResult:
+    prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
     rows, prompt_of_row = _expand(prompts, n)
-    run = _sample_run(models.target, "target", rows, prompt_of_row, models, config, generator, stats)
+    run = AutoregressiveRun(ctx, "target", rows, prompt_of_row)
     decisions: list[list[dict]] = [[] for _ in prompts]
     generated = 0
     while run.book.num_active:
@@ -131,20 +114,24 @@ def _softmax_pick(scores: torch.Tensor, uniform: float) -> int:
 
 
 @torch.no_grad()
-def target_log_prob(models: ModelSet, full_sequences, response_lengths, prompt_of_row, config, stats: StatsRecorder) -> torch.Tensor:
+def target_log_prob(ctx: RunContext, full_sequences, response_lengths, prompt_of_row) -> torch.Tensor:
     """``log warp(q)(response)`` of every candidate with one batched target forward (no cache).
 
     Shape
     -----
     full_sequences: R tensors (L_r + T_r,); response_lengths: R ints -> (R,) float64
     """
-    from .rows import left_pad
-
+    models, config, tracker = ctx.models, ctx.config, ctx.tracker
     ids, mask = left_pad(full_sequences, models.pad_token_id, models.device)
     positions = (torch.cumsum(mask, dim=1) - 1).clamp_min(0)
-    stats.forward("target", prompt_of_row, ids.shape[1])
-    logits = models.target(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     width = ids.shape[1]
+    ctx.stats.forward("target", prompt_of_row, width)
+    start = ctx.clock() if ctx.clock is not None else None
+    logits = models.target(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    if tracker is not None:
+        tracker.forward("target", len(full_sequences), width, ctx.clock() - start if start is not None else None)
+        tracker.emit("score", tracker.new_run(), "target", -1, torch.arange(len(full_sequences)), prompt_of_row.clone(),
+                     logits={"target": logits})
     out = torch.zeros(len(full_sequences), dtype=torch.float64)
     for row, length in enumerate(response_lengths):
         if length == 0:
@@ -155,15 +142,16 @@ def target_log_prob(models: ModelSet, full_sequences, response_lengths, prompt_o
     return out
 
 
-def soft_best_of_n(models: ModelSet, prompts, config: SamplingConfig, generator, stats: StatsRecorder, scorer: RewardScorer) -> MethodResult:
+def soft_best_of_n(ctx: RunContext) -> MethodResult:
+    prompts, config, stats, scorer, models, generator = ctx.prompts, ctx.config, ctx.stats, ctx.scorer, ctx.models, ctx.generator
     n = config.num_samples
     rows, prompt_of_row = _expand(prompts, n)
-    run = _sample_run(models.draft, "draft", rows, prompt_of_row, models, config, generator, stats, track=True)
+    run = AutoregressiveRun(ctx, "draft", rows, prompt_of_row, track_log_prob=True)
     run.run()
     candidates = run.book.sequences()
     full = _full(rows, list(range(len(rows))), candidates)
     log_r = run.log_prob.cpu()
-    log_q = target_log_prob(models, full, [c.numel() for c in candidates], prompt_of_row, config, stats)
+    log_q = target_log_prob(ctx, full, [c.numel() for c in candidates], prompt_of_row)
     rewards = scorer(full, prompt_of_row)
     scores = config.beta * rewards + log_q - log_r
     uniforms = draw_uniforms((len(prompts),), models.device, generator).cpu().tolist()
@@ -187,7 +175,7 @@ def soft_best_of_n(models: ModelSet, prompts, config: SamplingConfig, generator,
         fallback_prompts = [prompts[p] for p in fallback]
         target_rows, local_of_row = _expand(fallback_prompts, n)
         target_prompt_of_row = torch.tensor(fallback)[local_of_row]
-        target_run = _sample_run(models.target, "target", target_rows, target_prompt_of_row, models, config, generator, stats)
+        target_run = AutoregressiveRun(ctx, "target", target_rows, target_prompt_of_row)
         target_run.run()
         target_candidates = target_run.book.sequences()
         target_rewards = scorer(_full(target_rows, list(range(len(target_rows))), target_candidates), target_prompt_of_row)

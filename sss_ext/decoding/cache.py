@@ -111,10 +111,13 @@ class KVState:
     model : transformers causal LM
     role : {"target", "draft", "ref"}
         Name under which forward calls are counted.
-    record : callable(role, width) -> None
-        Called once per forward with its width (the recorder knows the active rows).
+    record : callable(role, width, seconds) -> None
+        Called once per forward with its width (the recorder knows the active rows) and the
+        forward's time on ``clock`` (None when ``clock`` is None).
     name : str
         Argument name for error messages.
+    clock : callable or None
+        Zero-argument clock read around the model call when an observer asked for timings.
 
     Attributes
     ----------
@@ -133,10 +136,11 @@ class KVState:
     min_holes = 16
     hole_fraction = 0.25
 
-    def __init__(self, model, role: str, record, name: str, batch_size: int, device):
+    def __init__(self, model, role: str, record, name: str, batch_size: int, device, clock=None):
         self.model = model
         self.role = role
         self.record = record
+        self.clock = clock
         self.cache = new_cache(model, name)
         self.slot_mask = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
@@ -165,7 +169,7 @@ class KVState:
             position_ids = (self.lengths[:, None] + torch.cumsum(token_mask, dim=1) - 1).clamp_min(0)
             new_lengths = self.lengths + token_mask.sum(dim=1)
         attention_mask = torch.cat([self.slot_mask, token_mask], dim=1)
-        self.record(self.role, width)
+        start = self.clock() if self.clock is not None else None
         output = self.model(
             input_ids=tokens,
             attention_mask=attention_mask,
@@ -174,6 +178,7 @@ class KVState:
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )
+        self.record(self.role, width, self.clock() - start if start is not None else None)
         self.slot_mask = attention_mask
         self.lengths = new_lengths
         return output.logits

@@ -12,14 +12,6 @@ from dataclasses import dataclass
 
 from ..checks import check_sampling, check_shift
 
-#: Every decoding method behind :func:`sss_ext.generate`.
-METHODS = ("sss", "sss-paper", "sd", "vanilla", "draft", "bon", "spec-rejection", "soft-bon")
-#: Methods that verify draft tokens with the target (speculative rounds).
-SPECULATIVE_METHODS = ("sss", "sss-paper", "sd")
-#: Methods that need the reference draft ``d``.
-REF_METHODS = ("sss", "sss-paper")
-#: Methods that call a reward function.
-REWARD_METHODS = ("bon", "spec-rejection", "soft-bon")
 REWARD_INPUTS = ("auto", "text", "ids")
 
 
@@ -143,9 +135,3 @@ class SamplingConfig:
         if out["eos_token_id"] is not None:
             out["eos_token_id"] = list(out["eos_token_id"])
         return out
-
-
-def check_method(method) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method

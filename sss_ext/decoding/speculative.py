@@ -27,40 +27,47 @@ import torch
 
 from .. import ops
 from .cache import KVState
-from .config import SamplingConfig
+from .context import MethodResult, RunContext
 from .rows import RowBook, left_pad
-from .stats import StatsRecorder
 
 
 class SpeculativeRun:
-    """Speculative decoding of ``prompts`` (one row each).
+    """Speculative decoding of ``ctx.prompts`` (one row each).
 
     Parameters
     ----------
-    target, draft : transformers causal LMs
-    ref : transformers causal LM or None
-        The reference draft ``d``; None gives standard speculative sampling.
+    ctx : RunContext
+        Models (``target``, ``draft`` and, for SSS, ``ref``), prompts, config, generator, stats.
+    use_ref : bool
+        Shift by the reference draft ``d`` (SSS); False gives standard speculative sampling.
     mode : {"exact", "paper"}
-        Verification rule (``"paper"`` needs ``ref``).
+        Verification rule (``"paper"`` needs ``use_ref``).
 
     Shape
     -----
-    prompts: B tensors (L_b,); book.log_z: (B,) sum of log Z over the emitted tokens
+    ctx.prompts: B tensors (L_b,); book.log_z: (B,) sum of log Z over the emitted tokens
     """
 
-    def __init__(self, target, draft, ref, mode: str, prompts, prompt_of_row, config: SamplingConfig, generator,
-                 stats: StatsRecorder, eos_token_ids, pad_token_id: int, device):
+    def __init__(self, ctx: RunContext, use_ref: bool, mode: str = "exact"):
+        config, models, device = ctx.config, ctx.models, ctx.device
+        self.ctx = ctx
         self.config = config
         self.mode = mode
-        self.generator = generator
-        self.stats = stats
-        self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, eos_token_ids, device, stats)
-        record = lambda role, width: stats.forward(role, self.book.active_prompts, width)  # noqa: E731
+        self.generator = ctx.generator
+        self.stats = ctx.stats
+        self.tracker = ctx.tracker
+        self.run_index = self.tracker.new_run() if self.tracker is not None else 0
+        self.round_index = 0
+        prompts = ctx.prompts
+        prompt_of_row = torch.arange(len(prompts))
+        self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, models.eos_token_ids,
+                            device, ctx.stats)
+        record = self._record
         batch = len(prompts)
-        self.target = KVState(target, "target", record, "target", batch, device)
-        self.draft = KVState(draft, "draft", record, "draft", batch, device)
-        self.ref = KVState(ref, "ref", record, "ref_model", batch, device) if ref is not None else None
-        ids, mask = left_pad(prompts, pad_token_id, device)
+        self.target = KVState(models.target, "target", record, "target", batch, device, ctx.clock)
+        self.draft = KVState(models.draft, "draft", record, "draft", batch, device, ctx.clock)
+        self.ref = KVState(models.ref, "ref", record, "ref_model", batch, device, ctx.clock) if use_ref else None
+        ids, mask = left_pad(prompts, models.pad_token_id, device)
         for state in self.states:
             if ids.shape[1] > 1:
                 state.forward(ids[:, :-1], mask[:, :-1])
@@ -68,6 +75,15 @@ class SpeculativeRun:
         # standard SD only: the draft has not seen carry_token yet (all drafts accepted last round)
         self.carry = torch.zeros(batch, dtype=torch.bool, device=device)
         self.carry_token = torch.zeros(batch, dtype=torch.int64, device=device)
+        if self.tracker is not None:
+            self.tracker.emit("prefill", self.run_index, "speculative", -1, self.book.active.cpu(),
+                              self.book.active_prompts.clone(), states=self.states)
+
+    def _record(self, role: str, width: int, seconds: float | None = None) -> None:
+        prompts = self.book.active_prompts
+        self.stats.forward(role, prompts, width)
+        if self.tracker is not None:
+            self.tracker.forward(role, int(prompts.numel()), width, seconds)
 
     @property
     def states(self) -> list[KVState]:
@@ -85,9 +101,12 @@ class SpeculativeRun:
     def round(self) -> None:
         """One verification round of every active row."""
         config = self.config
+        tracker = self.tracker
         temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
         num_draft = min(config.num_draft_tokens, int(self.book.remaining().max()) - 1)
         sss = self.ref is not None
+        if tracker is not None:
+            rows, row_prompts, carried = self.book.active.cpu(), self.book.active_prompts.clone(), self.carry.clone()
         for state in self.states:
             state.begin_round()
 
@@ -97,7 +116,10 @@ class SpeculativeRun:
             logits = self._draft_step(step == 0, drafts[-1] if drafts else None)
             draft_logits.append(logits)
             if step < num_draft:
-                drafts.append(ops.sample(logits, temperature, top_k, top_p, generator=self.generator))
+                if tracker is None:
+                    drafts.append(ops.sample(logits, temperature, top_k, top_p, generator=self.generator))
+                else:
+                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, generator=self.generator))
         batch = self.pending.shape[0]
         draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
@@ -112,11 +134,12 @@ class SpeculativeRun:
         target_logits, draft_stack, ref_logits = _common_dtype(target_logits, draft_stack, ref_logits)
 
         # 3. verification
-        out = ops.verify(
-            target_logits, draft_stack, draft_tokens, ref_logits,
-            temperature=temperature, top_k=top_k, top_p=top_p, shift=config.shift,
-            mode=self.mode if sss else "exact", generator=self.generator,
-        )
+        verify_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, shift=config.shift,
+                             mode=self.mode if sss else "exact", generator=self.generator)
+        if tracker is None:
+            out = ops.verify(target_logits, draft_stack, draft_tokens, ref_logits, **verify_kwargs)
+        else:
+            out = tracker.timed_op(ops.verify, target_logits, draft_stack, draft_tokens, ref_logits, **verify_kwargs)
         accepted = out.num_accepted
         keep = accepted + 1
 
@@ -136,7 +159,7 @@ class SpeculativeRun:
         self.stats.rows("proposed_drafts", prompts, num_draft)
         self.stats.rows("accepted_drafts", prompts, accepted)
 
-        _, done = self.book.append(out.tokens, keep, out.log_z if sss else None)
+        kept, done = self.book.append(out.tokens, keep, out.log_z if sss else None)
         self.pending = out.tokens.gather(1, accepted[:, None]).squeeze(1)
         stay = self.book.remove(done)
         if stay is not None:
@@ -145,6 +168,14 @@ class SpeculativeRun:
             self.pending = self.pending[stay]
             self.carry = self.carry[stay]
             self.carry_token = self.carry_token[stay]
+        if tracker is not None:
+            logits = {"target": target_logits, "draft": draft_stack}
+            if sss:
+                logits["ref"] = ref_logits
+            tracker.emit("round", self.run_index, "speculative", self.round_index, rows, row_prompts, states=self.states,
+                         draft_tokens=draft_tokens, logits=logits, verify=out, tokens=out.tokens, num_emitted=kept,
+                         finished=done, carried=None if sss else carried)
+        self.round_index += 1
 
     def run(self) -> None:
         while self.book.num_active:
@@ -156,3 +187,11 @@ def _common_dtype(*logits):
     if len(dtypes) <= 1:
         return logits
     return tuple(t.float() if t is not None else None for t in logits)
+
+
+def run_speculative(ctx: RunContext, use_ref: bool, mode: str = "exact") -> MethodResult:
+    """sss / sss-paper (``use_ref``) and sd: one speculative run over every prompt."""
+    run = SpeculativeRun(ctx, use_ref, mode)
+    run.run()
+    log_z = run.book.log_z.cpu().tolist() if use_ref else None
+    return MethodResult(sequences=run.book.sequences(), log_z=log_z, extras=[{} for _ in ctx.prompts])

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-ROLES = ("target", "draft", "ref")
-
 
 @dataclass
 class GenerationStats:

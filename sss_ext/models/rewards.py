@@ -15,7 +15,6 @@ tensor of shape (N,).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -118,8 +117,3 @@ def load_gold_reward() -> GoldReward:
 
 def load_proxy_reward() -> VaderReward:
     return VaderReward()
-
-
-def reward_metrics() -> dict:
-    path = WEIGHTS_DIR / "MANIFEST.json"
-    return json.loads(path.read_text()).get("rewards", {}) if path.is_file() else {}

@@ -1,42 +1,19 @@
-"""Checks of the model trio, the tokenizer and the prompts, before anything is generated.
+"""Checks of the arguments of :func:`sss_ext.generate` (models, tokenizer, prompts) before anything runs.
+
+(The decoding layer's checks; the default offline *models* live in :mod:`sss_ext.models`.)
 
 Every failure is a ``ValueError`` naming the offending argument of :func:`sss_ext.generate`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .config import REF_METHODS, SamplingConfig
+from .config import SamplingConfig
+from .context import ModelSet
 
-#: Which model arguments a method runs (the others are ignored).
-MODELS_USED = {
-    "sss": ("target", "draft", "ref_model"),
-    "sss-paper": ("target", "draft", "ref_model"),
-    "sd": ("target", "draft"),
-    "vanilla": ("target",),
-    "draft": ("draft",),
-    "bon": ("target",),
-    "spec-rejection": ("target",),
-    "soft-bon": ("target", "draft"),
-}
-
-
-@dataclass
-class ModelSet:
-    """The checked models of one call and what they share."""
-
-    target: object | None
-    draft: object | None
-    ref: object | None
-    tokenizer: object | None
-    vocab_size: int
-    device: torch.device
-    context_length: int | None
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
+#: generate() argument name -> ModelSet role
+_ROLE_OF = {"target": "target", "draft": "draft", "ref_model": "ref"}
 
 
 def vocab_size_of(model, name: str) -> int:
@@ -81,6 +58,12 @@ def _check_causal_lm(model, name: str) -> None:
         raise ValueError(f"{name} is an encoder-decoder model; sss_ext.generate drives decoder-only causal LMs")
 
 
+def check_eval_mode(model, name: str) -> None:
+    """``ValueError`` naming ``name`` when ``model`` (or any submodule) is in training mode."""
+    if isinstance(model, torch.nn.Module) and any(module.training for module in model.modules()):
+        raise ValueError(f"{name} is in training mode (dropout makes the same seed give different outputs); call {name}.eval()")
+
+
 def _as_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -91,20 +74,26 @@ def _as_ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def resolve_models(target, draft, ref_model, tokenizer, method: str, config: SamplingConfig) -> ModelSet:
+def resolve_models(target, draft, ref_model, tokenizer, spec, config: SamplingConfig) -> ModelSet:
     """Check the models a method needs and what they must share.
 
-    Raises ``ValueError`` for a missing model, different vocabularies, models on different
-    devices, or a tokenizer with more tokens than the models' vocabulary.
+    ``spec`` is the method's :class:`~sss_ext.decoding.methods.Method` (its ``models``: the
+    argument names it runs). Raises ``ValueError`` for a missing model, a model in training
+    mode, different vocabularies, models on different devices, or a tokenizer with more
+    tokens than the models' vocabulary.
     """
+    method = spec.name
     given = {"target": target, "draft": draft, "ref_model": ref_model}
-    for name in MODELS_USED[method]:
+    for name in spec.models:
         if given[name] is None:
-            why = " (SSS divides by the reference draft d)" if name == "ref_model" and method in REF_METHODS else ""
+            why = " (SSS divides by the reference draft d)" if name == "ref_model" and spec.needs_ref else ""
             raise ValueError(f"method={method!r} needs {name}{why}; got None")
     for name, model in given.items():
         _check_causal_lm(model, name)
-    used = {name: given[name] for name in MODELS_USED[method]}
+    for name, model in given.items():
+        if model is not None:
+            check_eval_mode(model, name)
+    used = {name: given[name] for name in spec.models}
     # every model passed must share the vocabulary, even one this method does not run
     present = {name: model for name, model in given.items() if model is not None}
     vocab = {name: vocab_size_of(model, name) for name, model in present.items()}

@@ -1,4 +1,6 @@
-"""Reward scoring for the reward-guided baselines, with every call counted.
+"""Reward scoring for the reward-guided baselines (the reward *argument* of ``generate``), with every call counted.
+
+Not to be confused with :mod:`sss_ext.models.rewards`, the default offline setting's gold and proxy rewards.
 
 A reward is either
 
@@ -18,6 +20,7 @@ import math
 import torch
 
 from .stats import StatsRecorder
+from .validate import check_eval_mode
 
 
 def check_reward(reward_fn, method: str, tokenizer, reward_input: str) -> None:
@@ -26,6 +29,8 @@ def check_reward(reward_fn, method: str, tokenizer, reward_input: str) -> None:
         raise ValueError(f"method={method!r} needs reward_fn (a callable or a transformers reward model); got None")
     if not (callable(reward_fn) or isinstance(reward_fn, torch.nn.Module)):
         raise ValueError(f"reward_fn must be callable or a transformers reward model, got {type(reward_fn).__name__}")
+    if isinstance(reward_fn, torch.nn.Module) and hasattr(reward_fn, "config"):
+        check_eval_mode(reward_fn, "reward_fn")
     if reward_input == "text" and tokenizer is None and not isinstance(reward_fn, torch.nn.Module):
         raise ValueError("reward_input='text' needs tokenizer= to decode the sequences for reward_fn")
 
