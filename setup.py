@@ -65,6 +65,7 @@ with_cuda, reason = cuda_decision()
 print(f"sss_ext: building CPU kernels{' and CUDA kernels' if with_cuda else ' only'} ({reason}; torch {torch.__version__})")
 if with_cuda:
     print(f"sss_ext: CUDA architectures: {cuda_archs()}")
+    CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
 sanitize_compile, sanitize_link = sanitize_flags()
 if sanitize_compile:
     print(f"sss_ext: sanitizers on: {' '.join(sanitize_compile)}")
@@ -74,7 +75,8 @@ macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
 ext_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
 if with_cuda:
     ext_sources += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
-    macros += [("SSS_EXT_WITH_CUDA", None), ("SSS_EXT_CUDA_VERSION", f'"{torch.version.cuda}"')]
+    macros += [("SSS_EXT_WITH_CUDA", None), ("SSS_EXT_CUDA_VERSION", f'"{torch.version.cuda}"'),
+               ("SSS_EXT_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
     extension = CUDAExtension(
         "sss_ext._C",
         ext_sources,

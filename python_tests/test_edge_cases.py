@@ -1,10 +1,10 @@
-"""Edge cases of ALGORITHM.md sections 2-3 and the special cases that pin the rule down."""
+"""Edge cases of docs/algorithm.md §1-§5 and the special cases that pin the rule down."""
 
 import pytest
 import torch
 
 import sss_ext
-from sss_ext.checks import draw_uniforms
+from sss_ext.uniforms import draw_uniforms
 from sss_ext.reference import inverse_cdf
 
 NEG_INF = float("-inf")

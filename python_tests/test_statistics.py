@@ -1,4 +1,4 @@
-"""Statistical tests of the op (ALGORITHM.md 6.2-6.3): many rows of one fixed context,
+"""Statistical tests of the op (docs/algorithm.md §8): many rows of one fixed context,
 chi-square against p* at alpha = 0.01, with enough draws to detect a TV gap of 0.02, and
 negative controls that must fail."""
 

@@ -7,10 +7,11 @@ shared by all of them.
 
 from . import reference
 from .ops import BUILD_INFO, sample, verify
-from .types import VerifyOutput
+from .outputs import VerifyOutput
+from .uniforms import draw_uniforms
 from .warp import warp_probs
 from .decoding import generate, SamplingConfig, GenerateOutput
 from . import hf  # noqa: F401  (sss_ext.hf.decode for transformers' custom_generate)
 
-__all__ = ["verify", "sample", "warp_probs", "reference", "VerifyOutput", "BUILD_INFO", "generate", "SamplingConfig", "GenerateOutput"]
+__all__ = ["verify", "sample", "warp_probs", "draw_uniforms", "reference", "VerifyOutput", "BUILD_INFO", "generate", "SamplingConfig", "GenerateOutput"]
 __version__ = "0.1.0"

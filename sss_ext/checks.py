@@ -99,16 +99,6 @@ def check_uniforms(uniforms, shape: tuple, meaning: str, device) -> torch.Tensor
     return uniforms
 
 
-def draw_uniforms(shape: tuple, device, generator: torch.Generator | None) -> torch.Tensor:
-    """float64 uniforms on the open grid {1, ..., 2**53 - 1} / 2**53: never 0, never 1."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != torch.device(device).type:
-        raise ValueError(f"generator must be a {torch.device(device).type} generator, got one on {generator.device}")
-    grid = torch.randint(1, 2**53, shape, dtype=torch.int64, device=device, generator=generator)
-    return grid.to(torch.float64) * 2.0**-53
-
-
 def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode):
     """Validate metadata of a verify call; returns (batch, num_draft_tokens, vocab_size) and scalars."""
     check_tensor("target_logits", target_logits, ndim=3, dtypes=LOGIT_DTYPES)

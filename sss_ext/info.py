@@ -11,7 +11,10 @@ def describe() -> str:
     lines = [
         f"sss_ext built against torch {BUILD_INFO['torch_version']} (running torch {torch.__version__})",
         f"CPU kernels: {', '.join(BUILD_INFO['cpu_kernels'])}",
-        f"CUDA kernels: {'yes, CUDA ' + BUILD_INFO['cuda_version'] if BUILD_INFO['cuda'] else 'not built'}",
+        "CUDA kernels: " + (
+            f"{', '.join(BUILD_INFO['cuda_kernels'])} (CUDA {BUILD_INFO['cuda_version']}, architectures "
+            f"{BUILD_INFO['cuda_archs']})" if BUILD_INFO["cuda"] else "not built"
+        ),
         f"CUDA device visible now: {torch.cuda.is_available()}",
         f"intra-op threads: {torch.get_num_threads()}",
     ]

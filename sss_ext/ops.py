@@ -15,10 +15,10 @@ from .checks import (
     check_tensor,
     check_uniforms_meta,
     check_verify_args,
-    draw_uniforms,
     LOGIT_DTYPES,
 )
-from .types import VerifyOutput
+from .outputs import VerifyOutput
+from .uniforms import draw_uniforms
 
 BUILD_INFO = _C.build_info()
 

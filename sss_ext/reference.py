@@ -29,11 +29,11 @@ from .checks import (
     check_token_ids,
     check_uniforms,
     check_verify_args,
-    draw_uniforms,
     LOGIT_DTYPES,
     MAX_SCALED_SCORE,
 )
-from .types import VerifyOutput
+from .outputs import VerifyOutput
+from .uniforms import draw_uniforms
 from .warp import warp_log_probs
 
 NEG_INF = float("-inf")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_sampling
+from .checks import check_logit_values, check_sampling, check_scaled_range
 
 
 def kept_mask(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -97,6 +97,12 @@ def warp_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, t
     torch.Tensor
         float64 probabilities that sum to one over the last dimension.
 
+    Raises
+    ------
+    ValueError
+        For NaN/+inf logits, rows that are all ``-inf``, or scaled logits outside the
+        supported range (docs/algorithm.md §7), like the ops.
+
     Shape
     -----
     logits: (..., V) -> (..., V)
@@ -106,6 +112,8 @@ def warp_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, t
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have a vocabulary dimension of size >= 1, got shape {tuple(logits.shape)}")
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    check_logit_values("logits", logits)
+    check_scaled_range("logits", logits, 1.0 if temperature == 0.0 else 1.0 / temperature)
     if temperature == 0.0:
         return one_hot_argmax(logits.to(torch.float64))
     return torch.exp(warp_log_probs(logits.to(torch.float64) * (1.0 / temperature), top_k, top_p))

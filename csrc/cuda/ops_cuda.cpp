@@ -1,9 +1,10 @@
 // CUDA adapter: validates metadata (csrc/adapter/checks.h), guards the device, allocates
 // outputs and workspace with ATen and launches the framework-free kernels
-// (csrc/kernels/cuda/launch.h) on the current stream. No host sync: value errors become
-// -1 rows (see launch.h); sss_ext.verify / sss_ext.sample check values first when
-// validate=True. The stream comes from c10/cuda/CUDAStream.h (what at::cuda::getCurrentCUDAStream
-// forwards to) so the adapter needs no cuBLAS/cuSPARSE headers.
+// (csrc/kernels/cuda/launch.h) on the current stream. No value checks and no host sync here:
+// invalid rows come back as -1 rows (see launch.h), which the Python wrapper turns into the
+// CPU kernels' named error when validate=True. The stream comes from c10/cuda/CUDAStream.h
+// (what at::cuda::getCurrentCUDAStream forwards to) so the adapter needs no cuBLAS/cuSPARSE
+// headers.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -79,7 +79,7 @@ struct Error {
   SSS_HOST_DEVICE bool ok() const { return status == Status::kOk; }
 };
 
-// Temperature, then top-k, then top-p (ALGORITHM.md section 2; sss_ext/warp.py).
+// Temperature, then top-k, then top-p (docs/algorithm.md §2; sss_ext/warp.py).
 struct Sampling {
   double temperature = 1.0;  // 0: greedy (argmax, lowest index on ties)
   int64_t top_k = 0;         // 0: off

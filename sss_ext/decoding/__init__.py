@@ -1,7 +1,7 @@
 """The decoding layer: drive target / aligned draft / reference draft models with the ``sss_ext`` op.
 
 ``generate`` (:mod:`.api`) runs SSS, standard speculative sampling and the baselines of
-ALGORITHM.md section 5 behind one interface; :mod:`.methods` is the one table of methods
+docs/algorithm.md §9 behind one interface; :mod:`.methods` is the one table of methods
 (runner, models used, reward needed); ``SamplingConfig`` (:mod:`.config`) holds the settings;
 :mod:`.validate` checks the arguments; :mod:`.observe` defines the per-round records an
 ``observer`` receives; :mod:`.cache` keeps the three KV caches and rolls them back per row.

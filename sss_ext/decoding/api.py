@@ -32,7 +32,7 @@ class GenerateOutput:
         ``stats.<counter>`` reads the total.
     log_z : list of float or None
         sss / sss-paper: ``sum_t log Z_t`` over the emitted tokens, the log importance weight
-        of ALGORITHM.md section 4 (sampling-importance-resampling toward ``pi*``).
+        of docs/algorithm.md §6 (sampling-importance-resampling toward ``pi*``).
     extras : list of dict
         Method details (candidates, rewards, decisions, fallback) for the reward baselines.
     """

@@ -1,4 +1,4 @@
-"""Reward-guided baselines of ALGORITHM.md section 5, on the same batched sampler and accounting.
+"""Reward-guided baselines of docs/algorithm.md §9, on the same batched sampler and accounting.
 
 * **Best-of-N**: N target samples per prompt, return the one ``reward_fn`` scores highest
   (ties: the lowest sample index).
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import draw_uniforms
+from ..uniforms import draw_uniforms
 from ..warp import warp_probs
 from .autoregressive import AutoregressiveRun
 from .context import MethodResult, RunContext

@@ -10,7 +10,7 @@ An observer is a callable ``observer(record)`` or an object with ``on_round(reco
 * the forward passes of every model in it (:class:`ForwardCount`: batched calls, row-forwards
   = rows x calls, positions fed);
 * the sampler op's inputs and outputs: draft tokens, the logits given to ``sss_ext.verify`` /
-  ``sss_ext.sample``, the :class:`~sss_ext.types.VerifyOutput` (per-position ``log_z``,
+  ``sss_ext.sample``, the :class:`~sss_ext.outputs.VerifyOutput` (per-position ``log_z``,
   ``num_accepted``), the tokens offered and how many each row kept (cut at EOS / budget);
 * the rows of the batch, which prompt each belongs to, which rows finished, and the state
   of every KV cache after the round.

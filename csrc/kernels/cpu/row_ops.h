@@ -101,7 +101,7 @@ SSS_FORCE_INLINE double log_sum_exp_shifted(const Score& score, int64_t vocab, d
   return std::log(total);
 }
 
-// First index of the maximum (ALGORITHM.md: greedy ties break to the lowest index).
+// First index of the maximum (docs/algorithm.md §2: greedy ties break to the lowest index).
 template <class Score>
 SSS_FORCE_INLINE int64_t row_argmax(const Score& score, int64_t vocab) {
   double best = -kInf;

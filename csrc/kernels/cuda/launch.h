@@ -3,17 +3,32 @@
 // (include this header, link the objects built from csrc/cuda/*.cu).
 //
 // Contract (both ops):
-// - every launch goes to `stream`, nothing synchronises the host, output shapes are fixed,
-//   so a call may be captured in a CUDA graph; the return value is the first launch error;
+// - every launch goes to `stream`, nothing synchronises the host and nothing is queried from
+//   the driver (grid sizes depend only on the problem sizes), output shapes are fixed, so a
+//   call may be captured in a CUDA graph, the first call included; the return value is the
+//   first launch error;
 // - the workspace needs no initialisation and must stay untouched until the launches have
 //   run; its size depends only on (batch, num_draft, vocab, T);
-// - logits rows need unit vocabulary stride; draft_tokens and uniforms may be strided;
-//   vocab < 2^31; logits / temperature must stay finite in float32;
+// - logits rows need unit vocabulary stride, any alignment (each row is read with 16-byte
+//   loads after its own misalignment); draft_tokens and uniforms may be strided; vocab < 2^31;
 // - values are checked on the device, never by the host: a row with a draft id outside
-//   [0, vocab), a uniform outside (0, 1), a NaN or +inf logit, an all -inf logits row, or a
+//   [0, vocab), a uniform outside (0, 1) (also at temperature 0), a NaN or +inf logit, an
+//   all -inf logits row (target positions 0..K, draft positions 0..K-1 and K when ref is
+//   given, ref 0..K), a finite logit with |logit / temperature| > kMaxScaledScore (scale 1 at
+//   temperature 0), a tilted row maximum outside [-kMaxScaledScore, kMaxScaledScore] or a
 //   tilted target without support gets num_accepted = -1, tokens all -1 and log_z NaN
-//   (sample: token -1). No input makes a kernel read out of bounds.
-// Algorithm and tie rules: /work/shared/spec/ALGORITHM.md, csrc/kernels/cpu/verify.h.
+//   (sample: token -1): the rows the CPU kernels refuse. No input makes a kernel read out of
+//   bounds;
+// - a call is deterministic (fixed reduction orders, fixed vocabulary chunks): the same
+//   inputs give the same outputs on every run and every GPU.
+//
+// Exactness rule: CUDA tokens equal the float64 reference's (sss_ext.reference) on every row
+// except where a uniform lies within float32 rounding of a decision boundary (an acceptance
+// test log u < log p*(x) - log r~(x), or a running sum of the inverse-CDF draw against
+// u * total). Tests assert >= 99.99% of rows equal over the sweep, report the mismatch count,
+// and check that every mismatching row has a small decision margin.
+//
+// Algorithm and tie rules: docs/algorithm.md, csrc/kernels/cpu/verify.h.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -5,8 +5,6 @@
 #include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -39,106 +37,51 @@ struct NvtxRange {
 
 constexpr size_t align_bytes(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Workspace layout; depends only on sizes so the byte count is device independent.
+// Workspace layout and grid sizes: functions of (batch, num_draft, vocab, T) only, never of
+// the device, so the same uniforms give the same tokens on every GPU and nothing is queried
+// from the driver at launch (safe inside a CUDA-graph capture from the first call).
 struct Layout {
-  int max_splits = 1;   // bound on stats splits per (row, position)
-  int draw_splits = 1;  // draw chunks per row
+  int64_t splits = 1;       // stats blocks per (row, position): chunks of kSplitVectors vectors
+  int64_t draw_splits = 1;  // draw chunks per row
   size_t partials = 0, truncations = 0, chunks = 0, done = 0, total = 0;
 };
 
 template <typename T>
 Layout layout(int64_t batch, int64_t num_draft, int64_t vocab) {
-  constexpr int64_t kVec = Storage<T>::kVec;
   const int64_t rows = batch * (num_draft + 1);
-  const int64_t vectors = (vocab + 2 * kVec - 2) / kVec;  // any alignment of a row
+  const int64_t vectors = num_vectors<T>(vocab);
   Layout out;
-  out.max_splits = static_cast<int>(std::clamp<int64_t>(vectors / kStatsThreads, 1, kMaxSplits));
-  out.draw_splits = static_cast<int>(std::clamp<int64_t>((vectors + 2 * kDrawThreads - 1) / (2 * kDrawThreads), 1, kMaxSplits));
+  out.splits = std::max<int64_t>(1, (vectors + kSplitVectors - 1) / kSplitVectors);
+  out.draw_splits = std::clamp<int64_t>((vectors + 2 * kDrawThreads - 1) / (2 * kDrawThreads), 1, kMaxDrawSplits);
   out.partials = 0;
-  out.truncations = out.partials + align_bytes(sizeof(Partial) * rows * out.max_splits);
+  out.truncations = out.partials + align_bytes(sizeof(Partial) * rows * out.splits);
   out.chunks = out.truncations + align_bytes(sizeof(Truncation) * rows * 2);
   out.done = out.chunks + align_bytes(sizeof(ChunkTotals) * batch * out.draw_splits);
   out.total = out.done + align_bytes(sizeof(unsigned int) * batch);
   return out;
 }
 
-inline int current_device_attribute(cudaDeviceAttr attribute, std::atomic<int> (&cache)[64], cudaError_t& error) {
-  int device = 0;
-  error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return 1;
-  if (device < 64 && cache[device].load() > 0) return cache[device].load();
-  int value = 1;
-  error = cudaDeviceGetAttribute(&value, attribute, device);
-  if (error != cudaSuccess) return 1;
-  if (device < 64) cache[device].store(std::max(value, 1));
-  return std::max(value, 1);
-}
-
-template <class Kernel>
-int blocks_per_sm(Kernel kernel, int threads, std::atomic<int> (&cache)[64], cudaError_t& error) {
-  int device = 0;
-  error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return 1;
-  if (device < 64 && cache[device].load() > 0) return cache[device].load();
-  int value = 1;
-  error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&value, kernel, threads, 0);
-  if (error != cudaSuccess) return 1;
-  if (device < 64) cache[device].store(std::max(value, 1));
-  return std::max(value, 1);
-}
-
 // kernel<<<grid, threads, 0, stream>>>(problem); returns the launch error.
 template <typename T>
 cudaError_t launch_kernel(void (*kernel)(Problem<T>), int64_t grid, int threads, cudaStream_t stream, const Problem<T>& problem) {
-#if defined(SSS_EXT_HOST_EMULATION)  // kernel logic tests without a GPU: threads emulated on the host
-  (void)stream;
-  return sss_ext_emulate_launch(kernel, grid, threads, problem);
-#else
   kernel<<<static_cast<unsigned int>(grid), threads, 0, stream>>>(problem);
   return cudaGetLastError();
-#endif
 }
 
-// Stats blocks per (row, position): the fewest (long chunks per block) that make the grid
-// fill whole waves of resident blocks (>= 95% of the last wave busy), else the best filling.
-inline int choose_splits(int64_t rows, int max_splits, int64_t wave) {
-  int best = max_splits;
-  double best_efficiency = 0.0;
-  for (int s = 1; s <= max_splits; ++s) {
-    const double waves = static_cast<double>(rows * s) / static_cast<double>(wave);
-    const double efficiency = waves / std::ceil(waves);
-    if (efficiency >= 0.95) return s;
-    if (efficiency > best_efficiency) {
-      best_efficiency = efficiency;
-      best = s;
-    }
-  }
-  return best;
-}
-
-// Chooses pr.splits (<= the workspace bound already in pr.splits) and launches the stats pass.
 template <typename T, bool kGreedy, bool kTilt, bool kExact>
-cudaError_t launch_stats(Problem<T>& pr, int64_t rows, cudaStream_t stream) {
-  static std::atomic<int> sm_cache[64];
-  static std::atomic<int> occupancy_cache[64];
-  cudaError_t error = cudaSuccess;
-  const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount, sm_cache, error);
-  if (error != cudaSuccess) return error;
-  const int per_sm = blocks_per_sm(stats_kernel<T, kGreedy, kTilt, kExact>, kStatsThreads, occupancy_cache, error);
-  if (error != cudaSuccess) return error;
-  pr.splits = choose_splits(rows, pr.splits, int64_t(sms) * per_sm);
+cudaError_t launch_stats(const Problem<T>& pr, int64_t rows, cudaStream_t stream) {
   const NvtxRange range("sss_ext::stats");
   return launch_kernel(stats_kernel<T, kGreedy, kTilt, kExact>, rows * pr.splits, kStatsThreads, stream, pr);
 }
 
 template <typename T>
-cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes, cudaStream_t stream, bool check_greedy_uniforms) {
+cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (params.batch == 0) return cudaSuccess;
   if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.num_draft < 0) return cudaErrorInvalidValue;
   const Layout lay = layout<T>(params.batch, params.num_draft, params.vocab);
   if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
   const int64_t rows = params.batch * (params.num_draft + 1);
-  if (rows * std::max(lay.max_splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31))
+  if (rows * std::max<int64_t>(lay.splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31))
     return cudaErrorInvalidConfiguration;
 
   Problem<T> pr;
@@ -146,16 +89,11 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   pr.greedy = params.sampling.greedy();
   pr.tilt = params.has_ref() && params.shift != 0.0;
   pr.truncated = !pr.greedy && params.sampling.truncates(params.vocab);
-  pr.check_greedy_uniforms = check_greedy_uniforms;
   pr.score.inverse_temperature = pr.greedy ? 1.0 : 1.0 / params.sampling.temperature;
   pr.score.shift = params.shift;
   pr.score.tilt = pr.tilt;
-  const double scale = 1.4426950408889634 * pr.score.inverse_temperature;  // log2(e) / tau
-  pr.scale_hi = static_cast<float>(scale);
-  pr.scale_lo = static_cast<float>(scale - static_cast<double>(pr.scale_hi));
-  pr.shift = static_cast<float>(params.shift);
-  pr.splits = lay.max_splits;
-  pr.draw_splits = pr.greedy ? 1 : lay.draw_splits;
+  pr.splits = static_cast<int>(lay.splits);
+  pr.draw_splits = pr.greedy ? 1 : static_cast<int>(lay.draw_splits);
   char* base = static_cast<char*>(workspace);
   pr.partials = reinterpret_cast<Partial*>(base + lay.partials);
   pr.truncations = reinterpret_cast<Truncation*>(base + lay.truncations);
@@ -204,7 +142,7 @@ size_t verify_workspace_bytes(const VerifyParams<T>& params) {
 template <typename T>
 cudaError_t launch_verify(const VerifyParams<T>& params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const detail::NvtxRange range("sss_ext::verify");
-  return detail::run(params, workspace, workspace_bytes, stream, true);
+  return detail::run(params, workspace, workspace_bytes, stream);
 }
 
 template <typename T>
@@ -233,7 +171,7 @@ cudaError_t launch_sample(const SampleParams<T>& params, void* workspace, size_t
   v.tokens = params.tokens;  // (batch, 1)
   v.num_accepted = reinterpret_cast<int64_t*>(base + lay.num_accepted);
   v.log_z = reinterpret_cast<float*>(base + lay.log_z);
-  return detail::run(v, base + lay.verify, workspace_bytes - lay.verify, stream, false);
+  return detail::run(v, base + lay.verify, workspace_bytes - lay.verify, stream);
 }
 
 }  // namespace sss_ext::cuda

@@ -1,15 +1,19 @@
-// CUDA kernels of the sss_ext op family (ALGORITHM.md sections 2-3), framework-free.
+// CUDA kernels of the sss_ext op family (docs/algorithm.md §3-§5), framework-free.
 // Semantics mirror csrc/kernels/cpu/verify.h token for token; only the precision of the
 // log-normalisers differs (see stats below), so tokens can differ from the float64
-// reference only where rounding moves a decision or a running sum across u * total.
+// reference only where rounding moves a decision or a running sum across u * total
+// (the exactness rule in launch.h).
 //
 // One call is a fixed sequence of launches on one stream, no host sync, fixed shapes:
-//   1. stats        grid (batch, num_draft + 1, splits), splits chosen to fill whole waves:
-//                   one pass over the logits with 128-bit loads; per block and score stream
-//                   (p*, r~, and q, d for log Z) the max and sum of exp; value flags; the
-//                   greedy argmax (float64 scores, lowest index on ties).
+//   1. stats        grid (batch, num_draft + 1, splits), splits = vocabulary chunks of a
+//                   fixed size (the same on every GPU): one pass over the logits with
+//                   128-bit loads; per block and score stream (p*, r~, and q, d for log Z)
+//                   the max and sum of exp(score - max); value flags; the greedy argmax
+//                   (float64 scores, lowest index on ties).
 //   2. truncation   grid (batch, num_draft + 1, {p*, r~}), only with top-k / top-p: the kept
-//                   set by radix selection over exact float64 scores (several row passes).
+//                   set by radix selection over exact float64 scores, one block per row and
+//                   stream, 16-byte loads (a pass for the key range, one per radix digit
+//                   until a token is isolated -- typically 3-5 -- and one for the normaliser).
 //   3. draw         grid (batch, draw_splits): every block re-derives its row's decisions
 //                   from the partials (a warp per position; cheap and deterministic) and
 //                   block 0 writes tokens, num_accepted, log_z; then each block sums the
@@ -17,11 +21,13 @@
 //                   position j over its vocabulary chunk; the row's last block to finish
 //                   picks the chunk where the running mass first exceeds u * total and
 //                   rescans that chunk alone (float64 block scan) for the token.
-// Greedy calls stop after the decisions (the token is the argmax).
+// Greedy calls stop after the decisions (the token is the argmax). Every reduction has a
+// fixed order, so a call is deterministic run to run.
 //
-// Invalid inputs never cause an out-of-bounds read: a row with a draft id outside [0, V),
-// a uniform outside (0, 1), a NaN/+inf logit, an all -inf logits row or no tilted support
-// gets num_accepted = -1, tokens all -1 and log_z NaN (the CPU kernels raise instead).
+// Invalid inputs never cause an out-of-bounds read: a row with a draft id outside [0, V), a
+// uniform outside (0, 1), a NaN/+inf logit, an all -inf logits row, a scaled logit or tilted
+// row maximum outside [-kMaxScaledScore, kMaxScaledScore], or no tilted support gets
+// num_accepted = -1, tokens all -1 and log_z NaN (the CPU kernels raise instead).
 #pragma once
 
 #include "device_utils.cuh"
@@ -39,6 +45,10 @@ enum Flag : uint32_t {
   kSeenTarget = 1u << 3,  // some logit > -inf
   kSeenDraft = 1u << 4,
   kSeenRef = 1u << 5,
+  kRangeTarget = 1u << 6,  // a finite logit with |logit / tau| > kMaxScaledScore
+  kRangeDraft = 1u << 7,
+  kRangeRef = 1u << 8,
+  kRangeTilted = 1u << 9,  // a tilted score > kMaxScaledScore (also +inf)
 };
 
 struct Partial {  // one (row, position, vocabulary split)
@@ -63,34 +73,34 @@ struct KeptSet {
 
 struct Truncation {  // one (row, position, {p*, r~})
   KeptSet kept;
-  double log_total;  // log of the sum over kept tokens of exp(score)
+  double max;      // row maximum of the score (always kept)
+  double log_sum;  // log of the sum over kept tokens of exp(score - max)
 };
 
-struct ChunkTotals {  // one (row, vocabulary chunk); [0]: residual (m - r~)+, [1]: p*
+struct ChunkTotals {  // one (row, vocabulary chunk); [0]: residual, [1]: p*
   double total[2];           // sum of the weights in the chunk
   double peak[2];            // largest running sum at a token of positive weight (-inf: none)
   int64_t last_positive[2];  // last token of positive weight (-1: none)
 };
 
 constexpr int kStatsThreads = 256;
-constexpr int kStatsUnroll = 4;
+constexpr int kStatsUnroll = 2;  // 16-byte loads per stream in flight per thread
+constexpr int kStatsMinBlocks = 2;  // resident stats blocks per SM the register budget allows
+constexpr int64_t kSplitVectors = 1024;  // 16-byte vectors per stats block: a fixed vocabulary chunk
 constexpr int kTruncationThreads = 256;
 constexpr int kDrawThreads = 256;
-constexpr int kMaxSplits = 64;
-constexpr int64_t kExactVocab = 4096;  // below: float64 normaliser pass (see stats)
+constexpr int kMaxDrawSplits = 64;
+constexpr int64_t kExactVocab = 4096;  // below: float64 exp in the normaliser pass (see stats)
 
 template <typename T>
 struct Problem {
   VerifyParams<T> p;
-  ScoreParams score;          // float64 scores (temperature 1 when greedy)
-  float scale_hi = 0, scale_lo = 0;  // log2(e) / tau = hi + lo, for the fast normaliser pass
-  float shift = 1;
+  ScoreParams score;       // float64 scores (temperature 1 when greedy)
   bool greedy = false;
-  bool tilt = false;          // has ref and shift != 0
-  bool truncated = false;     // top-k or top-p changes the distribution
-  bool check_greedy_uniforms = true;  // sample() ignores uniforms when greedy, verify() checks them
-  int splits = 1;             // stats blocks per (row, position)
-  int draw_splits = 1;        // draw blocks per row
+  bool tilt = false;       // has ref and shift != 0
+  bool truncated = false;  // top-k or top-p changes the distribution
+  int splits = 1;          // stats blocks per (row, position)
+  int draw_splits = 1;     // draw blocks per row
   Partial* partials = nullptr;        // (batch, num_draft + 1, splits)
   Truncation* truncations = nullptr;  // (batch, num_draft + 1, 2)
   ChunkTotals* chunks = nullptr;      // (batch, draw_splits)
@@ -102,28 +112,26 @@ struct Problem {
   __device__ __forceinline__ const T* draft_row(int64_t b, int64_t i) const {
     return (i < p.num_draft || p.has_ref()) ? p.draft.row(b, i) : nullptr;
   }
+  // The ref row is read whenever it is given (its values are checked even at shift 0).
   __device__ __forceinline__ const T* ref_row(int64_t b, int64_t i) const { return p.has_ref() ? p.ref.row(b, i) : nullptr; }
+  __device__ __forceinline__ double uniform(int64_t b, int64_t i) const {
+    return p.uniforms[b * p.uniforms_stride_batch + i * p.uniforms_stride_position];
+  }
+  __device__ __forceinline__ int64_t draft_token(int64_t b, int64_t i) const {
+    return p.draft_tokens[b * p.draft_tokens_stride_batch + i * p.draft_tokens_stride_position];
+  }
 };
 
 // ---------------------------------------------------------------------------------------
 // 1. stats
 //
-// Two precisions for the log-normalisers (chosen by vocabulary size at launch):
-// - exact (V < kExactVocab): float64 scores as everywhere else, float64 exp and sums;
-// - fast: float32 scores; exp2 of fma(x, c_hi, -m) + x * c_lo with c_hi + c_lo = log2(e) / tau
-//   (no systematic error from rounding c, argument error ~ ulp of the argument), ex2.approx,
-//   float32 sums per 16-byte vector added to float64 accumulators. Random per-token errors
-//   average out over large vocabularies.
-
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: ~2 ulp, exp2(-inf) = 0
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return exp2f(x);  // host emulation of the kernels (tests without a GPU)
-#endif
-}
+// Scores are float64 everywhere (products with 1 / tau and the tilt), so their rounding does
+// not grow with 1 / temperature. Sums of exp(score - max) come in two precisions, chosen by
+// vocabulary size at launch:
+// - exact (V < kExactVocab): float64 exp and sums;
+// - fast: the float64 difference score - max rounded once to float32, ex2.approx, float32
+//   sums per 16-byte vector added to float64 accumulators. Per-token errors are at float32
+//   rounding level and average out over large vocabularies.
 
 __device__ __forceinline__ float max_nan(float a, float b) {  // NaN if either is NaN
 #if defined(__CUDA_ARCH__)
@@ -131,7 +139,7 @@ __device__ __forceinline__ float max_nan(float a, float b) {  // NaN if either i
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
   return y;
 #else
-  return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+  return (a != a || b != b) ? a + b : fmaxf(a, b);  // host compilation pass only
 #endif
 }
 
@@ -144,64 +152,69 @@ __device__ __forceinline__ uint32_t vector_flags(const float (&x)[kVec], uint32_
   return (m < kInfF ? 0u : bad) | (m > -kInfF ? seen : 0u);  // NaN fails both comparisons
 }
 
+// A scaled logit or score as accumulated: values above kMaxScaledScore (and NaN) count as
+// -inf; they make the row invalid through the flags.
+__device__ __forceinline__ double in_range(double x) { return x <= kMaxScaledScore ? x : -kInfD; }
+
+// True for a finite logit z whose scaled value z / tau lies outside the allowed range.
+__device__ __forceinline__ bool out_of_range(float z, double scaled) {
+  return fabsf(z) < kInfF && !(fabs(scaled) <= kMaxScaledScore);
+}
+
 // Running (max, sum of exp(score - max)) of one score stream in one thread.
-template <bool kExact>
 struct Accumulator {
-  using Max = std::conditional_t<kExact, double, float>;  // exact: natural units; fast: base 2
-  Max max;
+  double max;
   double sum;
 };
 
-struct FastScale {  // log2(e) / tau = hi + lo
-  float hi, lo;
-};
-
-template <int kVec>
-__device__ __forceinline__ void accumulate(Accumulator<false>& acc, const float (&x)[kVec], const FastScale& c) {
-  float top = x[0];
-#pragma unroll
-  for (int e = 1; e < kVec; ++e) top = fmaxf(top, x[e]);
-  if (!(top > -kInfF)) return;
-  const float m = top * c.hi;
-  if (m > acc.max) {  // rescale once per vector
-    acc.sum = acc.max == -kInfF ? 0.0 : acc.sum * exp2(static_cast<double>(acc.max) - m);
-    acc.max = m;
-  }
-  float sum = 0.0f;
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) {
-    const float finite = fmaxf(x[e], -3.40282347e38f);  // -inf * c.lo could meet +inf (c.lo < 0)
-    sum += fast_exp2(fmaf(finite, c.lo, fmaf(finite, c.hi, -acc.max)));
-  }
-  acc.sum += sum;
-}
-
-template <int kVec>
-__device__ __forceinline__ void accumulate(Accumulator<true>& acc, const double (&x)[kVec], const ExpTable& table) {
+template <bool kExact, int kVec>
+__device__ __forceinline__ void accumulate(Accumulator& acc, const double (&x)[kVec], const ExpTable& table) {
   double top = x[0];
 #pragma unroll
   for (int e = 1; e < kVec; ++e) top = fmax(top, x[e]);
   if (!(top > -kInfD)) return;
-  if (top > acc.max) {
-    acc.sum = __dmul_rn(acc.sum, fast_exp(acc.max - top, table));  // exp(-inf) = 0
+  if (top > acc.max) {  // rescale once per vector
+    acc.sum = acc.max == -kInfD ? 0.0 : __dmul_rn(acc.sum, fast_exp(__dsub_rn(acc.max, top), table));
     acc.max = top;
   }
+  if constexpr (kExact) {
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) acc.sum = __dadd_rn(acc.sum, fast_exp(x[e] - acc.max, table));
+    for (int e = 0; e < kVec; ++e) acc.sum = __dadd_rn(acc.sum, fast_exp(__dsub_rn(x[e], acc.max), table));
+  } else {
+    float sum = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sum = __fadd_rn(sum, exp_f32(__dsub_rn(x[e], acc.max)));
+    acc.sum = __dadd_rn(acc.sum, static_cast<double>(sum));
+  }
 }
 
-// Block-wide (max, sum) of one stream in natural units (every thread gets it).
-template <bool kExact>
-__device__ __forceinline__ void block_max_sum(Accumulator<kExact> acc, double& max, double& sum, const ExpTable& table, double* scratch) {
-  const double kLn2 = 0.69314718055994530942;
-  const double own_max = kExact ? static_cast<double>(acc.max) : static_cast<double>(acc.max) * kLn2;
-  max = block_reduce<kStatsThreads>(own_max, [](double a, double b) { return fmax(a, b); }, scratch);
-  const double own = max == -kInfD || own_max == -kInfD ? 0.0 : acc.sum * fast_exp(own_max - max, table);
-  sum = block_reduce<kStatsThreads>(own, [](double a, double b) { return a + b; }, scratch);
+// Block-wide (max, sum) of one stream (every thread gets it).
+__device__ __forceinline__ void block_max_sum(const Accumulator& acc, double& max, double& sum, const ExpTable& table,
+                                              double* scratch) {
+  max = block_reduce<kStatsThreads>(acc.max, [](double a, double b) { return fmax(a, b); }, scratch);
+  const double own = max == -kInfD || acc.max == -kInfD ? 0.0 : __dmul_rn(acc.sum, fast_exp(__dsub_rn(acc.max, max), table));
+  sum = block_reduce<kStatsThreads>(own, [](double a, double b) { return __dadd_rn(a, b); }, scratch);
+}
+
+// One vector of logits z of a stream: flags a finite z with |z / tau| > kMaxScaledScore and,
+// when `accumulated`, adds exp(z / tau - max) to the stream's accumulator.
+template <bool kExact, int kVec>
+__device__ __forceinline__ void scaled_stream(const float (&z)[kVec], const ScoreParams& sp, uint32_t range_flag, bool accumulated,
+                                              Accumulator& acc, uint32_t& flags, const ExpTable& table) {
+  double x[kVec];
+  bool range = false;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    const double scaled = temper(z[e], sp);
+    range |= out_of_range(z[e], scaled);
+    x[e] = in_range(scaled);
+  }
+  flags |= range ? range_flag : 0u;
+  if (accumulated) accumulate<kExact>(acc, x, table);
 }
 
 template <typename T, bool kGreedy, bool kTilt, bool kExact>
-__global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Problem<T> pr) {
+__global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocks) stats_kernel(const Problem<T> pr) {
   constexpr int kVec = Storage<T>::kVec;
   __shared__ ExpTable table;
   __shared__ double scratch[kStatsThreads / kWarp];
@@ -217,16 +230,14 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Problem<T> p
   const T* q = pr.target_row(b, i);  // (vocab,) each
   const T* r = pr.draft_row(b, i);
   const T* d = pr.ref_row(b, i);
+  const int skew_q = row_skew(q), skew_r = row_skew(r), skew_d = row_skew(d);
   const bool proposal_stream = r != nullptr && (i < pr.p.num_draft || kTilt);
-  const RowTiling tiling = row_tiling(q, r, d, vocab);
-  const int64_t per_split = (tiling.num_vectors + pr.splits - 1) / pr.splits;
-  const int64_t begin = split * per_split, end = min(tiling.num_vectors, begin + per_split);
-  const FastScale c{pr.scale_hi, pr.scale_lo};
-  const float shift = pr.shift;
+  const int64_t begin = split * kSplitVectors, end = min(num_vectors<T>(vocab), begin + kSplitVectors);
+  const ScoreParams sp = pr.score;
 
-  Accumulator<kExact> acc[kNumStreams];
+  Accumulator acc[kNumStreams];
 #pragma unroll
-  for (int s = 0; s < kNumStreams; ++s) acc[s] = Accumulator<kExact>{static_cast<typename Accumulator<kExact>::Max>(-kInfD), 0.0};
+  for (int s = 0; s < kNumStreams; ++s) acc[s] = Accumulator{-kInfD, 0.0};
   uint32_t flags = 0;
   double best = -kInfD;
   int64_t best_index = INT64_MAX;
@@ -237,16 +248,16 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Problem<T> p
     for (int u = 0; u < kStatsUnroll; ++u) {  // issue every load first
       const int64_t k = k0 + int64_t(u) * kStatsThreads;
       if (k >= end) continue;
-      const int64_t v0 = tiling.origin + k * kVec;
-      raw_q[u] = load_vector(q, v0, vocab, tiling.aligned);
-      if (r != nullptr) raw_r[u] = load_vector(r, v0, vocab, tiling.aligned);
-      if (d != nullptr) raw_d[u] = load_vector(d, v0, vocab, tiling.aligned);
+      const int64_t v0 = k * kVec;
+      raw_q[u] = load_vector(q, skew_q, v0, vocab);
+      if (r != nullptr) raw_r[u] = load_vector(r, skew_r, v0, vocab);
+      if (d != nullptr) raw_d[u] = load_vector(d, skew_d, v0, vocab);
     }
 #pragma unroll
     for (int u = 0; u < kStatsUnroll; ++u) {
       const int64_t k = k0 + int64_t(u) * kStatsThreads;
       if (k >= end) continue;
-      const int64_t v0 = tiling.origin + k * kVec;
+      const int64_t v0 = k * kVec;
       float xq[kVec], xr[kVec], xd[kVec];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
@@ -257,60 +268,42 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Problem<T> p
       flags |= vector_flags(xq, kBadTarget, kSeenTarget);
       if (r != nullptr) flags |= vector_flags(xr, kBadDraft, kSeenDraft);
       if (d != nullptr) flags |= vector_flags(xd, kBadRef, kSeenRef);
-      if constexpr (kGreedy) {
+      {  // tilted score (float64): greedy argmax or the p* stream
+        double x[kVec];
+        bool range = false;
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
-          const double s = tilted_score(xq[e], xr[e], xd[e], pr.score);
-          if (s > best) {
-            best = s;
-            best_index = v0 + e;
-          }
+          const double tilted = kTilt ? tilted_score(xq[e], xr[e], xd[e], sp) : temper(xq[e], sp);
+          range |= tilted > kMaxScaledScore;
+          x[e] = in_range(tilted);
         }
-      } else if constexpr (kExact) {
-        double x[kVec];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) x[e] = tilted_score(xq[e], xr[e], xd[e], pr.score);
-        accumulate(acc[kTilted], x, table);
-        if (proposal_stream) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) x[e] = temper(xr[e], pr.score);
-          accumulate(acc[kProposal], x, table);
-        }
-        if constexpr (kTilt) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) x[e] = temper(xq[e], pr.score);
-          accumulate(acc[kTargetStream], x, table);
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) x[e] = temper(xd[e], pr.score);
-          accumulate(acc[kRefStream], x, table);
-        }
-      } else {
-        if constexpr (kTilt) {
-          float s[kVec];  // untempered tilted logit q + shift * (r - d), -inf where an input is -inf
+        flags |= range ? kRangeTilted : 0u;
+        if constexpr (kGreedy) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            const float value = xq[e] + shift * (xr[e] - xd[e]);
-            s[e] = (xd[e] == -kInfF || value != value) ? -kInfF : value;
+            if (x[e] > best) {
+              best = x[e];
+              best_index = v0 + e;
+            }
           }
-          accumulate(acc[kTilted], s, c);
-          accumulate(acc[kTargetStream], xq, c);
-          accumulate(acc[kRefStream], xd, c);
         } else {
-          accumulate(acc[kTilted], xq, c);
+          accumulate<kExact>(acc[kTilted], x, table);
         }
-        if (proposal_stream) accumulate(acc[kProposal], xr, c);
       }
+      // Scaled logits of each stream read: the range rule, and the q, r, d streams.
+      scaled_stream<kExact, kVec>(xq, sp, kRangeTarget, !kGreedy && kTilt, acc[kTargetStream], flags, table);
+      if (r != nullptr) scaled_stream<kExact, kVec>(xr, sp, kRangeDraft, !kGreedy && proposal_stream, acc[kProposal], flags, table);
+      if (d != nullptr) scaled_stream<kExact, kVec>(xd, sp, kRangeRef, !kGreedy && kTilt, acc[kRefStream], flags, table);
     }
   }
 
-  const bool writer = threadIdx.x == 0;
   Partial out;
   for (int s = 0; s < kNumStreams; ++s) {
     if constexpr (kGreedy) {
       out.max[s] = -kInfD;
       out.sum[s] = 0.0;
     } else {
-      block_max_sum<kExact>(acc[s], out.max[s], out.sum[s], table, scratch);
+      block_max_sum(acc[s], out.max[s], out.sum[s], table, scratch);
     }
   }
   out.flags = block_reduce<kStatsThreads>(flags, [](uint32_t a, uint32_t c) { return a | c; }, reinterpret_cast<uint32_t*>(scratch));
@@ -318,7 +311,7 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Problem<T> p
   out.best_index = block_reduce<kStatsThreads>(best == out.best ? best_index : INT64_MAX, [](int64_t a, int64_t c) { return min(a, c); },
                                                index_scratch);
   out.unused = 0;
-  if (writer) pr.partials[row_position * pr.splits + split] = out;
+  if (threadIdx.x == 0) pr.partials[row_position * pr.splits + split] = out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -329,7 +322,12 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(const Problem<T> p
 // {rank key >= key of the last kept token} is exactly KeptSet. The last kept token is found
 // by a most-significant-digit radix descent (8-bit digits) with shared-memory histograms of
 // counts (top-k: the token of rank k - 1) or masses exp(score - max) (top-p: the last token
-// whose preceding mass is < top_p * total). Passes stop early once a digit isolates a token.
+// whose preceding mass is < top_p * total). Passes stop early once a digit isolates a token,
+// and digits that every candidate of the chosen bucket shares are skipped (the bucket's AND
+// and OR of the keys), so ties of low-precision logits cost one pass per differing byte.
+// Bucket masses are summed in a fixed order (lanes in lane order, a warp's iterations in
+// vocabulary order into its own histogram row, then the warps' rows in warp order), so the
+// kept set does not depend on warp scheduling.
 
 struct RankKey {
   uint64_t hi;  // order_key(score)
@@ -377,8 +375,11 @@ __device__ __forceinline__ void set_digit(RankKey& k, int digit, uint32_t value)
 struct TruncationShared {
   ExpTable exp_table;
   unsigned int count[256];
-  double mass[256];
+  double mass[256];                                 // bucket masses, summed over warps
+  double warp_mass[kTruncationThreads / kWarp][256];  // one histogram row per warp
   unsigned int min_index[256];
+  unsigned int and_bits[256][3];  // AND / OR of each bucket's candidate keys: hi >> 32, hi, lo
+  unsigned int or_bits[256][3];
   double scratch[kTruncationThreads / kWarp];
   RankKey prefix;
   int digit;
@@ -396,9 +397,32 @@ struct RowScore {
   const T* d;
   ScoreParams sp;
   int stream;
+  int64_t vocab;
+  int skew_q, skew_r, skew_d;
+  __device__ __forceinline__ RowScore(const T* q_, const T* r_, const T* d_, const ScoreParams& sp_, int stream_, int64_t vocab_)
+      : q(q_), r(r_), d(d_), sp(sp_), stream(stream_), vocab(vocab_), skew_q(row_skew(q_)), skew_r(row_skew(r_)), skew_d(row_skew(d_)) {}
   __device__ __forceinline__ double operator()(int64_t v) const {
     if (stream == 1) return temper(load_double(r, v), sp);
     return tilted_score(load_double(q, v), r != nullptr ? load_double(r, v) : -kInfD, d != nullptr ? load_double(d, v) : -kInfD, sp);
+  }
+  // Scores of the kVec tokens of 16-byte vector k (-inf past the vocabulary).
+  template <int kVec>
+  __device__ __forceinline__ void vector(int64_t k, double (&out)[kVec]) const {
+    const int64_t v0 = k * kVec;
+    if (stream == 1) {
+      const uint4 raw_r = load_vector(r, skew_r, v0, vocab);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) out[e] = temper(unpack<T>(raw_r, e), sp);
+      return;
+    }
+    const uint4 raw_q = load_vector(q, skew_q, v0, vocab);
+    const uint4 raw_r = r != nullptr ? load_vector(r, skew_r, v0, vocab) : uint4{};
+    const uint4 raw_d = d != nullptr ? load_vector(d, skew_d, v0, vocab) : uint4{};
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      out[e] = tilted_score(unpack<T>(raw_q, e), r != nullptr ? static_cast<double>(unpack<T>(raw_r, e)) : -kInfD,
+                            d != nullptr ? static_cast<double>(unpack<T>(raw_d, e)) : -kInfD, sp);
+    }
   }
 };
 
@@ -407,6 +431,8 @@ struct RowScore {
 template <typename T>
 __device__ RankKey descend(const RowScore<T>& score, int64_t vocab, RankKey floor, RankKey prefix, int start_digit,
                            bool by_mass, uint64_t rank, double top_p, double max_score, TruncationShared& sh) {
+  constexpr int kVec = Storage<T>::kVec;
+  const int64_t vectors = num_vectors<T>(vocab);
   __syncthreads();  // sh.prefix of a previous descent has been read
   if (threadIdx.x == 0) {
     sh.prefix = prefix;
@@ -421,39 +447,77 @@ __device__ RankKey descend(const RowScore<T>& score, int64_t vocab, RankKey floo
     const RankKey current = sh.prefix;
     for (int j = threadIdx.x; j < 256; j += blockDim.x) {
       sh.count[j] = 0;
-      sh.mass[j] = 0.0;
+      for (int w = 0; w < kTruncationThreads / kWarp; ++w) sh.warp_mass[w][j] = 0.0;
       sh.min_index[j] = 0xffffffffu;
+      for (int w = 0; w < 3; ++w) {
+        sh.and_bits[j][w] = 0xffffffffu;
+        sh.or_bits[j][w] = 0u;
+      }
     }
     __syncthreads();
     // Warp-aggregated histogram: the lanes of a warp that fall into one bucket add once
-    // (scores cluster in few buckets, so plain shared atomics would serialise).
-    const int lane = threadIdx.x % kWarp;
-    for (int64_t base = 0; base < vocab; base += blockDim.x) {
-      const int64_t v = base + threadIdx.x;
-      uint32_t bucket = 0xffffffffu;  // no bucket
+    // (scores cluster in few buckets, so plain shared atomics would serialise). Each lane
+    // loads one 16-byte vector per stream; its kVec tokens are visited in order.
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    for (int64_t base = 0; base < vectors; base += blockDim.x) {
+      const int64_t k = base + threadIdx.x;
+      double scores[kVec];
+      if (k < vectors) {
+        score.vector(k, scores);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) scores[e] = -kInfD;
+      }
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int64_t v = k * kVec + e;
+        uint32_t bucket = 0xffffffffu;  // no bucket
+        double mass = 0.0;
+        uint32_t words[3] = {0u, 0u, 0u};
+        if (v < vocab) {
+          const double s = scores[e];
+          const RankKey key = rank_key(s, v);
+          if (!(key < floor) && prefix_matches(key, current, digit)) {
+            bucket = key_digit(key, digit);
+            if (by_mass) mass = fast_exp(s - max_score, sh.exp_table);
+            words[0] = static_cast<uint32_t>(key.hi >> 32);
+            words[1] = static_cast<uint32_t>(key.hi);
+            words[2] = key.lo;
+          }
+        }
+        const unsigned int peers = __match_any_sync(0xffffffffu, bucket);
+        uint32_t and_words[3], or_words[3];  // over the lanes of this lane's bucket
+#pragma unroll
+        for (int w = 0; w < 3; ++w) {
+          and_words[w] = __reduce_and_sync(peers, words[w]);
+          or_words[w] = __reduce_or_sync(peers, words[w]);
+        }
+        if (by_mass) {  // each lane: the mass of its bucket's lanes, in lane order
+          double group = 0.0;
+          for (int src = 0; src < kWarp; ++src) {
+            const double other = __shfl_sync(0xffffffffu, mass, src);
+            if ((peers >> src) & 1u) group += other;
+          }
+          mass = group;
+        }
+        if (bucket != 0xffffffffu && lane == __ffs(peers) - 1) {  // the lowest lane holds the lowest index
+          atomicAdd(&sh.count[bucket], static_cast<unsigned int>(__popc(peers)));
+          atomicMin(&sh.min_index[bucket], static_cast<unsigned int>(v));
+#pragma unroll
+          for (int w = 0; w < 3; ++w) {
+            atomicAnd(&sh.and_bits[bucket][w], and_words[w]);
+            atomicOr(&sh.or_bits[bucket][w], or_words[w]);
+          }
+          if (by_mass) sh.warp_mass[warp][bucket] = __dadd_rn(sh.warp_mass[warp][bucket], mass);  // this warp's row only
+        }
+        __syncwarp();  // the next iteration's leader of a bucket sees this one's sum
+      }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; by_mass && j < 256; j += blockDim.x) {
       double mass = 0.0;
-      if (v < vocab) {
-        const double s = score(v);
-        const RankKey key = rank_key(s, v);
-        if (!(key < floor) && prefix_matches(key, current, digit)) {
-          bucket = key_digit(key, digit);
-          if (by_mass) mass = fast_exp(s - max_score, sh.exp_table);
-        }
-      }
-      const unsigned int peers = __match_any_sync(0xffffffffu, bucket);
-      if (by_mass) {  // each lane: the mass of its bucket's lanes, in lane order
-        double group = 0.0;
-        for (int src = 0; src < kWarp; ++src) {
-          const double other = __shfl_sync(0xffffffffu, mass, src);
-          if ((peers >> src) & 1u) group += other;
-        }
-        mass = group;
-      }
-      if (bucket != 0xffffffffu && lane == __ffs(peers) - 1) {  // the lowest lane holds the lowest index
-        atomicAdd(&sh.count[bucket], static_cast<unsigned int>(__popc(peers)));
-        atomicMin(&sh.min_index[bucket], static_cast<unsigned int>(v));
-        if (by_mass) atomicAdd(&sh.mass[bucket], mass);
-      }
+      for (int w = 0; w < kTruncationThreads / kWarp; ++w) mass = __dadd_rn(mass, sh.warp_mass[w][j]);
+      sh.mass[j] = mass;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -486,14 +550,25 @@ __device__ RankKey descend(const RowScore<T>& score, int64_t vocab, RankKey floo
       }
       RankKey next = current;
       set_digit(next, digit, static_cast<uint32_t>(chosen));
+      int next_digit = digit + 1;
+      const uint64_t and_hi = (uint64_t(sh.and_bits[chosen][0]) << 32) | sh.and_bits[chosen][1];
+      const uint64_t or_hi = (uint64_t(sh.or_bits[chosen][0]) << 32) | sh.or_bits[chosen][1];
+      const uint32_t and_lo = sh.and_bits[chosen][2], or_lo = sh.or_bits[chosen][2];
       if (sh.count[chosen] == 1) {  // one token left: its full key
         const unsigned int v = sh.min_index[chosen];
         next = rank_key(score(v), v);
         sh.done = 1;
+      } else if (and_hi != or_hi) {  // skip the digits every candidate of the bucket shares
+        next.hi = and_hi;
+        next_digit = max(next_digit, __clzll(static_cast<long long>(and_hi ^ or_hi)) / 8);
+      } else {  // one score: the rest of the rank is the index
+        next.hi = and_hi;
+        next.lo = and_lo;
+        next_digit = max(next_digit, 8 + __clz(static_cast<int>(and_lo ^ or_lo)) / 8);  // indices differ: < 12
       }
       sh.prefix = next;
-      sh.digit = digit + 1;
-      sh.done |= digit + 1 >= 12;
+      sh.digit = next_digit;
+      sh.done |= next_digit >= 12;
     }
     __syncthreads();
   }
@@ -511,17 +586,24 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_kernel(const Pr
   __syncthreads();
   const int64_t vocab = pr.p.vocab;
   const bool tilt = pr.tilt;
-  const RowScore<T> score{pr.target_row(b, i), stream == 1 || tilt ? pr.draft_row(b, i) : nullptr,
-                          stream == 0 && tilt ? pr.ref_row(b, i) : nullptr, pr.score, stream};
+  constexpr int kVec = Storage<T>::kVec;
+  const int64_t vectors = num_vectors<T>(vocab);
+  const RowScore<T> score(pr.target_row(b, i), stream == 1 || tilt ? pr.draft_row(b, i) : nullptr,
+                          stream == 0 && tilt ? pr.ref_row(b, i) : nullptr, pr.score, stream, vocab);
 
   // Row maximum and the range of score keys (common leading digits are skipped).
   double max_score = -kInfD;
   uint64_t key_max = 0, key_min = ~uint64_t(0);
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const double s = score(v);
-    max_score = fmax(max_score, s);
-    key_max = max(key_max, order_key(s));
-    key_min = min(key_min, order_key(s));
+  for (int64_t k = threadIdx.x; k < vectors; k += blockDim.x) {
+    double scores[kVec];
+    score.vector(k, scores);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      if (k * kVec + e >= vocab) break;
+      max_score = fmax(max_score, scores[e]);
+      key_max = max(key_max, order_key(scores[e]));
+      key_min = min(key_min, order_key(scores[e]));
+    }
   }
   max_score = block_reduce<kTruncationThreads>(max_score, [](double a, double c) { return fmax(a, c); }, sh.scratch);
   key_max = block_reduce<kTruncationThreads>(key_max, [](uint64_t a, uint64_t c) { return max(a, c); },
@@ -549,23 +631,34 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_kernel(const Pr
   // Normaliser over the kept tokens.
   const KeptSet set{score_of_key(kept.hi), int64_t(0xffffffffu - kept.lo)};
   double total = 0.0;
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const double s = score(v);
-    if (set.contains(s, v)) total += fast_exp(s - max_score, sh.exp_table);
+  for (int64_t k = threadIdx.x; k < vectors; k += blockDim.x) {
+    double scores[kVec];
+    score.vector(k, scores);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int64_t v = k * kVec + e;
+      if (v < vocab && set.contains(scores[e], v)) total = __dadd_rn(total, fast_exp(scores[e] - max_score, sh.exp_table));
+    }
   }
-  total = block_reduce<kTruncationThreads>(total, [](double a, double c) { return a + c; }, sh.scratch);
-  if (threadIdx.x == 0) pr.truncations[row_position * 2 + stream] = Truncation{set, max_score + log(total)};
+  total = block_reduce<kTruncationThreads>(total, [](double a, double c) { return __dadd_rn(a, c); }, sh.scratch);
+  if (threadIdx.x == 0) pr.truncations[row_position * 2 + stream] = Truncation{set, max_score, log(total)};
 }
 
 // ---------------------------------------------------------------------------------------
 // 3-4. decisions and the correction/bonus draw
+//
+// Probabilities keep the row maximum and the log of the sum apart, never adding them:
+// log p*(v) = (s_v - s_max) - log sum_kept exp(s - s_max), likewise log r~, so a huge scaled
+// logit cannot absorb log(total). log Z = [s_max - q_max - lambda (r_max - d_max)]
+// + [ls_s - ls_q - lambda (ls_r - ls_d)] over the untruncated rows (ls_x: log of the sum).
 
 // What one (row, position) contributes to the row's decisions.
 struct PositionInfo {
   bool valid;
   bool accept;
   double log_z;
-  double log_total_s, log_total_r;  // of p* and r~ (truncated when truncating)
+  double max_s, log_sum_s;  // p*: row maximum, log sum of kept exp(s - max) (truncated when truncating)
+  double max_r, log_sum_r;  // r~ likewise
   KeptSet kept_s, kept_r;
   int64_t greedy_token;
 };
@@ -573,38 +666,41 @@ struct PositionInfo {
 // The splits' partials of one (row, position) combined; called by a whole warp, the result
 // is the same in every lane.
 struct Combined {
-  double log_total[kNumStreams];  // natural log, untruncated
+  double max[kNumStreams];      // row maximum of each stream, untruncated
+  double log_sum[kNumStreams];  // log sum exp(score - max)
   uint32_t flags;
   double best;
   int64_t best_index;
 };
 
 template <typename T>
-__device__ Combined combine_partials(const Problem<T>& pr, int64_t row_position) {
+__device__ Combined combine_partials(const Problem<T>& pr, int64_t row_position, const ExpTable& table) {
   const Partial* parts = pr.partials + row_position * pr.splits;
   Combined out;
-  double max[kNumStreams], sum[kNumStreams];
+  double sum[kNumStreams];
   for (int s = 0; s < kNumStreams; ++s) {
-    max[s] = -kInfD;
+    out.max[s] = -kInfD;
     sum[s] = 0.0;
   }
   out.flags = 0;
   out.best = -kInfD;
   out.best_index = INT64_MAX;
-  const auto merge = [](double& max, double& sum, double other_max, double other_sum) {
+  const auto merge = [&table](double& max, double& sum, double other_max, double other_sum) {
     const double m = fmax(max, other_max);
     if (m == -kInfD) return;
-    sum = (max == -kInfD ? 0.0 : sum * exp(max - m)) + (other_max == -kInfD ? 0.0 : other_sum * exp(other_max - m));
+    const double own = max == -kInfD ? 0.0 : __dmul_rn(sum, fast_exp(__dsub_rn(max, m), table));
+    const double other = other_max == -kInfD ? 0.0 : __dmul_rn(other_sum, fast_exp(__dsub_rn(other_max, m), table));
+    sum = __dadd_rn(own, other);
     max = m;
   };
-  for (int k = threadIdx.x % kWarp; k < pr.splits; k += kWarp) {
+  for (int k = threadIdx.x % kWarp; k < pr.splits; k += kWarp) {  // fixed order: lane, then split
     const Partial& part = parts[k];
     out.flags |= part.flags;
     if (part.best > out.best || (part.best == out.best && part.best_index < out.best_index)) {
       out.best = part.best;
       out.best_index = part.best_index;
     }
-    for (int s = 0; s < kNumStreams; ++s) merge(max[s], sum[s], part.max[s], part.sum[s]);
+    for (int s = 0; s < kNumStreams; ++s) merge(out.max[s], sum[s], part.max[s], part.sum[s]);
   }
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
@@ -617,71 +713,75 @@ __device__ Combined combine_partials(const Problem<T>& pr, int64_t row_position)
     }
 #pragma unroll
     for (int s = 0; s < kNumStreams; ++s) {
-      const double other_max = __shfl_xor_sync(0xffffffffu, max[s], offset);
+      const double other_max = __shfl_xor_sync(0xffffffffu, out.max[s], offset);
       const double other_sum = __shfl_xor_sync(0xffffffffu, sum[s], offset);
-      merge(max[s], sum[s], other_max, other_sum);
+      merge(out.max[s], sum[s], other_max, other_sum);  // commutative: every lane gets the same bits
     }
   }
-  for (int s = 0; s < kNumStreams; ++s) out.log_total[s] = max[s] == -kInfD ? -kInfD : max[s] + log(sum[s]);
+  for (int s = 0; s < kNumStreams; ++s) out.log_sum[s] = out.max[s] == -kInfD ? -kInfD : log(sum[s]);
   return out;
 }
 
 template <typename T>
 __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i, const Combined& c) {
   const VerifyParams<T>& p = pr.p;
-  PositionInfo out{true, false, 0.0, 0.0, 0.0, KeptSet::all(), KeptSet::all(), -1};
+  PositionInfo out{true, false, 0.0, 0.0, 0.0, 0.0, 0.0, KeptSet::all(), KeptSet::all(), -1};
   const int64_t row_position = b * pr.positions() + i;
   const bool has_proposal = i < p.num_draft;
   const T* q = pr.target_row(b, i);
   const T* r = pr.draft_row(b, i);
   const T* d = pr.ref_row(b, i);
   const uint32_t flags = c.flags;
-  const double best = c.best;
-  const int64_t best_index = c.best_index;
-  const double* log_total = c.log_total;
 
-  // Value checks (csrc/kernels/cpu/verify.h: checked_row_max, kNoSupport, check_tokens_and_uniforms).
-  out.valid = !(flags & kBadTarget) && (flags & kSeenTarget);
-  if (r != nullptr) out.valid &= !(flags & kBadDraft) && (flags & kSeenDraft);
-  if (d != nullptr) out.valid &= !(flags & kBadRef) && (flags & kSeenRef);
-  out.valid &= pr.greedy ? best > -kInfD && best_index < p.vocab : log_total[kTilted] > -kInfD;
-  if (!pr.greedy || pr.check_greedy_uniforms) {
-    const double u = p.uniforms[b * p.uniforms_stride_batch + i * p.uniforms_stride_position];
-    out.valid &= u > 0.0 && u < 1.0;
-  }
+  // Value checks (csrc/kernels/cpu/verify.h: checked_row_max, kScoreRange, kNoSupport,
+  // check_tokens_and_uniforms).
+  out.valid = !(flags & (kBadTarget | kRangeTarget)) && (flags & kSeenTarget);
+  if (r != nullptr) out.valid &= !(flags & (kBadDraft | kRangeDraft)) && (flags & kSeenDraft);
+  if (d != nullptr) out.valid &= !(flags & (kBadRef | kRangeRef)) && (flags & kSeenRef);
+  const double tilted_max = pr.greedy ? c.best : c.max[kTilted];
+  out.valid &= !(flags & kRangeTilted) && tilted_max > -kInfD && tilted_max >= -kMaxScaledScore;
+  const double u = pr.uniform(b, i);
+  out.valid &= u > 0.0 && u < 1.0;
   int64_t x = -1;
   if (has_proposal) {
-    x = p.draft_tokens[b * p.draft_tokens_stride_batch + i * p.draft_tokens_stride_position];
+    x = pr.draft_token(b, i);
     out.valid &= x >= 0 && x < p.vocab;
   }
   if (!out.valid) return out;
 
   if (pr.greedy) {
-    out.greedy_token = best_index;
-    out.accept = has_proposal && x == best_index;
+    out.greedy_token = c.best_index;
+    out.accept = has_proposal && x == c.best_index;
     return out;
   }
-  if (pr.tilt)
-    out.log_z = log_total[kTilted] - log_total[kTargetStream] - p.shift * (log_total[kProposal] - log_total[kRefStream]);
+  if (pr.tilt) {
+    const double lambda = p.shift;
+    const double maxima = c.max[kTilted] - c.max[kTargetStream] - lambda * (c.max[kProposal] - c.max[kRefStream]);
+    const double sums = c.log_sum[kTilted] - c.log_sum[kTargetStream] - lambda * (c.log_sum[kProposal] - c.log_sum[kRefStream]);
+    out.log_z = maxima + sums;
+  }
   if (pr.truncated) {
     const Truncation* t = pr.truncations + row_position * 2;
     out.kept_s = t[0].kept;
-    out.log_total_s = t[0].log_total;
+    out.max_s = t[0].max;
+    out.log_sum_s = t[0].log_sum;
     if (has_proposal) {
       out.kept_r = t[1].kept;
-      out.log_total_r = t[1].log_total;
+      out.max_r = t[1].max;
+      out.log_sum_r = t[1].log_sum;
     }
   } else {
-    out.log_total_s = log_total[kTilted];
-    out.log_total_r = log_total[kProposal];
+    out.max_s = c.max[kTilted];
+    out.log_sum_s = c.log_sum[kTilted];
+    out.max_r = c.max[kProposal];
+    out.log_sum_r = c.log_sum[kProposal];
   }
   if (has_proposal) {
-    const double u = p.uniforms[b * p.uniforms_stride_batch + i * p.uniforms_stride_position];
     const double zr = load_double(r, x);
     const double sx = tilted_score(load_double(q, x), zr, d != nullptr ? load_double(d, x) : -kInfD, pr.score);
     const double rx = temper(zr, pr.score);
-    const double log_p = out.kept_s.contains(sx, x) ? sx - out.log_total_s : -kInfD;
-    const double log_r = out.kept_r.contains(rx, x) ? rx - out.log_total_r : -kInfD;
+    const double log_p = out.kept_s.contains(sx, x) ? (sx - out.max_s) - out.log_sum_s : -kInfD;
+    const double log_r = out.kept_r.contains(rx, x) ? (rx - out.max_r) - out.log_sum_r : -kInfD;
     const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
     out.accept = log_p > -kInfD && log_r > -kInfD && log(u) < log_m - log_r;
   }
@@ -699,7 +799,7 @@ struct RowDecision {
 // num_accepted, log_z and the tokens except the one drawn at j (accepted drafts, the greedy
 // token, -1 after; all -1 for an invalid row).
 template <typename T, int kThreads>
-__device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecision& out) {
+__device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecision& out, const ExpTable& table) {
   constexpr int kWarps = kThreads / kWarp;
   const VerifyParams<T>& p = pr.p;
   const int64_t positions = pr.positions();
@@ -710,7 +810,7 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
   }
   __syncthreads();
   for (int64_t i = warp; i < positions; i += kWarps) {
-    const Combined combined = combine_partials(pr, b * positions + i);
+    const Combined combined = combine_partials(pr, b * positions + i, table);
     if (lane != 0) continue;
     const PositionInfo info = position_info(pr, b, i, combined);
     if (!info.valid) atomicOr(&out.invalid, 1);
@@ -720,7 +820,7 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
   __syncthreads();
   const int64_t j = out.first_rejection;
   if (warp == 0 && !out.invalid) {
-    const Combined combined = combine_partials(pr, b * positions + j);
+    const Combined combined = combine_partials(pr, b * positions + j, table);
     if (lane == 0) out.at_j = position_info(pr, b, j, combined);
   }
   __syncthreads();
@@ -728,7 +828,7 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
   for (int64_t i = threadIdx.x; i < positions; i += kThreads) {
     if (!out.invalid && i == j && !pr.greedy) continue;  // the drawn token: written by draw_token alone
     int64_t token = -1;
-    if (!out.invalid && i < j) token = p.draft_tokens[b * p.draft_tokens_stride_batch + i * p.draft_tokens_stride_position];
+    if (!out.invalid && i < j) token = pr.draft_token(b, i);
     if (!out.invalid && i == j) token = out.at_j.greedy_token;
     p.tokens[b * positions + i] = token;
   }
@@ -739,17 +839,19 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
 }
 
 // Weights of the correction/bonus distribution at (row b, position j), float64:
-// p*(v) = exp(s - log_total_s) on kept tokens; residual (scale * p* - r~)+ at a rejection.
+// p*(v) = exp((s_v - s_max) - log_sum_s) on kept tokens; at a rejection the residual
+// (p* - r~)+ (exact mode) or (p* - exp(log r~ - log Z))+ (paper mode: proportional to
+// (Z p* - r~)+ without overflowing).
 template <typename T>
 struct DrawRow {
   const T* q;
   const T* r;
   const T* d;
-  RowTiling tiling;
+  int skew_q, skew_r, skew_d;
   int64_t vocab;
   ScoreParams sp;
   bool residual;  // j < num_draft
-  double scale;   // Z in paper mode, else 1
+  double log_z;   // paper mode: log Z; exact mode: 0
   PositionInfo info;
 
   __device__ __forceinline__ DrawRow(const Problem<T>& pr, int64_t b, int64_t j, const PositionInfo& at_j) {
@@ -757,19 +859,21 @@ struct DrawRow {
     q = pr.target_row(b, j);
     r = (pr.tilt || residual) ? pr.draft_row(b, j) : nullptr;
     d = pr.tilt ? pr.ref_row(b, j) : nullptr;
-    tiling = row_tiling(q, r, d, pr.p.vocab);
+    skew_q = row_skew(q);
+    skew_r = row_skew(r);
+    skew_d = row_skew(d);
     vocab = pr.p.vocab;
     sp = pr.score;
-    scale = pr.p.paper_mode ? exp(at_j.log_z) : 1.0;
+    log_z = pr.p.paper_mode ? at_j.log_z : 0.0;
     info = at_j;
   }
 
   template <int kVec>
   __device__ __forceinline__ void weights(int64_t k, double (&w_p)[kVec], double (&w_res)[kVec], const ExpTable& table) const {
-    const int64_t v0 = tiling.origin + k * kVec;
-    const uint4 raw_q = load_vector(q, v0, vocab, tiling.aligned);
-    const uint4 raw_r = r != nullptr ? load_vector(r, v0, vocab, tiling.aligned) : uint4{};
-    const uint4 raw_d = d != nullptr ? load_vector(d, v0, vocab, tiling.aligned) : uint4{};
+    const int64_t v0 = k * kVec;
+    const uint4 raw_q = load_vector(q, skew_q, v0, vocab);
+    const uint4 raw_r = r != nullptr ? load_vector(r, skew_r, v0, vocab) : uint4{};
+    const uint4 raw_d = d != nullptr ? load_vector(d, skew_d, v0, vocab) : uint4{};
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const int64_t v = v0 + e;
@@ -777,18 +881,20 @@ struct DrawRow {
       const double zr = r != nullptr ? static_cast<double>(unpack<T>(raw_r, e)) : -kInfD;
       const double zd = d != nullptr ? static_cast<double>(unpack<T>(raw_d, e)) : -kInfD;
       const double s = tilted_score(zq, zr, zd, sp);
-      w_p[e] = info.kept_s.contains(s, v) ? fast_exp(__dsub_rn(s, info.log_total_s), table) : 0.0;
+      w_p[e] = info.kept_s.contains(s, v) ? fast_exp(__dsub_rn(__dsub_rn(s, info.max_s), info.log_sum_s), table) : 0.0;
       w_res[e] = 0.0;
       if (residual) {
         const double rs = temper(zr, sp);
-        const double w_r = info.kept_r.contains(rs, v) ? fast_exp(__dsub_rn(rs, info.log_total_r), table) : 0.0;
-        w_res[e] = fmax(0.0, __dsub_rn(__dmul_rn(w_p[e], scale), w_r));
+        // exp(log r~(v) - log Z); an argument >= 0 gives a weight >= 1 >= p*(v): residual 0.
+        const double log_r = __dsub_rn(__dsub_rn(__dsub_rn(rs, info.max_r), info.log_sum_r), log_z);
+        const double w_r = info.kept_r.contains(rs, v) ? fast_exp(fmin(log_r, 0.0), table) : 0.0;
+        w_res[e] = fmax(0.0, __dsub_rn(w_p[e], w_r));
       }
     }
   }
 };
 
-// Vectors [begin, end) of the row tiling form draw chunk `chunk`.
+// Vectors [begin, end) of the row form draw chunk `chunk`.
 __device__ __forceinline__ void chunk_range(int64_t num_vectors, int draw_splits, int chunk, int64_t& begin, int64_t& end) {
   const int64_t per_chunk = (num_vectors + draw_splits - 1) / draw_splits;
   begin = min(num_vectors, chunk * per_chunk);
@@ -834,7 +940,7 @@ __device__ __forceinline__ void scan_chunk(const DrawRow<T>& row, int64_t begin,
       double tile_total;
       const double exclusive = block_exclusive_sum<kDrawThreads>(own, tile_total, sh.scratch);
       double running = __dadd_rn(carry[kind], exclusive);
-      const int64_t v0 = row.tiling.origin + k * kVec;
+      const int64_t v0 = k * kVec;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
         running = __dadd_rn(running, w[kind][e]);
@@ -846,7 +952,7 @@ __device__ __forceinline__ void scan_chunk(const DrawRow<T>& row, int64_t begin,
   }
 }
 
-// Inverse CDF (ALGORITHM.md section 3) over the chunk totals of row b, by the block that
+// Inverse CDF (docs/algorithm.md §5) over the chunk totals of row b, by the block that
 // finished the row last: the first token whose running mass exceeds u * total, else the
 // last token of positive mass; the residual unless its mass is 0, then p*.
 template <typename T>
@@ -861,7 +967,7 @@ __device__ void draw_token(const Problem<T>& pr, int64_t b, const DrawRow<T>& ro
     const int kind = residual_total > 0.0 ? 0 : 1;
     double total = 0.0;
     for (int c = 0; c < pr.draw_splits; ++c) total += __ldcg(&chunks[c].total[kind]);
-    const double u = p.uniforms[b * p.uniforms_stride_batch + p.num_draft * p.uniforms_stride_position];
+    const double u = pr.uniform(b, p.num_draft);
     const double threshold = __dmul_rn(u, total);
     double prefix = 0.0;
     int selected = -1;
@@ -883,7 +989,7 @@ __device__ void draw_token(const Problem<T>& pr, int64_t b, const DrawRow<T>& ro
   __syncthreads();
   if (sh.chunk >= 0) {  // rescan the selected chunk: identical running sums, first crossing
     int64_t begin, end;
-    chunk_range(row.tiling.num_vectors, pr.draw_splits, sh.chunk, begin, end);
+    chunk_range(num_vectors<T>(row.vocab), pr.draw_splits, sh.chunk, begin, end);
     const double prefix = sh.prefix, threshold = sh.threshold;
     int64_t first = INT64_MAX;
     double carry[2];
@@ -907,12 +1013,12 @@ __global__ void __launch_bounds__(kDrawThreads) draw_kernel(const Problem<T> pr)
   const int64_t b = blockIdx.x / pr.draw_splits;
   init_exp_table(sh.exp_table);
   __syncthreads();
-  decide_row<T, kDrawThreads>(pr, b, chunk == 0, sh.decision);
+  decide_row<T, kDrawThreads>(pr, b, chunk == 0, sh.decision, sh.exp_table);
   if (sh.decision.invalid || pr.greedy) return;
   const int64_t j = sh.decision.first_rejection;
   const DrawRow<T> row(pr, b, j, sh.decision.at_j);
   int64_t begin, end;
-  chunk_range(row.tiling.num_vectors, pr.draw_splits, chunk, begin, end);
+  chunk_range(num_vectors<T>(row.vocab), pr.draw_splits, chunk, begin, end);
   const int kinds = row.residual ? 3 : 2;
   double peak[2] = {-kInfD, -kInfD};
   int64_t last_positive[2] = {-1, -1};

@@ -1,4 +1,4 @@
-"""``python -m sss_ext.demo``: one batched SSS verification round on random logits.
+"""``python -m sss_ext.op_demo``: one batched SSS verification round on random logits.
 
 Shows the op's inputs and outputs and checks it against the reference with the same
 uniforms; needs no model.
@@ -22,7 +22,7 @@ def main() -> None:
     draft_tokens = torch.stack(
         [sss_ext.sample(draft[:, i], temperature=0.8, generator=g) for i in range(num_draft_tokens)], dim=1
     )
-    uniforms = sss_ext.checks.draw_uniforms((batch, num_draft_tokens + 1), "cpu", g)
+    uniforms = sss_ext.draw_uniforms((batch, num_draft_tokens + 1), "cpu", g)
     start = time.perf_counter()
     result = sss_ext.verify(target, draft, draft_tokens, ref, temperature=0.8, uniforms=uniforms)
     elapsed = (time.perf_counter() - start) * 1e3

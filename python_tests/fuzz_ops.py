@@ -1,0 +1,191 @@
+"""Property-based fuzzing of the op family (hypothesis).
+
+Not collected directly: ``test_fuzz.py`` runs each property in its own process, so a crash
+fails that test instead of killing the run. Every call either raises a named
+``ValueError``/``TypeError`` — in the op and the reference alike — or returns well-formed
+output equal to the reference's for the same uniforms.
+
+The example budget is ``SSS_FUZZ_EXAMPLES`` (default 150 per property); generation is
+derandomised, so a budget always runs the same examples.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sss_ext
+
+EXAMPLES = int(os.environ.get("SSS_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=True,
+                suppress_health_check=list(HealthCheck))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SPECIAL = (float("-inf"), float("nan"), float("inf"), 0.0, 1e4, -1e4, 3e38, -3e38, 1e-30)
+TEMPERATURES = (0.0, 1e-310, 1e-300, 1e-30, 1e-3, 0.01, 0.7, 1.0, 100.0)
+SHIFTS = (0.0, 0.5, 1.0, 2.0, 1e10, 1e300, 1e308)
+UNIFORMS = (0.0, 1.0, float("nan"), -0.5, 1e-300, 1.0 - 2.0**-53, 2.0**-53)
+VOCAB_SIZES = (1, 2, 3, 7, 64, 999, 50272)
+NAMED = re.compile(r"\b(target_logits|draft_logits|ref_logits|logits|draft_tokens|uniforms|temperature|top_k|top_p|"
+                   r"shift|mode|generator|tilted)\b")
+
+
+@st.composite
+def logits_tensors(draw, shape, dtype):
+    """Scaled normals with occasional masks, NaN/inf, huge values and all -inf rows."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from((0.0, 1.0, 5.0, 1e3)))
+    values = scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    flat = values.view(-1)
+    if flat.numel():
+        for _ in range(draw(st.integers(0, 3))):
+            flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(SPECIAL))
+        if draw(st.booleans()) and draw(st.booleans()):  # one whole row masked
+            values.view(-1, shape[-1])[draw(st.integers(0, flat.numel() // shape[-1] - 1))] = float("-inf")
+    tensor = values.to(dtype)
+    if draw(st.booleans()):  # strided layout: unit vocabulary stride, padded leading dims
+        padded = torch.zeros(*(n + 1 for n in shape), dtype=dtype)
+        padded[tuple(slice(0, n) for n in shape)] = tensor
+        tensor = padded[tuple(slice(0, n) for n in shape)]
+    return tensor
+
+
+@st.composite
+def uniforms_tensors(draw, shape):
+    seed = draw(st.integers(0, 2**31 - 1))
+    u = sss_ext.draw_uniforms(shape, "cpu", torch.Generator().manual_seed(seed))
+    flat = u.view(-1)
+    if flat.numel() and draw(st.integers(0, 4)) == 0:
+        flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(UNIFORMS))
+    return u
+
+
+@st.composite
+def verify_calls(draw):
+    batch = draw(st.integers(0, 3))
+    num_draft_tokens = draw(st.integers(0, 3))
+    vocab_size = draw(st.sampled_from(VOCAB_SIZES))
+    dtype = draw(st.sampled_from(DTYPES))
+    with_ref = draw(st.booleans())
+    positions = num_draft_tokens + 1
+    draft_positions = positions if with_ref or draw(st.booleans()) else num_draft_tokens
+    target = draw(logits_tensors((batch, positions, vocab_size), dtype))
+    draft = draw(logits_tensors((batch, draft_positions, vocab_size), dtype))
+    ref = draw(logits_tensors((batch, positions, vocab_size), dtype)) if with_ref else None
+    if draw(st.booleans()) and with_ref:  # correlated models: acceptance neither ~0 nor ~1
+        draft = target + draft * 0.1 if draft.shape == target.shape else draft
+        ref = draft + ref * 0.1
+    draft_tokens = torch.tensor(
+        draw(st.lists(st.lists(st.integers(-1 if draw(st.booleans()) else 0, vocab_size), min_size=num_draft_tokens,
+                               max_size=num_draft_tokens), min_size=batch, max_size=batch)),
+        dtype=torch.int64).reshape(batch, num_draft_tokens)
+    draft_tokens = draft_tokens.clamp(max=vocab_size - 1) if draw(st.booleans()) else draft_tokens
+    return dict(
+        target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, ref_logits=ref,
+        temperature=draw(st.sampled_from(TEMPERATURES)),
+        top_k=draw(st.sampled_from((0, 1, 2, vocab_size, vocab_size + 3, 2**62))),
+        top_p=draw(st.sampled_from((1.0, 0.95, 0.5, 1e-9))),
+        shift=draw(st.sampled_from(SHIFTS)),
+        mode=draw(st.sampled_from(("exact", "paper"))) if with_ref else "exact",
+        uniforms=draw(uniforms_tensors((batch, positions))),
+    )
+
+
+def outcome(fn, kwargs):
+    """('ok', result) or ('error', message); anything but ValueError/TypeError propagates."""
+    try:
+        return "ok", fn(**kwargs)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        assert NAMED.search(message), f"error does not name an argument: {message}"
+        return "error", message
+
+
+def assert_well_formed(result, batch, num_draft_tokens, vocab_size):
+    tokens, num_accepted, log_z = result
+    assert tokens.shape == (batch, num_draft_tokens + 1) and tokens.dtype == torch.int64
+    assert num_accepted.shape == (batch,) and log_z.shape == (batch, num_draft_tokens + 1)
+    assert not torch.isnan(log_z).any()
+    for row in range(batch):
+        n = int(num_accepted[row])
+        assert 0 <= n <= num_draft_tokens
+        emitted, padding = tokens[row, : n + 1], tokens[row, n + 1 :]
+        assert bool(((emitted >= 0) & (emitted < vocab_size)).all()), tokens[row]
+        assert bool((padding == -1).all()), tokens[row]
+
+
+@FUZZ
+@given(verify_calls())
+def test_verify_equals_reference_or_both_refuse(call):
+    got_kind, got = outcome(sss_ext.verify, call)
+    expected_kind, expected = outcome(sss_ext.reference.verify, call)
+    assert got_kind == expected_kind, f"op: {got_kind} {got if got_kind == 'error' else ''}; reference: {expected_kind} " \
+                                      f"{expected if expected_kind == 'error' else ''}"
+    if got_kind == "ok":
+        batch, num_draft_tokens = call["draft_tokens"].shape
+        assert_well_formed(got, batch, num_draft_tokens, call["target_logits"].shape[-1])
+        assert torch.equal(got.tokens, expected.tokens), (got.tokens, expected.tokens)
+        assert torch.equal(got.num_accepted, expected.num_accepted)
+        finite = torch.isfinite(expected.log_z)
+        assert torch.equal(finite, torch.isfinite(got.log_z))
+        assert torch.allclose(got.log_z[finite], expected.log_z[finite], rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def sample_calls(draw):
+    batch = draw(st.integers(0, 4))
+    vocab_size = draw(st.sampled_from(VOCAB_SIZES))
+    return dict(
+        logits=draw(logits_tensors((batch, vocab_size), draw(st.sampled_from(DTYPES)))),
+        temperature=draw(st.sampled_from(TEMPERATURES)),
+        top_k=draw(st.sampled_from((0, 1, 3, vocab_size, 2**62))),
+        top_p=draw(st.sampled_from((1.0, 0.9, 0.3, 1e-9))),
+        uniforms=draw(uniforms_tensors((batch,))),
+    )
+
+
+@FUZZ
+@given(sample_calls())
+def test_sample_equals_reference_or_both_refuse(call):
+    got_kind, got = outcome(sss_ext.sample, call)
+    expected_kind, expected = outcome(sss_ext.reference.sample, call)
+    assert got_kind == expected_kind, f"op: {got_kind} {got if got_kind == 'error' else ''}; reference: {expected_kind} " \
+                                      f"{expected if expected_kind == 'error' else ''}"
+    if got_kind == "ok":
+        assert got.shape == (call["logits"].shape[0],) and got.dtype == torch.int64
+        assert bool(((got >= 0) & (got < call["logits"].shape[-1])).all())
+        assert torch.equal(got, expected)
+
+
+@FUZZ
+@given(sample_calls())
+def test_warp_probs_is_a_distribution_or_refuses(call):
+    kind, probs = outcome(sss_ext.warp_probs, {k: call[k] for k in ("logits", "temperature", "top_k", "top_p")})
+    if kind == "ok" and probs.numel():
+        assert not torch.isnan(probs).any()
+        assert bool((probs >= 0).all())
+        assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1], dtype=torch.float64), atol=1e-9)
+
+
+WRONG_VALUES = (None, 3, 1.5, "x", torch.zeros(0), torch.zeros(2, 2, dtype=torch.int32), torch.zeros(1, 1, 1, 1),
+                torch.zeros(2, 3, 5, device="meta"), torch.zeros(2, 3, 5, dtype=torch.float64), object())
+
+
+@FUZZ
+@given(st.sampled_from(("target_logits", "draft_logits", "draft_tokens", "ref_logits", "uniforms", "temperature", "top_k",
+                        "top_p", "shift", "mode", "generator")),
+       st.sampled_from(WRONG_VALUES + (float("nan"), -1, 2.0, float("inf"), "paper", True)),
+       st.sampled_from(("op", "reference")))
+def test_bad_arguments_raise_named_errors(name, value, entry):
+    generator = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 3, 5, generator=generator)
+    call = dict(target_logits=t, draft_logits=t + 0.1, draft_tokens=torch.zeros(2, 2, dtype=torch.int64), ref_logits=t - 0.1,
+                temperature=1.0, top_k=0, top_p=1.0, shift=1.0, mode="exact", uniforms=None, generator=None)
+    call[name] = value
+    fn = sss_ext.verify if entry == "op" else sss_ext.reference.verify
+    kind, result = outcome(fn, call)
+    if kind == "ok":  # the substitute happened to be valid: then the output is well formed
+        assert_well_formed(result, 2, 2, 5)
