@@ -72,9 +72,9 @@ if sanitize_compile:
 
 cxx_flags = sanitize_compile + ["-O3", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
 macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-ext_sources = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
+ext_sources = sources("csrc/ops.cpp") + sources("csrc/adapter/ops_cpu.cpp")
 if with_cuda:
-    ext_sources += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
+    ext_sources += sources("csrc/adapter/ops_cuda.cpp") + sources("csrc/kernels/cuda/instantiate/*.cu")
     macros += [("SSS_EXT_WITH_CUDA", None), ("SSS_EXT_CUDA_VERSION", f'"{torch.version.cuda}"'),
                ("SSS_EXT_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
     extension = CUDAExtension(

@@ -1,5 +1,5 @@
 // Schemas of the sss_ext op family (one TORCH_LIBRARY block) and the Python module that
-// loads them. Device implementations: csrc/cpu/ops_cpu.cpp, csrc/cuda/ops_cuda.cpp.
+// loads them. Device implementations: csrc/adapter/ops_cpu.cpp, csrc/adapter/ops_cuda.cpp.
 #include <torch/extension.h>
 #include <torch/library.h>
 

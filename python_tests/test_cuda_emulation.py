@@ -631,3 +631,165 @@ def test_chunked_inverse_cdf_matches_reference(vocab):
     if vocab >= 5000:  # several chunks: the control must miss some draws
         assert any(chunked_inverse_cdf(weights, u, 8, threads, max_splits, rescan_prefix=False) != reference_inverse_cdf(weights, u)[0]
                    for u in uniforms)
+
+
+# ---------------------------------------------------------------------------------------
+# Top-k / top-p kept sets: the bucketed selection (truncation_histogram_kernel,
+# truncation_plan_kernel, truncation_collect_kernel, truncation_resolve_kernel)
+
+NUM_BUCKETS = 2048
+BUCKET_SCALE = 32.0
+CANDIDATES = 2048
+MASS_SCALE = 2.0**32
+PLAN_SLACK = 1e-9
+
+
+def score_bucket(scores: np.ndarray, max_score: float) -> np.ndarray:
+    """verify.cuh score_bucket: a non-increasing function of the score (equal scores, equal
+    buckets): linear in d = max - s (float64, exact * kBucketScale), then one bucket for
+    d >= (kTruncBuckets - 2) / kBucketScale, and the last for -inf (and NaN)."""
+    with np.errstate(invalid="ignore"):
+        d = max_score - scores
+        linear = NUM_BUCKETS - 2
+        scaled = d * BUCKET_SCALE
+        out = np.where(np.isnan(d) | (d == np.inf), NUM_BUCKETS - 1,
+                       np.where(scaled < linear, np.floor(np.maximum(scaled, 0.0)).clip(0, linear - 1), linear))
+    return out.astype(np.int64)
+
+
+def fixed_mass(masses: np.ndarray) -> np.ndarray:
+    """floor(min(m, 1) * kMassScale): integer masses, so the histogram's atomics are exact."""
+    return np.floor(np.minimum(masses, 1.0) * MASS_SCALE).astype(np.uint64)
+
+
+def plan_truncation(count: np.ndarray, fixed: np.ndarray, vocab: int, top_k: int, top_p: float) -> dict:
+    """verify.cuh truncation_plan_kernel: the top-k bucket (exact counts) and the range of
+    buckets that can hold the top-p boundary (bounds from the integer masses), sequentially."""
+    nb = NUM_BUCKETS
+    kb, count_above = nb, 0
+    if 0 < top_k < vocab:
+        running = 0
+        for b in range(nb):
+            if running + int(count[b]) > top_k - 1:
+                kb, count_above = b, running
+                break
+            running += int(count[b])
+    last = min(kb, nb - 1)
+    if top_p < 1.0:
+        w_lo = float(sum(int(fixed[b]) for b in range(kb)))
+        w_hi = float(sum(int(fixed[b]) + int(count[b]) for b in range(last + 1)))
+        t_lo = top_p * w_lo * (1.0 - PLAN_SLACK) - 2.0
+        t_hi = top_p * w_hi * (1.0 + PLAN_SLACK) + 2.0
+        p_lo = p_hi = -1
+        below_lo, below_hi = 0.0, 0.0  # masses of the buckets before b: lower / upper bounds
+        for b in range(last + 1):
+            through_hi = below_hi + float(int(fixed[b]) + int(count[b]))
+            if count[b] > 0:
+                if p_lo < 0 and through_hi >= t_lo:
+                    p_lo = b
+                if below_lo < t_hi:
+                    p_hi = b
+            below_lo += float(int(fixed[b]))
+            below_hi = through_hi
+        if p_lo < 0:
+            p_lo = p_hi
+        p_hi = max(p_hi, p_lo)
+    else:
+        p_lo = p_hi = kb
+    members = int(sum(int(count[b]) for b in range(p_lo, p_hi + 1) if b < nb))
+    if kb < nb and kb > p_hi:
+        members += int(count[kb])
+    below = int(sum(int(count[b]) for b in range(p_hi + 1, nb)))
+    return dict(kb=kb, count_above=count_above, p_lo=p_lo, p_hi=p_hi, members=members, below=below,
+                fallback=members > CANDIDATES or members == 0)
+
+
+def kept_by_buckets(scores: np.ndarray, top_k: int, top_p: float, tie_low_index: bool = True, reads: list | None = None,
+                    stats: dict | None = None) -> np.ndarray:
+    """The bucketed truncation of one row, as the four kernels compute it: histogram (read 1),
+    plan, collect the candidates of the planned buckets and the exact mass sums above / between
+    them (read 2), resolve among the sorted candidates; a plan or a resolve that cannot settle
+    the row falls back to the radix descent (kept_by_radix, reads counted). `reads` gets the
+    number of full passes over the logits."""
+    vocab = len(scores)
+    max_score = float(scores.max())
+    with np.errstate(invalid="ignore"):
+        mass = np.exp(scores - max_score)
+    mass = np.where(np.isnan(mass), 0.0, mass)
+    bucket = score_bucket(scores, max_score)
+    count = np.bincount(bucket, minlength=NUM_BUCKETS)
+    fixed = np.zeros(NUM_BUCKETS, dtype=np.uint64)
+    np.add.at(fixed, bucket, fixed_mass(mass))
+    plan = plan_truncation(count, fixed, vocab, top_k, top_p)
+    nb, kb, p_lo, p_hi = NUM_BUCKETS, plan["kb"], plan["p_lo"], plan["p_hi"]
+
+    def fallback(passes_before: int) -> np.ndarray:
+        passes: list = []
+        kept = kept_by_radix(scores, top_k, top_p, tie_low_index=tie_low_index, passes=passes)
+        if reads is not None:
+            reads.append(passes_before + 1 + len(passes) + 1)  # + key range pass, digits, normaliser
+        if stats is not None:
+            stats["fallback"] = stats.get("fallback", 0) + 1
+        return kept
+
+    if plan["fallback"]:
+        return fallback(1)
+    # collect (read 2): exact float64 sums in vocabulary order, chunk by chunk
+    above = float(np.sum(mass[bucket < p_lo]))
+    mid = float(np.sum(mass[(bucket > p_hi) & (bucket < kb)]))
+    member = ((bucket >= p_lo) & (bucket <= p_hi)) | (bucket == kb)
+    index = np.flatnonzero(member)
+    assert len(index) == plan["members"]
+    keys = order_key(scores[index])
+    order = np.lexsort((index if tie_low_index else -index, ~keys))  # key descending, then index
+    cand_index, cand_score = index[order], scores[index][order]
+    cand_bucket, cand_mass = bucket[cand_index], mass[cand_index]
+    n = len(cand_index)
+    last_k = n - 1
+    if kb < nb:
+        r = top_k - 1 - plan["count_above"]
+        in_k = np.flatnonzero(cand_bucket == kb)
+        last_k = int(in_k[r])
+    in_p = np.flatnonzero((cand_bucket >= p_lo) & (cand_bucket <= p_hi))
+    if top_p >= 1.0:
+        last = last_k
+        total = above
+        for j in range(last + 1):
+            total += cand_mass[j]
+    else:
+        w = above
+        for j in in_p:
+            if j <= last_k:
+                w += cand_mass[j]
+        w += mid
+        for j in range(n):
+            if cand_bucket[j] == kb and kb > p_hi and j <= last_k:
+                w += cand_mass[j]
+        target = top_p * w
+        running = above
+        if len(in_p) == 0 or not running < target:
+            return fallback(2)
+        last, stopped = -1, False
+        for j in in_p:
+            if j > last_k:
+                stopped = True
+                break
+            if running < target:
+                last = int(j)
+                running += cand_mass[j]
+            else:
+                stopped = True
+                break
+        more = (kb < nb and kb > p_hi) or (kb == nb and plan["below"] > 0)
+        if not stopped and more and running < target:
+            return fallback(2)
+        total = above
+        for j in in_p:
+            if j > last:
+                break
+            total += cand_mass[j]
+    if reads is not None:
+        reads.append(2)
+    threshold, last_index = cand_score[last], cand_index[last]
+    assert total > 0.0
+    return (scores > threshold) | ((scores == threshold) & (np.arange(vocab) <= last_index))

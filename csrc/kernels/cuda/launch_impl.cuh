@@ -1,5 +1,5 @@
 // Definitions of the launchers declared in launch.h; included once per storage type by
-// csrc/cuda/*.cu, which instantiate them. Framework-free.
+// csrc/kernels/cuda/instantiate/*.cu, which instantiate them. Framework-free.
 #pragma once
 
 #include <nvtx3/nvToolsExt.h>

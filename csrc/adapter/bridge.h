@@ -1,5 +1,6 @@
-// ATen side of the op family, shared by the CPU and CUDA adapters: named argument checks,
-// framework-free parameter structs built from tensors, and kernel errors turned into
+// The one bridge between ATen and the framework-free kernels, shared by the CPU and CUDA
+// adapters: named argument checks, the kernels' parameter structs built in one call from
+// the checked inputs and the outputs, the dtype dispatch, and kernel errors turned into
 // ValueErrors that name the argument.
 #pragma once
 
@@ -43,11 +44,37 @@ LogitsView<T> logits_view(const at::Tensor& t) {
   return view;
 }
 
+// Maps an ATen dtype to the kernels' storage type: fn(float{}), fn(bfloat16_t{}) or fn(float16_t{}).
+template <class F>
+void dispatch_logits(at::ScalarType dtype, const F& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(bfloat16_t{});
+    case at::kHalf: return fn(float16_t{});
+    default: TORCH_CHECK_VALUE(false, "logits must have dtype float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+// A checked verify call: tensors with unit vocabulary stride, sizes and scalars.
 struct VerifyInputs {
   at::Tensor target, draft, ref, draft_tokens, uniforms;  // ref undefined: standard SD
   int64_t batch, num_draft, vocab;
+  Sampling sampling;
+  double shift;
   bool paper_mode;
 };
+
+struct VerifyOutputs {
+  at::Tensor tokens;        // (batch, num_draft + 1) int64
+  at::Tensor num_accepted;  // (batch,) int64
+  at::Tensor log_z;         // (batch, num_draft + 1) float32
+};
+
+inline VerifyOutputs empty_verify_outputs(const VerifyInputs& in) {
+  const auto ids = in.draft_tokens.options();
+  return VerifyOutputs{at::empty({in.batch, in.num_draft + 1}, ids), at::empty({in.batch}, ids),
+                       at::empty({in.batch, in.num_draft + 1}, in.target.options().dtype(at::kFloat))};
+}
 
 inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_logits,
                                       const at::Tensor& draft_tokens, const std::optional<at::Tensor>& ref_logits,
@@ -98,12 +125,13 @@ inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at:
                       batch,
                       num_draft,
                       vocab,
+                      Sampling{temperature, top_k, top_p},
+                      shift,
                       mode == "paper"};
 }
 
 template <typename T>
-VerifyParams<T> verify_params(const VerifyInputs& in, double temperature, int64_t top_k, double top_p, double shift,
-                              const at::Tensor& tokens, const at::Tensor& num_accepted, const at::Tensor& log_z) {
+VerifyParams<T> verify_params(const VerifyInputs& in, const VerifyOutputs& out) {
   VerifyParams<T> p;
   p.target = logits_view<T>(in.target);
   p.draft = logits_view<T>(in.draft);
@@ -117,17 +145,24 @@ VerifyParams<T> verify_params(const VerifyInputs& in, double temperature, int64_
   p.batch = in.batch;
   p.num_draft = in.num_draft;
   p.vocab = in.vocab;
-  p.sampling = Sampling{temperature, top_k, top_p};
-  p.shift = shift;
+  p.sampling = in.sampling;
+  p.shift = in.shift;
   p.paper_mode = in.paper_mode;
-  p.tokens = tokens.data_ptr<int64_t>();
-  p.num_accepted = num_accepted.data_ptr<int64_t>();
-  p.log_z = log_z.data_ptr<float>();
+  p.tokens = out.tokens.data_ptr<int64_t>();
+  p.num_accepted = out.num_accepted.data_ptr<int64_t>();
+  p.log_z = out.log_z.data_ptr<float>();
   return p;
 }
 
-inline void check_sample_args(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
-                              double top_p) {
+// A checked sample call: logits with unit vocabulary stride, sizes and scalars.
+struct SampleInputs {
+  at::Tensor logits, uniforms;
+  int64_t batch, vocab;
+  Sampling sampling;
+};
+
+inline SampleInputs check_sample_args(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
+                                      double top_p) {
   check_logits(logits, "logits", 2, "(B, V)");
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have a vocabulary dimension of size >= 1");
   TORCH_CHECK_VALUE(uniforms.scalar_type() == at::kDouble && uniforms.dim() == 1 && uniforms.size(0) == logits.size(0),
@@ -135,18 +170,21 @@ inline void check_sample_args(const at::Tensor& logits, const at::Tensor& unifor
                     " of shape ", uniforms.sizes());
   check_same_device(logits, "logits", uniforms, "uniforms");
   check_sampling(temperature, top_k, top_p);
+  return SampleInputs{vocab_contiguous(logits), uniforms, logits.size(0), logits.size(1), Sampling{temperature, top_k, top_p}};
 }
 
+// (batch,) int64
+inline at::Tensor empty_sample_tokens(const SampleInputs& in) { return at::empty({in.batch}, in.logits.options().dtype(at::kLong)); }
+
 template <typename T>
-SampleParams<T> sample_params(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
-                              double top_p, const at::Tensor& tokens) {
+SampleParams<T> sample_params(const SampleInputs& in, const at::Tensor& tokens) {
   SampleParams<T> p;
-  p.logits = logits_view<T>(logits);
-  p.uniforms = uniforms.data_ptr<double>();
-  p.uniforms_stride = uniforms.stride(0);
-  p.batch = logits.size(0);
-  p.vocab = logits.size(1);
-  p.sampling = Sampling{temperature, top_k, top_p};
+  p.logits = logits_view<T>(in.logits);
+  p.uniforms = in.uniforms.data_ptr<double>();
+  p.uniforms_stride = in.uniforms.stride(0);
+  p.batch = in.batch;
+  p.vocab = in.vocab;
+  p.sampling = in.sampling;
   p.tokens = tokens.data_ptr<int64_t>();
   return p;
 }

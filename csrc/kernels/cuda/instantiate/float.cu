@@ -1,5 +1,5 @@
 // Instantiates the CUDA launchers for float logits (ATen-free: nvcc -c -I csrc works alone).
-#include "../kernels/cuda/launch_impl.cuh"
+#include "../launch_impl.cuh"
 
 namespace sss_ext::cuda {
 template size_t verify_workspace_bytes<float>(const VerifyParams<float>&);
