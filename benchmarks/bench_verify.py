@@ -20,10 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python_tests"))
 
 import sss_ext  # noqa: E402
-from op_inputs import make_verify_inputs  # noqa: E402
+from sss_ext.testing import make_verify_inputs  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sss_ext  # noqa: E402
+from sss_ext.testing import make_verify_inputs  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BATCHES = (1, 8, 32, 128)
@@ -112,17 +113,9 @@ def copy_bandwidth_gbps(nbytes: int = 2**30, replays: int = 20) -> float:
 
 
 def make_copy(batch, num_draft, vocab, dtype, with_ref, seed):
-    """One set of verify inputs on the GPU; drafts drawn from softmax(draft logits)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    shape = (batch, num_draft + 1, vocab)
-    target = 2.0 * torch.randn(shape, generator=g, device="cuda")
-    draft = target + 0.7 * torch.randn(shape, generator=g, device="cuda")
-    ref = draft + 0.7 * torch.randn(shape, generator=g, device="cuda") if with_ref else None
-    probs = torch.softmax(draft[:, :num_draft].reshape(-1, vocab), dim=-1)
-    draft_tokens = torch.multinomial(probs, 1, generator=g).reshape(batch, num_draft)
-    uniforms = sss_ext.draw_uniforms((batch, num_draft + 1), "cuda", g)
-    return dict(target_logits=target.to(dtype), draft_logits=draft.to(dtype), draft_tokens=draft_tokens,
-                ref_logits=None if ref is None else ref.to(dtype), uniforms=uniforms)
+    """One set of verify inputs on the GPU (sss_ext.testing, the builder the tests use)."""
+    kwargs = make_verify_inputs(batch, num_draft, vocab, dtype, with_ref, 1.0, seed=2 * seed + 1, device="cuda")
+    return {name: kwargs[name] for name in ("target_logits", "draft_logits", "draft_tokens", "ref_logits", "uniforms")}
 
 
 def logits_bytes(batch, num_draft, vocab, dtype, with_ref) -> int:

@@ -117,14 +117,20 @@ def assert_well_formed(result, batch, num_draft_tokens, vocab_size):
         assert bool((padding == -1).all()), tokens[row]
 
 
+def op_and_reference(op, reference, call):
+    """Both outcomes, asserted alike: both refuse with a named error, or both return."""
+    got_kind, got = outcome(op, call)
+    expected_kind, expected = outcome(reference, call)
+    assert got_kind == expected_kind, f"op: {got_kind} {got if got_kind == 'error' else ''}; reference: {expected_kind} " \
+                                      f"{expected if expected_kind == 'error' else ''}"
+    return got_kind == "ok", got, expected
+
+
 @FUZZ
 @given(verify_calls())
 def test_verify_equals_reference_or_both_refuse(call):
-    got_kind, got = outcome(sss_ext.verify, call)
-    expected_kind, expected = outcome(sss_ext.reference.verify, call)
-    assert got_kind == expected_kind, f"op: {got_kind} {got if got_kind == 'error' else ''}; reference: {expected_kind} " \
-                                      f"{expected if expected_kind == 'error' else ''}"
-    if got_kind == "ok":
+    returned, got, expected = op_and_reference(sss_ext.verify, sss_ext.reference.verify, call)
+    if returned:
         batch, num_draft_tokens = call["draft_tokens"].shape
         assert_well_formed(got, batch, num_draft_tokens, call["target_logits"].shape[-1])
         assert torch.equal(got.tokens, expected.tokens), (got.tokens, expected.tokens)
@@ -150,11 +156,8 @@ def sample_calls(draw):
 @FUZZ
 @given(sample_calls())
 def test_sample_equals_reference_or_both_refuse(call):
-    got_kind, got = outcome(sss_ext.sample, call)
-    expected_kind, expected = outcome(sss_ext.reference.sample, call)
-    assert got_kind == expected_kind, f"op: {got_kind} {got if got_kind == 'error' else ''}; reference: {expected_kind} " \
-                                      f"{expected if expected_kind == 'error' else ''}"
-    if got_kind == "ok":
+    returned, got, expected = op_and_reference(sss_ext.sample, sss_ext.reference.sample, call)
+    if returned:
         assert got.shape == (call["logits"].shape[0],) and got.dtype == torch.int64
         assert bool(((got >= 0) & (got < call["logits"].shape[-1])).all())
         assert torch.equal(got, expected)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sss_ext
-from op_inputs import make_verify_inputs
+from sss_ext.testing import make_verify_inputs
 
 
 def verify_args(device, with_ref=True, dtype=torch.float32, temperature=0.8, top_k=0, top_p=1.0, mode="exact"):

@@ -141,3 +141,15 @@ def test_generate_refuses_out_of_range_shift_before_emitting():
     config = sss_ext.SamplingConfig(max_new_tokens=4, num_draft_tokens=2, shift=1e308, top_p=0.9, seed=0)
     with pytest.raises(ValueError, match="tilted score"):
         sss_ext.generate(target, draft, torch.tensor([[1, 2, 3]]), ref_model=ref, method="sss", config=config)
+
+
+@pytest.mark.parametrize("entry", OPS)
+def test_reference_is_not_read_at_zero_shift(entry):
+    # shift = 0: p* = warp(q) and log Z = 0, so ref_logits (even NaN) changes nothing.
+    t = torch.randn(3, 3, 7, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(target_logits=t, draft_logits=t + 0.5, draft_tokens=torch.tensor([[0, 1], [2, 3], [4, 5]]),
+                  uniforms=sss_ext.draw_uniforms((3, 3), "cpu", torch.Generator().manual_seed(5)), shift=0.0)
+    without = OPS[entry].verify(**kwargs)
+    with_nan_ref = OPS[entry].verify(**kwargs, ref_logits=torch.full_like(t, float("nan")))
+    assert torch.equal(with_nan_ref.tokens, without.tokens) and torch.equal(with_nan_ref.num_accepted, without.num_accepted)
+    assert bool((with_nan_ref.log_z == 0).all())

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import sss_ext
-from op_inputs import LAYOUTS, make_verify_inputs
+from sss_ext.testing import LAYOUTS, make_verify_inputs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODES = (("exact", False), ("exact", True), ("paper", True))  # (mode, with_ref)
-TEMPERATURES = (0.0, 0.7, 1.0)
+TEMPERATURES = (0.0, 0.01, 0.1, 0.7, 1.0)  # 0.01 and 0.1: precision at low temperature
 TRUNCATIONS = ((0, 1.0), (5, 1.0), (0, 0.8), (20, 0.9))  # (top_k, top_p)
 SMALL_SHAPES = list(itertools.product((1, 3, 99), (1, 4, 8), (2, 7, 111)))
 LARGE_SHAPES = [(1, 1, 50272), (3, 4, 50272)]

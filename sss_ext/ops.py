@@ -41,7 +41,12 @@ def _validated_on_device(op, args: tuple, invalid_rows: torch.Tensor, validate: 
     invalid row (``-1``) instead of synchronising; when a row is marked, the call is
     replayed on CPU copies of the inputs so that the same named ``ValueError`` is raised.
     """
-    if not validate or invalid_rows.device.type != "cuda" or not bool(invalid_rows.any()):
+    if not validate or invalid_rows.device.type != "cuda":
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise ValueError("validate=True reads a flag back to the host, which CUDA-graph capture forbids: "
+                         "pass validate=False inside a capture (invalid rows then come back as -1)")
+    if not bool(invalid_rows.any()):
         return
     op(*(arg.cpu() if isinstance(arg, torch.Tensor) else arg for arg in args))
     rows = invalid_rows.nonzero().flatten().tolist()

@@ -37,6 +37,7 @@ from .uniforms import draw_uniforms
 from .warp import warp_log_probs
 
 NEG_INF = float("-inf")
+RESIDUAL_TOLERANCE = 1e-9  # kResidualTolerance in csrc/kernels/common.h
 
 
 def max_and_log_sum(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +155,10 @@ def verify(
         u = draw_uniforms((batch, K + 1), device, generator)
     else:
         u = check_uniforms(uniforms, (batch, K + 1), "(B, K+1)", device)
-    # Without a reference, draft_logits[:, K] (if given) is never used, so never checked.
+    # shift = 0 removes the tilt (p* = warp(q), Z = 1): the reference is never used. Without
+    # it, draft_logits[:, K] (if given) is never used either. Unused logits are not checked.
+    if lam == 0.0:
+        ref_logits = None
     used_draft = draft_logits if ref_logits is not None else draft_logits[:, :K]
     inverse_temperature = 1.0 if tau == 0.0 else 1.0 / tau
     for name, logits in (("target_logits", target_logits), ("draft_logits", used_draft), ("ref_logits", ref_logits)):
@@ -207,7 +211,9 @@ def verify(
             r_j = torch.exp(log_r_j - log_z[rows, j, None]).masked_fill(torch.isneginf(log_r_j), 0.0)
         else:
             r_j = torch.exp(log_r_j)
-        residual = torch.clamp(p_j - r_j, min=0.0)
+        # Entries within rounding of zero count as zero (RESIDUAL_TOLERANCE, docs/algorithm.md §3).
+        difference = p_j - r_j
+        residual = torch.where(difference > RESIDUAL_TOLERANCE * p_j, difference, 0.0)
         use_residual = (j < K) & (torch.cumsum(residual, dim=-1)[:, -1] > 0)
         weights = torch.where(use_residual[:, None], residual, p_j)
     else:

@@ -190,12 +190,12 @@ SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b
     const double log_z = stats.log_z;
     const auto residual = [&](int64_t v) {
       const double log_r = stats.proposal.log_prob(scores.proposal(v), v);
-      return std::max(0.0, p_star(v) - (log_r == -kInf ? 0.0 : std::exp(log_r - log_z)));
+      return residual_weight(p_star(v), log_r == -kInf ? 0.0 : std::exp(log_r - log_z));
     };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
   } else if (j < p.num_draft) {
-    const auto residual = [&](int64_t v) { return std::max(0.0, p_star(v) - stats.proposal.prob(scores.proposal(v), v)); };
+    const auto residual = [&](int64_t v) { return residual_weight(p_star(v), stats.proposal.prob(scores.proposal(v), v)); };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
   }
@@ -250,12 +250,15 @@ Error verify_impl(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
 }
 
 // Batched SSS verification. Outputs are written only when the returned Error is ok().
+// With shift == 0 the tilt vanishes (p* = warp(q), Z = 1): the reference is never read.
 template <typename T, class ParallelFor>
-Error verify(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
-  const Error error = check_tokens_and_uniforms(p);
+Error verify(const VerifyParams<T>& params, ParallelFor&& parallel_for) {
+  const Error error = check_tokens_and_uniforms(params);
   if (!error.ok()) return error;
-  if (p.has_ref() && p.shift != 0.0) return verify_impl<T, true>(p, parallel_for);
-  return verify_impl<T, false>(p, parallel_for);
+  if (params.has_ref() && params.shift != 0.0) return verify_impl<T, true>(params, parallel_for);
+  VerifyParams<T> untilted = params;
+  untilted.ref = LogitsView<T>{};
+  return verify_impl<T, false>(untilted, parallel_for);
 }
 
 // One token per row from warp(softmax(logits / tau)) by inverse CDF, or the argmax at tau = 0.
