@@ -282,52 +282,6 @@ def test_sample_matches_reference():
     assert_exactness_rule(rows, equal, margins, report, "sample vs reference")
 
 
-def truncation_rows(case: str, vocab: int, g: torch.Generator) -> torch.Tensor:
-    """One float32 logits row that drives one path of the bucketed top-k / top-p selection
-    (verify.cuh section 2b; emulated in test_cuda_emulation.py)."""
-    z = torch.randn(vocab, generator=g, device=DEVICE)
-    if case == "logits":  # typical: a few thousand tokens per bucket at most -> collect
-        return 2.5 * z + 8.0 * (torch.rand(vocab, generator=g, device=DEVICE) < 1e-3)
-    if case == "constant":  # one score: the tie path
-        return torch.full((vocab,), -1.5, device=DEVICE)
-    if case == "flat":  # thousands of tokens per level-1 bucket: the level-2 refinement
-        return 0.05 * z
-    if case == "two plateaus":  # two scores in one level-1 bucket, each beyond the capacity
-        return torch.where(torch.arange(vocab, device=DEVICE) % 2 == 0, 1.0, 1.0 - 2.0**-7)
-    if case == "close scores":  # several scores in one level-2 sub-bucket: the radix fallback
-        return 1.0 - torch.randint(0, 1000, (vocab,), generator=g, device=DEVICE).float() * 2.0**-20
-    if case == "masked":  # most tokens -inf: a deep top-k lands in the -inf bucket
-        return torch.where(torch.rand(vocab, generator=g, device=DEVICE) < 0.7, -math.inf, 3.0 * z)
-    if case == "wide":  # low temperature: a deep top-k lands in the tail buckets
-        return 30.0 * z
-    raise ValueError(case)
-
-
-@pytest.mark.parametrize("case", ["logits", "constant", "flat", "two plateaus", "close scores", "masked", "wide"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_truncation_paths_match_reference(case, dtype):
-    """Every path of the bucketed selection (collect, tie path, level-2 refinement, radix
-    fallback, -inf and tail buckets) keeps the reference's tokens: 64 uniforms spread over
-    (0, 1) per row, top-k and top-p at the boundaries that matter (deep and shallow), V from
-    one chunk to V = 128256."""
-    g = torch.Generator(device=DEVICE).manual_seed(17)
-    rows = equal = 0
-    report, margins = [], []
-    for vocab in (989, 6144, 128256):
-        logits = truncation_rows(case, vocab, g).to(dtype)
-        if not torch.isfinite(logits).any():
-            continue
-        for temperature, top_k, top_p in ((1.0, 50, 1.0), (1.0, 0, 0.9), (0.7, vocab // 2, 1.0), (1.0, vocab // 2, 0.5),
-                                          (1.0, 2053, 0.999), (0.1, vocab - 3, 1e-9)):
-            batch = 64
-            uniforms = (torch.arange(batch, device=DEVICE, dtype=torch.float64) + 0.5) / batch
-            counted, same = compare_sample(logits.expand(batch, vocab).contiguous(), temperature, top_k, top_p, uniforms,
-                                           report, margins)
-            rows += counted
-            equal += same
-    assert_exactness_rule(rows, equal, margins, report, f"truncation paths ({case})")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("vocab", (99, 989, 5000))
 def test_misaligned_rows_match_reference(dtype, vocab):
