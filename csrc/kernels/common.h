@@ -69,14 +69,16 @@ enum class Status : int32_t {
 constexpr double kMaxScaledScore = 1e300;
 
 // A residual entry p*(v) - r~(v) (paper mode: p*(v) - r~(v)/Z) counts as positive only above
-// kResidualTolerance * p*(v): where the two are equal in exact arithmetic, float64 rounding
-// alone must not decide between the residual and the p* fallback. Moves the law by at most
-// kResidualTolerance in total variation (docs/algorithm.md §3).
+// tolerance * p*(v): where the two are equal in exact arithmetic, rounding alone must not
+// decide between the residual and the p* fallback. Moves the law by at most the tolerance in
+// total variation (docs/algorithm.md §3). CPU kernel and reference: float64 probabilities,
+// kResidualTolerance; CUDA kernels: float32 exponentials, kResidualToleranceFloat32.
 constexpr double kResidualTolerance = 1e-9;
+constexpr double kResidualToleranceFloat32 = 1e-6;
 
-SSS_HOST_DEVICE double residual_weight(double p_star, double proposal) {
+SSS_HOST_DEVICE double residual_weight(double p_star, double proposal, double tolerance = kResidualTolerance) {
   const double difference = p_star - proposal;
-  return difference > kResidualTolerance * p_star ? difference : 0.0;
+  return difference > tolerance * p_star ? difference : 0.0;
 }
 
 enum class Which : int32_t { kNone = 0, kTarget, kDraft, kRef, kLogits };

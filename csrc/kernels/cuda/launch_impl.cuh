@@ -77,6 +77,7 @@ cudaError_t launch_stats(const Problem<T>& pr, int64_t rows, cudaStream_t stream
 template <typename T>
 cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (params.batch == 0) return cudaSuccess;
+  if (params.shift == 0.0) params.ref = LogitsView<T>{};  // no tilt (p* = warp(q), Z = 1): never read d
   if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.num_draft < 0) return cudaErrorInvalidValue;
   const Layout lay = layout<T>(params.batch, params.num_draft, params.vocab);
   if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;

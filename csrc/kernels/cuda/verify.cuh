@@ -888,7 +888,7 @@ struct DrawRow {
         // exp(log r~(v) - log Z); an argument >= 0 gives a weight >= 1 >= p*(v): residual 0.
         const double log_r = __dsub_rn(__dsub_rn(__dsub_rn(rs, info.max_r), info.log_sum_r), log_z);
         const double w_r = info.kept_r.contains(rs, v) ? fast_exp(fmin(log_r, 0.0), table) : 0.0;
-        w_res[e] = fmax(0.0, __dsub_rn(w_p[e], w_r));
+        w_res[e] = residual_weight(w_p[e], w_r, kResidualToleranceFloat32);
       }
     }
   }
