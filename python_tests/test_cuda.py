@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sss_ext
+from sss_ext.testing import LAYOUTS, make_verify_inputs
 
 EXACTNESS_RULE = (
     "CUDA tokens equal the float64 reference's (sss_ext.reference) on every row except where a "
@@ -39,60 +40,9 @@ MODES = (("exact", False), ("exact", True), ("paper", True))  # (mode, with_ref)
 TEMPERATURES = (0.0, 0.01, 0.1, 0.7, 1.0)
 TRUNCATIONS = ((0, 1.0), (5, 1.0), (0, 0.8), (20, 0.9))  # (top_k, top_p)
 SHAPES = list(itertools.product((1, 3, 99), (1, 4, 8), (2, 7, 111, 50272)))  # (B, K, V)
-LAYOUTS = ("contiguous", "sliced", "permuted", "strided")
-
-
-def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """Same values, other strides. sliced: rows start at odd offsets inside a padded buffer;
-    permuted: vocabulary not innermost (the adapter copies). Shape: (B, P, V) -> (B, P, V)."""
-    if layout in ("contiguous", "strided"):
-        return x.contiguous()
-    batch, positions, vocab = x.shape
-    if layout == "sliced":
-        big = torch.zeros(batch, positions + 2, vocab + 5, dtype=x.dtype, device=x.device)
-        big[:, 1 : positions + 1, 3 : vocab + 3] = x
-        return big[:, 1 : positions + 1, 3 : vocab + 3]
-    return x.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-
-
-def strided(t: torch.Tensor) -> torch.Tensor:
-    """Same values with non-unit strides in every dimension. Shape: (B, N) -> (B, N)."""
-    return torch.stack([t, t], dim=-1)[..., 1]
-
-
 def make_inputs(batch, num_draft, vocab, dtype, with_ref, temperature, top_k=0, top_p=1.0, layout="contiguous", seed=0):
-    """Keyword arguments of sss_ext.verify / sss_ext.reference.verify on the GPU: correlated
-    target/draft/reference logits, drafts drawn from the warped proposal (10% arbitrary ids),
-    uniforms on the open grid."""
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    K = num_draft
-    shape = (batch, K + 1, vocab)
-    target = 2.0 * torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float64)
-    draft = target + 0.7 * torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float64)
-    ref = draft + 0.7 * torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float64)
-    target, draft, ref = (t.to(dtype) for t in (target, draft, ref))
-    if K == 0:
-        draft_tokens = torch.zeros(batch, 0, dtype=torch.int64, device=DEVICE)
-    elif temperature > 0:
-        probs = sss_ext.warp_probs(draft[:, :K].reshape(-1, vocab), temperature, top_k, top_p)
-        draft_tokens = torch.multinomial(probs, 1, generator=g).reshape(batch, K)
-    else:
-        draft_tokens = draft[:, :K].to(torch.float64).argmax(-1)
-    arbitrary = torch.rand(batch, K, generator=g, device=DEVICE) < 0.1
-    draft_tokens = torch.where(arbitrary, torch.randint(0, vocab, (batch, K), generator=g, device=DEVICE), draft_tokens)
-    uniforms = sss_ext.draw_uniforms((batch, K + 1), DEVICE, g)
-    if layout == "strided":
-        draft_tokens, uniforms = strided(draft_tokens), strided(uniforms)
-    return dict(
-        target_logits=relayout(target, layout),
-        draft_logits=relayout(draft if with_ref or seed % 2 else draft[:, :K], layout),
-        draft_tokens=draft_tokens,
-        ref_logits=relayout(ref, layout) if with_ref else None,
-        uniforms=uniforms,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-    )
+    """Keyword arguments of sss_ext.verify / sss_ext.reference.verify on the GPU (sss_ext.testing)."""
+    return make_verify_inputs(batch, num_draft, vocab, dtype, with_ref, temperature, top_k, top_p, layout, seed, device=DEVICE)
 
 
 def equal_rows(got, expected) -> torch.Tensor:
@@ -280,6 +230,52 @@ def test_sample_matches_reference():
         rows += counted
         equal += same
     assert_exactness_rule(rows, equal, margins, report, "sample vs reference")
+
+
+def truncation_rows(case: str, vocab: int, g: torch.Generator) -> torch.Tensor:
+    """One float32 logits row that drives one path of the bucketed top-k / top-p selection
+    (verify.cuh section 2b; emulated in test_cuda_emulation.py)."""
+    z = torch.randn(vocab, generator=g, device=DEVICE)
+    if case == "logits":  # typical: a few thousand tokens per bucket at most -> collect
+        return 2.5 * z + 8.0 * (torch.rand(vocab, generator=g, device=DEVICE) < 1e-3)
+    if case == "constant":  # one score: the tie path
+        return torch.full((vocab,), -1.5, device=DEVICE)
+    if case == "flat":  # thousands of tokens per level-1 bucket: the level-2 refinement
+        return 0.05 * z
+    if case == "two plateaus":  # two scores in one level-1 bucket, each beyond the capacity
+        return torch.where(torch.arange(vocab, device=DEVICE) % 2 == 0, 1.0, 1.0 - 2.0**-7)
+    if case == "close scores":  # several scores in one level-2 sub-bucket: the radix fallback
+        return 1.0 - torch.randint(0, 1000, (vocab,), generator=g, device=DEVICE).float() * 2.0**-20
+    if case == "masked":  # most tokens -inf: a deep top-k lands in the -inf bucket
+        return torch.where(torch.rand(vocab, generator=g, device=DEVICE) < 0.7, -math.inf, 3.0 * z)
+    if case == "wide":  # low temperature: a deep top-k lands in the tail buckets
+        return 30.0 * z
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["logits", "constant", "flat", "two plateaus", "close scores", "masked", "wide"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_truncation_paths_match_reference(case, dtype):
+    """Every path of the bucketed selection (collect, tie path, level-2 refinement, radix
+    fallback, -inf and tail buckets) keeps the reference's tokens: 64 uniforms spread over
+    (0, 1) per row, top-k and top-p at the boundaries that matter (deep and shallow), V from
+    one chunk to V = 128256."""
+    g = torch.Generator(device=DEVICE).manual_seed(17)
+    rows = equal = 0
+    report, margins = [], []
+    for vocab in (989, 6144, 128256):
+        logits = truncation_rows(case, vocab, g).to(dtype)
+        if not torch.isfinite(logits).any():
+            continue
+        for temperature, top_k, top_p in ((1.0, 50, 1.0), (1.0, 0, 0.9), (0.7, vocab // 2, 1.0), (1.0, vocab // 2, 0.5),
+                                          (1.0, 2053, 0.999), (0.1, vocab - 3, 1e-9)):
+            batch = 64
+            uniforms = (torch.arange(batch, device=DEVICE, dtype=torch.float64) + 0.5) / batch
+            counted, same = compare_sample(logits.expand(batch, vocab).contiguous(), temperature, top_k, top_p, uniforms,
+                                           report, margins)
+            rows += counted
+            equal += same
+    assert_exactness_rule(rows, equal, margins, report, f"truncation paths ({case})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,8 +7,12 @@
 //   the driver (grid sizes depend only on the problem sizes), output shapes are fixed, so a
 //   call may be captured in a CUDA graph, the first call included; the return value is the
 //   first launch error;
-// - the workspace needs no initialisation and must stay untouched until the launches have
-//   run; its size depends only on (batch, num_draft, vocab, T);
+// - the workspace needs no initialisation (buffers that must start at zero are zeroed by a
+//   kernel of the launch sequence) and must stay untouched until the launches have run; its
+//   size depends only on (batch, num_draft, vocab, T): per (row, position) the stats partials,
+//   and for the top-k / top-p selection two 24 KiB integer histograms, a plan, per-chunk sums
+//   and 2 x 2048 candidate slots (16 B) per stream {p*, r~} -- about 224 KiB per (row,
+//   position), 37 MB at batch 32, num_draft 4, whether or not the call truncates;
 // - logits rows need unit vocabulary stride, any alignment (each row is read with 16-byte
 //   loads after its own misalignment); draft_tokens and uniforms may be strided; vocab < 2^31;
 // - values are checked on the device, never by the host: a row with a draft id outside

@@ -43,7 +43,8 @@ constexpr size_t align_bytes(size_t bytes) { return (bytes + 255) / 256 * 256; }
 struct Layout {
   int64_t splits = 1;       // stats blocks per (row, position): chunks of kSplitVectors vectors
   int64_t draw_splits = 1;  // draw chunks per row
-  size_t partials = 0, truncations = 0, chunks = 0, done = 0, total = 0;
+  int64_t trunc_chunks = 1;  // histogram / collect blocks per (row, position, stream)
+  size_t partials = 0, truncations = 0, chunks = 0, done = 0, hist = 0, plans = 0, trunc_parts = 0, candidates = 0, total = 0;
 };
 
 template <typename T>
@@ -57,7 +58,13 @@ Layout layout(int64_t batch, int64_t num_draft, int64_t vocab) {
   out.truncations = out.partials + align_bytes(sizeof(Partial) * rows * out.splits);
   out.chunks = out.truncations + align_bytes(sizeof(Truncation) * rows * 2);
   out.done = out.chunks + align_bytes(sizeof(ChunkTotals) * batch * out.draw_splits);
-  out.total = out.done + align_bytes(sizeof(unsigned int) * batch);
+  // Bucketed top-k / top-p selection: per (row, position, stream).
+  out.trunc_chunks = std::max<int64_t>(1, (vectors + kTruncChunkVectors - 1) / kTruncChunkVectors);
+  out.hist = out.done + align_bytes(sizeof(unsigned int) * batch);
+  out.plans = out.hist + align_bytes(sizeof(TruncHist) * rows * 2 * 2);  // levels 1 and 2
+  out.trunc_parts = out.plans + align_bytes(sizeof(TruncPlan) * rows * 2);
+  out.candidates = out.trunc_parts + align_bytes(sizeof(TruncChunk) * rows * 2 * out.trunc_chunks);
+  out.total = out.candidates + align_bytes(sizeof(Candidate) * rows * 2 * 2 * kTruncCandidates);  // two groups
   return out;
 }
 
@@ -82,7 +89,8 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   const Layout lay = layout<T>(params.batch, params.num_draft, params.vocab);
   if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
   const int64_t rows = params.batch * (params.num_draft + 1);
-  if (rows * std::max<int64_t>(lay.splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31))
+  if (rows * std::max<int64_t>(lay.splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31) ||
+      rows * 2 * std::max<int64_t>(lay.trunc_chunks, 2) >= (int64_t(1) << 31))
     return cudaErrorInvalidConfiguration;
 
   Problem<T> pr;
@@ -100,6 +108,11 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   pr.truncations = reinterpret_cast<Truncation*>(base + lay.truncations);
   pr.chunks = reinterpret_cast<ChunkTotals*>(base + lay.chunks);
   pr.done = reinterpret_cast<unsigned int*>(base + lay.done);
+  pr.trunc_chunks = static_cast<int>(lay.trunc_chunks);
+  pr.hist = reinterpret_cast<TruncHist*>(base + lay.hist);
+  pr.plans = reinterpret_cast<TruncPlan*>(base + lay.plans);
+  pr.trunc_parts = reinterpret_cast<TruncChunk*>(base + lay.trunc_parts);
+  pr.candidates = reinterpret_cast<Candidate*>(base + lay.candidates);
 
   cudaError_t error;
   const bool exact = params.vocab < kExactVocab;
@@ -111,9 +124,16 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
     error = pr.tilt ? launch_stats<T, false, true, false>(pr, rows, stream) : launch_stats<T, false, false, false>(pr, rows, stream);
   if (error != cudaSuccess) return error;
 
-  if (pr.truncated) {
+  if (pr.truncated) {  // bucketed selection (verify.cuh section 2b): at most 3 passes over the logits
     const NvtxRange range("sss_ext::truncation");
-    if ((error = launch_kernel(truncation_kernel<T>, rows * 2, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+    const int64_t streams = rows * 2, blocks = streams * lay.trunc_chunks;
+    if ((error = launch_kernel(truncation_zero_kernel<T>, streams * 2, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+    if ((error = launch_kernel(truncation_histogram_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+    if ((error = launch_kernel(truncation_plan_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+    if ((error = launch_kernel(truncation_refine_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+    if ((error = launch_kernel(truncation_plan2_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+    if ((error = launch_kernel(truncation_collect_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+    if ((error = launch_kernel(truncation_resolve_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
   }
   const NvtxRange range("sss_ext::draw");
   return launch_kernel(draw_kernel<T>, params.batch * pr.draw_splits, kDrawThreads, stream, pr);
