@@ -129,6 +129,15 @@ def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, tem
     return (batch, num_draft_tokens, vocab_size), (temperature, top_k, top_p, shift, mode)
 
 
+def check_sample_args(logits, temperature, top_k, top_p):
+    """Validate metadata of a sample call; returns (batch, vocab_size) and the scalars."""
+    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    batch, vocab_size = logits.shape
+    if vocab_size < 1:
+        raise ValueError("logits must have a vocabulary dimension of size >= 1")
+    return (batch, vocab_size), check_sampling(temperature, top_k, top_p)
+
+
 def check_scaled_range(name: str, logits: torch.Tensor, inverse_temperature: float) -> None:
     """Finite ``logits * inverse_temperature`` must lie in [-MAX_SCALED_SCORE, MAX_SCALED_SCORE]."""
     finite = logits.to(torch.float64).masked_fill(torch.isneginf(logits), 0.0)

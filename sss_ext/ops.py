@@ -11,11 +11,9 @@ import torch
 from . import _C
 from .checks import (
     check_same_device,
-    check_sampling,
-    check_tensor,
+    check_sample_args,
     check_uniforms_meta,
     check_verify_args,
-    LOGIT_DTYPES,
 )
 from .outputs import VerifyOutput
 from .uniforms import draw_uniforms
@@ -161,15 +159,12 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     -----
     logits: (B, V); uniforms: (B,) -> (B,)
     """
-    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
-    if logits.shape[-1] < 1:
-        raise ValueError("logits must have a vocabulary dimension of size >= 1")
-    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    (batch, _), (temperature, top_k, top_p) = check_sample_args(logits, temperature, top_k, top_p)
     _check_device_built("logits", logits)
     if uniforms is None:
-        uniforms = draw_uniforms((logits.shape[0],), logits.device, generator)
+        uniforms = draw_uniforms((batch,), logits.device, generator)
     else:
-        check_uniforms_meta(uniforms, (logits.shape[0],), "(B,)", logits.device)
+        check_uniforms_meta(uniforms, (batch,), "(B,)", logits.device)
     args = (logits, uniforms, temperature, top_k, top_p)
     tokens = torch.ops.sss_ext.sample.default(*args)
     _validated_on_device(torch.ops.sss_ext.sample.default, args, tokens < 0, validate)

@@ -23,13 +23,11 @@ import torch
 
 from .checks import (
     check_logit_values,
-    check_sampling,
+    check_sample_args,
     check_scaled_range,
-    check_tensor,
     check_token_ids,
     check_uniforms,
     check_verify_args,
-    LOGIT_DTYPES,
     MAX_SCALED_SCORE,
 )
 from .outputs import VerifyOutput
@@ -232,11 +230,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     -----
     logits: (B, V); uniforms: (B,) -> (B,) int64
     """
-    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
-    batch, vocab_size = logits.shape
-    if vocab_size < 1:
-        raise ValueError("logits must have a vocabulary dimension of size >= 1")
-    tau, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    (batch, _), (tau, top_k, top_p) = check_sample_args(logits, temperature, top_k, top_p)
     if uniforms is None:
         u = draw_uniforms((batch,), logits.device, generator)
     else:
