@@ -115,7 +115,7 @@ def verify(
     target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V); draft_tokens: (B, K);
     ref_logits: (B, K+1, V); uniforms: (B, K+1) -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
     """
-    (batch, num_draft_tokens, vocab_size), (temperature, top_k, top_p, shift, mode) = check_verify_args(
+    (batch, num_draft_tokens, _), (temperature, top_k, top_p, shift, mode) = check_verify_args(
         target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
     )
     _check_device_built("target_logits", target_logits)

@@ -812,6 +812,39 @@ __device__ __forceinline__ bool truncation_block(const Problem<T>& pr, int per_s
   return !(rs % 2 == 1 && i >= pr.p.num_draft);
 }
 
+// Block-local histograms live in shared memory as a TruncHist: cleared, filled with integer
+// atomics (order-independent), then added into the row's global histogram or loaded from it.
+__device__ __forceinline__ void clear_hist(TruncHist& local) {
+  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
+    local.count[j] = 0;
+    local.mass[j] = 0;
+  }
+}
+
+__device__ __forceinline__ void add_to_hist(TruncHist& local, int bucket, double mass) {
+  atomicAdd(&local.count[bucket], 1u);
+  const unsigned long long q = fixed_mass(mass);
+  if (q != 0) atomicAdd(&local.mass[bucket], q);
+}
+
+// After a barrier: every thread adds its share of the buckets.
+__device__ __forceinline__ void add_hist_to(const TruncHist& local, TruncHist& global) {
+  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
+    if (local.count[j] == 0) continue;
+    atomicAdd(&global.count[j], local.count[j]);
+    if (local.mass[j] != 0) atomicAdd(&global.mass[j], local.mass[j]);
+  }
+}
+
+// Ends with a barrier: the whole block sees the loaded histogram.
+__device__ __forceinline__ void load_hist(const TruncHist& global, TruncHist& local) {
+  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
+    local.count[j] = global.count[j];
+    local.mass[j] = global.mass[j];
+  }
+  __syncthreads();
+}
+
 // Grid: 2 x (row, position, stream), the level-1 then the level-2 histograms.
 template <typename T>
 __global__ void __launch_bounds__(kTruncationThreads) truncation_zero_kernel(const Problem<T> pr) {
@@ -824,17 +857,13 @@ template <typename T>
 __global__ void __launch_bounds__(kTruncationThreads) truncation_histogram_kernel(const Problem<T> pr) {
   constexpr int kVec = Storage<T>::kVec;
   __shared__ ExpTable table;
-  __shared__ unsigned int count[kTruncBuckets];
-  __shared__ unsigned long long mass[kTruncBuckets];
+  __shared__ TruncHist local;
   __shared__ double scratch[kTruncationThreads / kWarp];
   int64_t rs;
   int chunk;
   if (!truncation_block(pr, pr.trunc_chunks, rs, chunk)) return;
   init_exp_table(table);
-  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
-    count[j] = 0;
-    mass[j] = 0;
-  }
+  clear_hist(local);
   const double max_score = stream_max(pr, rs / 2, static_cast<int>(rs % 2), scratch);  // barriers: table, zeros
   const RowScore<T> score = row_score(pr, rs / 2, static_cast<int>(rs % 2));
   const int64_t vocab = pr.p.vocab;
@@ -845,19 +874,11 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_histogram_kerne
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       if (k * kVec + e >= vocab) break;
-      const int bucket = score_bucket(s[e], max_score);
-      atomicAdd(&count[bucket], 1u);
-      const unsigned long long q = fixed_mass(fast_exp(__dsub_rn(s[e], max_score), table));
-      if (q != 0) atomicAdd(&mass[bucket], q);
+      add_to_hist(local, score_bucket(s[e], max_score), fast_exp(__dsub_rn(s[e], max_score), table));
     }
   }
   __syncthreads();
-  TruncHist& hist = pr.hist[rs];
-  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
-    if (count[j] == 0) continue;
-    atomicAdd(&hist.count[j], count[j]);
-    if (mass[j] != 0) atomicAdd(&hist.mass[j], mass[j]);
-  }
+  add_hist_to(local, pr.hist[rs]);
 }
 
 // What lies outside the histogram a plan scans: nothing at level 1; at level 2 (refining
@@ -942,22 +963,16 @@ __device__ inline void make_plan(const unsigned int* count, const unsigned long 
 
 template <typename T>
 __global__ void __launch_bounds__(kTruncationThreads) truncation_plan_kernel(const Problem<T> pr) {
-  __shared__ unsigned int count[kTruncBuckets];
-  __shared__ unsigned long long mass[kTruncBuckets];
+  __shared__ TruncHist local;
   int64_t rs;
   int unused_chunk;
   if (!truncation_block(pr, 1, rs, unused_chunk)) return;
-  const TruncHist& hist = pr.hist[rs];
-  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
-    count[j] = hist.count[j];
-    mass[j] = hist.mass[j];
-  }
-  __syncthreads();
+  load_hist(pr.hist[rs], local);
   if (threadIdx.x != 0) return;
   PlanBase base;
   base.top_k = pr.p.sampling.top_k > 0 && pr.p.sampling.top_k < pr.p.vocab;
   TruncPlan plan;
-  make_plan(count, mass, pr.p.sampling, base, plan);
+  make_plan(local.count, local.mass, pr.p.sampling, base, plan);
   plan.level = 1;
   plan.refined = -1;
   pr.plans[rs] = plan;
@@ -970,8 +985,7 @@ template <typename T>
 __global__ void __launch_bounds__(kTruncationThreads) truncation_refine_kernel(const Problem<T> pr) {
   constexpr int kVec = Storage<T>::kVec;
   __shared__ ExpTable table;
-  __shared__ unsigned int count[kTruncBuckets];
-  __shared__ unsigned long long mass[kTruncBuckets];
+  __shared__ TruncHist local;
   __shared__ double scratch[kTruncationThreads / kWarp];
   int64_t rs;
   int chunk;
@@ -979,10 +993,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_refine_kernel(c
   const TruncPlan plan = pr.plans[rs];
   if (plan.mode != kRefine) return;
   init_exp_table(table);
-  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
-    count[j] = 0;
-    mass[j] = 0;
-  }
+  clear_hist(local);
   const double max_score = stream_max(pr, rs / 2, static_cast<int>(rs % 2), scratch);  // barriers: table, zeros
   const RowScore<T> score = row_score(pr, rs / 2, static_cast<int>(rs % 2));
   const int64_t vocab = pr.p.vocab;
@@ -1004,10 +1015,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_refine_kernel(c
       } else if (bucket > refined) {
         if (tail) mid = __dadd_rn(mid, m);
       } else {
-        const int sub = sub_bucket(s[e], max_score, bucket);
-        atomicAdd(&count[sub], 1u);
-        const unsigned long long q = fixed_mass(m);
-        if (q != 0) atomicAdd(&mass[sub], q);
+        add_to_hist(local, sub_bucket(s[e], max_score, bucket), m);
         const unsigned long long key = order_key(s[e]);
         ++members;
         key_min = min(key_min, key);
@@ -1016,12 +1024,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_refine_kernel(c
     }
   }
   __syncthreads();
-  TruncHist& hist = pr.hist[pr.p.batch * pr.positions() * 2 + rs];  // level-2 histograms follow level 1
-  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
-    if (count[j] == 0) continue;
-    atomicAdd(&hist.count[j], count[j]);
-    if (mass[j] != 0) atomicAdd(&hist.mass[j], mass[j]);
-  }
+  add_hist_to(local, pr.hist[pr.p.batch * pr.positions() * 2 + rs]);  // level-2 histograms follow level 1
   TruncChunk out;
   out.above = block_reduce<kTruncationThreads>(above, [](double a, double c) { return __dadd_rn(a, c); }, scratch);
   out.mid = block_reduce<kTruncationThreads>(mid, [](double a, double c) { return __dadd_rn(a, c); }, scratch);
@@ -1035,8 +1038,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_refine_kernel(c
 // The level-2 plan of a kRefine row (or the tie path when the refined bucket holds one score).
 template <typename T>
 __global__ void __launch_bounds__(kTruncationThreads) truncation_plan2_kernel(const Problem<T> pr) {
-  __shared__ unsigned int count[kTruncBuckets];
-  __shared__ unsigned long long mass[kTruncBuckets];
+  __shared__ TruncHist local;
   int64_t rs;
   int unused_chunk;
   if (!truncation_block(pr, 1, rs, unused_chunk)) return;
@@ -1044,11 +1046,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_plan2_kernel(co
   if (plan1.mode != kRefine) return;
   const TruncHist& level1 = pr.hist[rs];
   const TruncHist& level2 = pr.hist[pr.p.batch * pr.positions() * 2 + rs];
-  for (int j = threadIdx.x; j < kTruncBuckets; j += kTruncationThreads) {
-    count[j] = level2.count[j];
-    mass[j] = level2.mass[j];
-  }
-  __syncthreads();
+  load_hist(level2, local);
   if (threadIdx.x != 0) return;
   const TruncChunk* parts = pr.trunc_parts + rs * pr.trunc_chunks;
   unsigned long long key_min = ~0ull, key_max = 0, members = 0;
@@ -1080,7 +1078,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_plan2_kernel(co
   base.top_k = plan1.kb == refined;
   base.kb_none = kTruncBuckets + 1;
   TruncPlan plan;
-  make_plan(count, mass, pr.p.sampling, base, plan);
+  make_plan(local.count, local.mass, pr.p.sampling, base, plan);
   plan.level = 2;
   plan.refined = refined;
   pr.plans[rs] = plan;
