@@ -20,9 +20,12 @@ criteria, then calls :func:`decode` with the target as ``model``. ``decode`` rea
   Temperature / top-k / top-p are the op's own warping. Any other processor (min-p, typical,
   epsilon/eta, watermarking, classifier-free guidance, ``prefix_allowed_tokens_fn``, custom
   classes), or a prefix processor placed after a warper, raises ``ValueError`` naming it.
-* **Stopping criteria** (``stop_strings`` with ``tokenizer=``, ``max_time``, custom
-  ``StoppingCriteria``) are evaluated after every new token of a row; the row stops where one
-  fires and the rest of its round is cut. ``max_length`` and EOS are the loop's own budget and EOS.
+* **Stopping criteria** (``max_time``, custom ``StoppingCriteria``, ``stop_strings``) are
+  evaluated after every new token of a row; the row stops where one fires and the rest of its
+  round is cut. ``max_length`` and EOS are the loop's own budget and EOS. transformers pops
+  ``tokenizer=`` before calling a ``custom_generate`` callable (so it would refuse
+  ``stop_strings``): :func:`decode` takes ``stop_strings`` itself, with the tokenizer as
+  ``text_tokenizer=`` (also used for ``texts``).
 * **Streamer**: transformers does not hand ``streamer`` to a ``custom_generate`` callable (it
   passes only arguments ``_sample`` lacks) but puts the prompt into it, so :func:`decode`
   takes the streamer of the ``generate`` call that invoked it; ``put`` receives each round's
@@ -165,6 +168,8 @@ def decode(
     reward_fn=None,
     tokenizer=None,
     observer=None,
+    stop_strings=None,
+    text_tokenizer=None,
     **model_kwargs,
 ):
     """Decode with SSS (or another :func:`sss_ext.generate` method) from inside ``model.generate``.
@@ -188,6 +193,11 @@ def decode(
         Prepared by ``generate``; see the module docstring for what is applied and what raises.
     streamer : transformers streamer, optional
         Taken from the calling ``generate`` when not given here.
+    stop_strings : str or list of str, optional
+        A row stops once its text ends with one of them (transformers' ``StopStringCriteria``).
+    tokenizer, text_tokenizer : transformers tokenizer, optional
+        Needed by ``stop_strings``; ``generate`` keeps ``tokenizer=`` to itself, so pass
+        ``text_tokenizer=`` through it (``tokenizer=`` works when calling :func:`decode` directly).
 
     Returns
     -------
@@ -219,6 +229,14 @@ def decode(
             overrides[name] = value
     config = (sampling_config or SamplingConfig()).replace(**overrides)
     criteria = loop_stopping_criteria(stopping_criteria, int(generation_config.max_length), config.eos_token_id or ())
+    tokenizer = tokenizer if tokenizer is not None else text_tokenizer
+    if stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass text_tokenizer= to generate (transformers does not "
+                             "hand tokenizer= to a custom_generate callable)")
+        from transformers import StopStringCriteria
+
+        criteria.append(StopStringCriteria(tokenizer, stop_strings))
     hooks = {}
     if processors or criteria or streamer is not None:
         from transformers import StoppingCriteriaList
