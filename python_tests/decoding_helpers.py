@@ -55,11 +55,14 @@ def tilted_probs(zq, zr, zd, temperature: float = 1.0, shift: float = 1.0) -> to
 
 
 @torch.no_grad()
-def sequence_law(models, prompt: list[int], length: int, step_law, eos: int | None = None) -> dict[tuple, float]:
+def sequence_law(models, prompt: list[int], length: int, step_law, eos: int | None = None,
+                 processor=None) -> dict[tuple, float]:
     """Exact law of the generated continuation of ``prompt``, by enumeration of every prefix.
 
     ``step_law(*logits_per_model) -> probs`` maps the models' float64 logits (N, V) of all
     prefixes of one length to the next-token law (N, V); a sequence ending in ``eos`` stops there.
+    ``processor(input_ids, logits) -> logits``, when given, first maps every model's logits
+    given the prefixes ``prompt + prefix`` (N, L).
     """
     vocab_size = models[0].config.vocab_size
     prefixes = [()]
@@ -68,6 +71,8 @@ def sequence_law(models, prompt: list[int], length: int, step_law, eos: int | No
     for _ in range(length):
         ids = torch.tensor([list(prompt) + list(p) for p in prefixes])
         logits = [m(input_ids=ids, use_cache=False).logits[:, -1].double() for m in models]
+        if processor is not None:
+            logits = [processor(ids, z) for z in logits]
         probs = step_law(*logits)
         next_prefixes = []
         for row, prefix in enumerate(prefixes):

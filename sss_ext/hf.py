@@ -5,27 +5,55 @@
     out = target.generate(input_ids, attention_mask=mask, custom_generate=sss_ext.hf.decode,
                           draft_model=draft, ref_model=ref, max_new_tokens=64, do_sample=True, temperature=0.8)
 
-``generate`` prepares the inputs and the generation config, then calls :func:`decode` with
-the target as ``model``. ``decode`` reads ``max_new_tokens`` (through ``max_length``),
-``do_sample`` / ``temperature`` / ``top_k`` / ``top_p``, ``eos_token_id`` and
-``pad_token_id`` from the generation config and runs :func:`sss_ext.generate` with its own
-KV caches (the cache ``generate`` prepared is not used). Other logits processors cannot be
-applied without breaking exactness and are ignored with a warning. Returns the prompts
-(with their original left padding) followed by the new tokens, right-padded with
-``pad_token_id`` like ``generate`` itself; a ``GenerateDecoderOnlyOutput`` when
-``return_dict_in_generate=True``. The full :class:`~sss_ext.decoding.GenerateOutput`
+``generate`` prepares the inputs, the generation config, its logits processors and stopping
+criteria, then calls :func:`decode` with the target as ``model``. ``decode`` reads
+``max_new_tokens`` (through ``max_length``), ``do_sample`` / ``temperature`` / ``top_k`` /
+``top_p``, ``eos_token_id`` and ``pad_token_id`` from the generation config and runs
+:func:`sss_ext.generate` with its own KV caches (the cache ``generate`` prepared is not used).
+
+* **Logits processors** that depend only on the prefix (:data:`PREFIX_PROCESSORS`:
+  ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_length``, ``min_new_tokens``,
+  ``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``, ``begin_suppress_tokens``,
+  ``forced_bos_token_id``, ``forced_eos_token_id``) are applied to the target's, the draft's
+  and the reference's logits at every position with that position's own prefix, the
+  left-padded row ``generate`` itself would pass (docs/algorithm.md §1, "Logits processors").
+  Temperature / top-k / top-p are the op's own warping. Any other processor (min-p, typical,
+  epsilon/eta, watermarking, classifier-free guidance, ``prefix_allowed_tokens_fn``, custom
+  classes), or a prefix processor placed after a warper, raises ``ValueError`` naming it.
+* **Stopping criteria** (``max_time``, custom ``StoppingCriteria``, ``stop_strings``) are
+  evaluated after every new token of a row; the row stops where one fires and the rest of its
+  round is cut. ``max_length`` and EOS are the loop's own budget and EOS. transformers pops
+  ``tokenizer=`` before calling a ``custom_generate`` callable (so it would refuse
+  ``stop_strings``): :func:`decode` takes ``stop_strings`` itself, with the tokenizer as
+  ``text_tokenizer=`` (also used for ``texts``).
+* **Streamer**: transformers does not hand ``streamer`` to a ``custom_generate`` callable (it
+  passes only arguments ``_sample`` lacks) but puts the prompt into it, so :func:`decode`
+  takes the streamer of the ``generate`` call that invoked it; ``put`` receives each round's
+  kept tokens (1, n), ``end`` is called at the end. Batch size 1, as transformers' streamers.
+
+Returns the prompts (with their original left padding) followed by the new tokens,
+right-padded with ``pad_token_id`` like ``generate`` itself; a ``GenerateDecoderOnlyOutput``
+when ``return_dict_in_generate=True``. The full :class:`~sss_ext.decoding.GenerateOutput`
 (stats included) of the last call is kept in ``decode.last_output``.
 """
 
 from __future__ import annotations
 
-import warnings
+import sys
 
 import torch
 
 from .decoding.api import generate
 from .decoding.config import SamplingConfig
 
+#: transformers logits processors that depend on the prefix alone (applied exactly at every position)
+PREFIX_PROCESSORS = (
+    "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor",
+    "SequenceBiasLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
+    "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor",
+)
+#: the warpers the op applies itself (from the generation config's temperature / top_k / top_p)
 _WARPERS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper")
 
 
@@ -36,6 +64,90 @@ def _sampling_settings(generation_config) -> dict:
     top_k = generation_config.top_k if generation_config.top_k is not None else 0
     top_p = generation_config.top_p if generation_config.top_p is not None else 1.0
     return {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
+
+
+def _warper_matches(processor, settings: dict) -> bool:
+    """Whether a warper of the list is exactly the op's warping with ``settings``."""
+    name = type(processor).__name__
+    if name == "TemperatureLogitsWarper":
+        return float(processor.temperature) == settings["temperature"]
+    if getattr(processor, "filter_value", -float("inf")) != -float("inf") or getattr(processor, "min_tokens_to_keep", 1) > 1:
+        return False
+    if name == "TopKLogitsWarper":
+        return int(processor.top_k) == settings["top_k"]
+    return float(processor.top_p) == settings["top_p"]
+
+
+def prefix_processors(logits_processor, settings: dict) -> list:
+    """The prefix-only processors of ``generate``'s list, in order; ``ValueError`` naming any other.
+
+    Warpers must be the op's own temperature / top-k / top-p (``settings``) and come after
+    every prefix processor: the op warps the processed logits.
+    """
+    kept, unsupported, late, warped = [], [], [], False
+    greedy = settings["temperature"] == 0.0
+    for processor in logits_processor or []:
+        name = type(processor).__name__
+        if name in _WARPERS and (greedy or _warper_matches(processor, settings)):
+            warped = True  # greedy: temperature / top-k / top-p never move the argmax
+        elif name in PREFIX_PROCESSORS:
+            (late if warped else kept).append(processor)
+        else:
+            unsupported.append(name)
+    if unsupported:
+        raise ValueError(
+            f"sss_ext.hf.decode cannot apply logits processor(s) {unsupported} exactly: supported are the prefix-only "
+            f"processors {list(PREFIX_PROCESSORS)} and temperature / top_k / top_p from the generation config")
+    if late:
+        raise ValueError(
+            f"logits processor(s) {[type(p).__name__ for p in late]} come after a temperature / top-k / top-p warper; "
+            "sss_ext.hf.decode applies processors before warping (as generate's own list does): set them through "
+            "the generation config instead of logits_processor=")
+    return kept
+
+
+class PromptProcessors:
+    """``generate``'s prefix processors as one hook of :mod:`sss_ext.decoding.hooks`, called per prompt index.
+
+    ``generate`` builds ``RepetitionPenaltyLogitsProcessor`` with per-row padding lengths
+    (``prompt_ignore_length``, shape (B,)) so left padding is not penalised; each call takes the
+    lengths of the prompts its prefixes belong to.
+    """
+
+    takes_prompt_index = True
+
+    def __init__(self, processors: list):
+        self.processors = processors
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        """Shape: input_ids (N, L), scores (N, V), prompt_index (N,) -> (N, V)"""
+        for processor in self.processors:
+            ignore = getattr(processor, "prompt_ignore_length", None)
+            if isinstance(ignore, torch.Tensor):
+                processor = type(processor)(processor.penalty, prompt_ignore_length=ignore.to(prompt_index.device)[prompt_index])
+            scores = processor(input_ids, scores)
+        return scores
+
+
+def loop_stopping_criteria(stopping_criteria, max_length: int, eos_token_ids: tuple) -> list:
+    """The criteria the loop does not already enforce (its budget ``max_length`` and its EOS ids)."""
+    kept = []
+    for criterion in stopping_criteria or []:
+        name = type(criterion).__name__
+        if name == "MaxLengthCriteria" and criterion.max_length >= max_length:
+            continue
+        if name == "EosTokenCriteria" and set(torch.as_tensor(criterion.eos_token_id).flatten().tolist()) <= set(eos_token_ids):
+            continue
+        kept.append(criterion)
+    return kept
+
+
+def _streamer_of_generate(model):
+    """The ``streamer`` argument of the ``model.generate`` call running :func:`decode`, or None."""
+    frame = sys._getframe(2)  # _streamer_of_generate <- decode <- its caller
+    if frame.f_code.co_name == "generate" and frame.f_locals.get("self") is model:
+        return frame.f_locals.get("streamer")
+    return None
 
 
 def decode(
@@ -56,6 +168,8 @@ def decode(
     reward_fn=None,
     tokenizer=None,
     observer=None,
+    stop_strings=None,
+    text_tokenizer=None,
     **model_kwargs,
 ):
     """Decode with SSS (or another :func:`sss_ext.generate` method) from inside ``model.generate``.
@@ -75,6 +189,15 @@ def decode(
         override it, then ``shift`` / ``num_draft_tokens`` / ``seed`` when given.
     observer : callable or Observer, optional
         Per-round records, as ``sss_ext.generate(..., observer=...)``.
+    logits_processor, stopping_criteria : transformers lists
+        Prepared by ``generate``; see the module docstring for what is applied and what raises.
+    streamer : transformers streamer, optional
+        Taken from the calling ``generate`` when not given here.
+    stop_strings : str or list of str, optional
+        A row stops once its text ends with one of them (transformers' ``StopStringCriteria``).
+    tokenizer, text_tokenizer : transformers tokenizer, optional
+        Needed by ``stop_strings``; ``generate`` keeps ``tokenizer=`` to itself, so pass
+        ``text_tokenizer=`` through it (``tokenizer=`` works when calling :func:`decode` directly).
 
     Returns
     -------
@@ -84,18 +207,17 @@ def decode(
     -----
     input_ids: (B, L) -> (B, L + max_new_tokens)
     """
-    if streamer is not None:
-        raise ValueError("streamer is not supported by sss_ext.hf.decode")
-    ignored = [type(p).__name__ for p in (logits_processor or []) if type(p).__name__ not in _WARPERS]
-    if ignored:
-        warnings.warn(f"sss_ext.hf.decode ignores logits processors {ignored}: they would break exact sampling", stacklevel=2)
+    if streamer is None:
+        streamer = _streamer_of_generate(model)
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     max_new_tokens = int(generation_config.max_length) - input_ids.shape[1]
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 (max_length {generation_config.max_length} <= prompt length {input_ids.shape[1]})")
-    overrides = {"max_new_tokens": max_new_tokens, **_sampling_settings(generation_config)}
+    settings = _sampling_settings(generation_config)
+    processors = prefix_processors(logits_processor, settings)
+    overrides = {"max_new_tokens": max_new_tokens, **settings}
     eos = getattr(generation_config, "eos_token_id", None)
     if eos is not None:
         overrides["eos_token_id"] = tuple(int(t) for t in torch.as_tensor(eos).flatten().tolist())
@@ -106,8 +228,24 @@ def decode(
         if value is not None:
             overrides[name] = value
     config = (sampling_config or SamplingConfig()).replace(**overrides)
+    criteria = loop_stopping_criteria(stopping_criteria, int(generation_config.max_length), config.eos_token_id or ())
+    tokenizer = tokenizer if tokenizer is not None else text_tokenizer
+    if stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass text_tokenizer= to generate (transformers does not "
+                             "hand tokenizer= to a custom_generate callable)")
+        from transformers import StopStringCriteria
+
+        criteria.append(StopStringCriteria(tokenizer, stop_strings))
+    hooks = {}
+    if processors or criteria or streamer is not None:
+        from transformers import StoppingCriteriaList
+
+        hooks = {"logits_processor": PromptProcessors(processors) if processors else None,
+                 "stopping_criteria": StoppingCriteriaList(criteria) if criteria else None,
+                 "streamer": streamer, "context_ids": list(input_ids.cpu())}
     output = generate(model, draft_model, input_ids, ref_model=ref_model, tokenizer=tokenizer, method=method,
-                      config=config, reward_fn=reward_fn, attention_mask=attention_mask, observer=observer)
+                      config=config, reward_fn=reward_fn, attention_mask=attention_mask, observer=observer, **hooks)
     decode.last_output = output
     pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or (0,))[0]
     new = torch.full((input_ids.shape[0], max_new_tokens), pad_id, dtype=torch.int64)

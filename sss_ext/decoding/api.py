@@ -8,6 +8,7 @@ import torch
 
 from .config import SamplingConfig
 from .context import RunContext
+from .hooks import GenerationHooks
 from .methods import get_method
 from .observe import Tracker, as_observer
 from .scoring import RewardScorer, check_reward
@@ -58,6 +59,7 @@ def _resolve_config(config, overrides) -> SamplingConfig:
 @torch.no_grad()
 def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None, method: str = "sss",
              config: SamplingConfig | None = None, reward_fn=None, *, attention_mask=None, observer=None,
+             logits_processor=None, stopping_criteria=None, streamer=None, context_ids=None,
              **config_overrides) -> GenerateOutput:
     """Generate aligned continuations, batched over prompts.
 
@@ -84,6 +86,21 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
         Receives a :class:`~sss_ext.decoding.observe.RoundRecord` after every round (see
         :mod:`sss_ext.decoding.observe`); with a ``clock`` attribute it also gets forward and
         sampler-op timings. None: nothing is recorded.
+    logits_processor : callable, optional
+        ``(input_ids, scores) -> scores`` (e.g. a ``transformers.LogitsProcessorList``) that
+        depends on the prefix ``input_ids`` alone; applied to every model's logits at every
+        position with that position's own prefix (:mod:`sss_ext.decoding.hooks`), so sss samples
+        the tilt of the processed models (docs/algorithm.md §1, "Logits processors"). Not
+        with ``soft-bon``, whose scores use unprocessed log-densities.
+    stopping_criteria : callable, optional
+        ``(input_ids, scores) -> (N,) bool`` (e.g. a ``transformers.StoppingCriteriaList``): a
+        row stops at the first new token after which it fires; later tokens are cut.
+    streamer : object, optional
+        ``put(tokens)`` receives each kept block, shape (1, n), ``end()`` is called at the end;
+        needs one prompt and a method that samples one sequence per prompt.
+    context_ids : list of torch.Tensor, optional
+        Per prompt, the ids the processor and criteria see before the generated tokens (each
+        ending with its prompt); default the prompts.
 
     Every model given must be in eval mode (``ValueError`` naming it otherwise): dropout
     would make the same seed give different outputs.
@@ -105,14 +122,24 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
         check_reward(reward_fn, method, tokenizer, config.reward_input)
     prompts = encode_prompts(prompts_or_input_ids, tokenizer, attention_mask)
     check_prompts(prompts, models, config)
+    hooks = None
+    if logits_processor is not None or stopping_criteria is not None or streamer is not None:
+        if logits_processor is not None and method == "soft-bon":
+            raise ValueError("logits_processor is not supported by method 'soft-bon' (its scores use unprocessed log q - log r)")
+        hooks = GenerationHooks(prompts, models.vocab_size, models.device, logits_processor, stopping_criteria, streamer,
+                                context_ids)
+    elif context_ids is not None:
+        raise ValueError("context_ids is only used with a logits_processor, stopping_criteria or streamer")
 
     stats = StatsRecorder(len(prompts))
     generator = torch.Generator(device=models.device).manual_seed(config.seed)
     scorer = RewardScorer(reward_fn, models.tokenizer, config.reward_input, stats) if spec.needs_reward else None
     tracker = Tracker(observer, method) if observer is not None else None
     ctx = RunContext(method=method, models=models, prompts=prompts, config=config, generator=generator, stats=stats,
-                     scorer=scorer, tracker=tracker)
+                     scorer=scorer, tracker=tracker, hooks=hooks)
     result = spec.run(ctx)
+    if hooks is not None:
+        hooks.end()
     stats.set_new_tokens([int(s.numel()) for s in result.sequences])
     texts = None
     if tokenizer is not None:

@@ -49,7 +49,8 @@ class AutoregressiveRun:
         self.tracker = ctx.tracker
         self.run_index = self.tracker.new_run() if self.tracker is not None else 0
         self.step_index = 0
-        self.book = RowBook(prompt_of_row, config.max_new_tokens, 1, models.eos_token_ids, device, ctx.stats)
+        self.book = RowBook(prompt_of_row, config.max_new_tokens, 1, models.eos_token_ids, device, ctx.stats, ctx.hooks)
+        self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
         self.state = KVState(models.get(role), role, self._record, _ARGUMENT[role], len(prompts), device, ctx.clock)
         self.track_log_prob = track_log_prob
         self.log_prob = torch.zeros(len(prompts), dtype=torch.float64, device=device)
@@ -74,6 +75,8 @@ class AutoregressiveRun:
         if tracker is not None:
             rows, row_prompts = self.book.active.cpu(), self.book.active_prompts.clone()
         logits = self.state.forward(self.pending[:, None])[:, -1]
+        if self.logits_hooks is not None:
+            logits = self.logits_hooks.process(self.book, [], logits[:, None])[:, 0]
         if tracker is None:
             token = ops.sample(logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
         else:

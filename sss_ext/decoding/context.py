@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import SamplingConfig
+from .hooks import GenerationHooks
 from .observe import Tracker
 from .stats import StatsRecorder
 
@@ -60,6 +61,8 @@ class RunContext:
         The reward of the reward-guided methods (None for the others).
     tracker : Tracker or None
         Hands per-round records to the caller's observer; None (no overhead) without one.
+    hooks : GenerationHooks or None
+        Logits processor, stopping criteria and streamer (:mod:`sss_ext.decoding.hooks`); None without any.
     """
 
     method: str
@@ -70,6 +73,7 @@ class RunContext:
     stats: StatsRecorder
     scorer: object | None = None
     tracker: Tracker | None = None
+    hooks: GenerationHooks | None = None
 
     @property
     def device(self) -> torch.device:

@@ -42,14 +42,20 @@ class RowBook:
         Extra buffer columns (the widest block appended at once).
     eos_token_ids : tuple of int
         A row finishes after emitting any of them.
+    hooks : GenerationHooks, optional
+        Stopping criteria (cut like EOS) and streamer of the call.
 
     Shape
     -----
     prompt_of_row: (R,); tokens: (R, max_new_tokens + spare); num_generated, finished, log_z: (R,)
     """
 
-    def __init__(self, prompt_of_row: torch.Tensor, max_new_tokens: int, spare: int, eos_token_ids, device, stats: StatsRecorder):
+    def __init__(self, prompt_of_row: torch.Tensor, max_new_tokens: int, spare: int, eos_token_ids, device, stats: StatsRecorder,
+                 hooks=None):
         rows = prompt_of_row.numel()
+        if hooks is not None:
+            hooks.check_rows(rows)
+        self.hooks = hooks
         self.device = device
         self.prompt_of_row = prompt_of_row.to(device)
         self.max_new_tokens = max_new_tokens
@@ -71,7 +77,7 @@ class RowBook:
         return self.max_new_tokens - self.num_generated[self.active]
 
     def append(self, new: torch.Tensor, count: torch.Tensor | None = None, log_z: torch.Tensor | None = None):
-        """Append the first ``count[b]`` of ``new[b]`` to active row ``b``, cut at EOS and at the budget.
+        """Append the first ``count[b]`` of ``new[b]`` to active row ``b``, cut at EOS, the budget and the stopping criteria.
 
         Returns the number of tokens actually kept and which rows are now finished.
 
@@ -92,12 +98,18 @@ class RowBook:
             hit_eos = is_eos.any(dim=1)
             first = torch.argmax(is_eos.to(torch.int8), dim=1)
             count = torch.where(hit_eos, first + 1, count)
+        stopped = None
+        if self.hooks is not None:
+            count, stopped = self.hooks.stop(self, new, count)
+            self.hooks.stream(new, count)
         self.tokens[rows[:, None], start[:, None] + columns[None]] = new
         self.num_generated[rows] = start + count
         if log_z is not None:
             kept_z = torch.where(columns[None] < count[:, None], log_z.to(torch.float64), 0.0)
             self.log_z[rows] += kept_z.sum(dim=1)
         done = hit_eos | (start + count >= self.max_new_tokens)
+        if stopped is not None:
+            done |= stopped
         self.finished[rows] |= done
         return count, done
 

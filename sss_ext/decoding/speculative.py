@@ -56,12 +56,13 @@ class SpeculativeRun:
         self.generator = ctx.generator
         self.stats = ctx.stats
         self.tracker = ctx.tracker
+        self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
         self.run_index = self.tracker.new_run() if self.tracker is not None else 0
         self.round_index = 0
         prompts = ctx.prompts
         prompt_of_row = torch.arange(len(prompts))
         self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, models.eos_token_ids,
-                            device, ctx.stats)
+                            device, ctx.stats, ctx.hooks)
         record = self._record
         batch = len(prompts)
         self.target = KVState(models.target, "target", record, "target", batch, device, ctx.clock)
@@ -114,6 +115,8 @@ class SpeculativeRun:
         draft_logits, drafts = [], []
         for step in range(num_draft + 1 if sss else num_draft):
             logits = self._draft_step(step == 0, drafts[-1] if drafts else None)
+            if self.logits_hooks is not None:  # the prefix of this position ends with every draft so far
+                logits = self.logits_hooks.process(self.book, drafts, logits[:, None])[:, 0]
             draft_logits.append(logits)
             if step < num_draft:
                 if tracker is None:
@@ -127,6 +130,9 @@ class SpeculativeRun:
         # 2. one target forward (and one reference forward) over the block
         target_logits = self.target.forward(block, logits_to_keep=num_draft + 1)
         ref_logits = self.ref.forward(block, logits_to_keep=num_draft + 1) if sss else None
+        if self.logits_hooks is not None:  # position i: prefix ends with x_0 .. x_{i-1}
+            target_logits = self.logits_hooks.process(self.book, drafts, target_logits)
+            ref_logits = self.logits_hooks.process(self.book, drafts, ref_logits) if sss else None
         if draft_logits:
             draft_stack = torch.stack(draft_logits, dim=1)
         else:
