@@ -257,7 +257,7 @@ def test_paths_override_their_role(fake_defaults, model_dirs, prompts_file, tmp_
     assert cli.main(["generate", "--target", model_dirs["target"], "--method", "vanilla", "--prompts", str(prompts_file),
                      "--out", str(out), "--max-new-tokens", "3", "--no-progress"]) == 0
     assert fake_defaults == []
-    # the target from its directory, the drafts from the defaults (no aligned draft needed for sd's... draft given)
+    # target and aligned draft from their directories: only the reference draft comes from the defaults
     assert cli.main(["generate", "--target", model_dirs["target"], "--draft", model_dirs["draft"], "--method", "sss",
                      "--prompts", str(prompts_file), "--out", str(out), "--max-new-tokens", "3", "--no-progress"]) == 0
     assert fake_defaults == [{"rewards": False, "aligned": False}]

@@ -61,9 +61,14 @@ def main(argv=None) -> int:
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
     import torch
+    from transformers.utils import logging as transformers_logging
 
     torch.set_num_threads(args.threads)
+    transformers_logging.disable_progress_bar()  # the weight-loading bars of every model
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     import sss_ext
 
     from . import load_default, load_prompts
