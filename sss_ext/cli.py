@@ -1,7 +1,15 @@
 """Command line: ``python -m sss_ext generate ...``.
 
-Models, tokenizers and reward models load from local directories only
+Models: with no model path the embedded default models of :mod:`sss_ext.models` run (target
+SmolLM2-135M-Instruct ``q``, distilled reference draft ``d``, DPO-aligned draft ``r``, their
+tokenizer); ``--target`` / ``--draft`` / ``--ref`` / ``--tokenizer`` replace one role each
+with a local directory written by ``save_pretrained``. Everything loads from local files only
 (``local_files_only=True``: nothing is fetched from a hub at run time).
+
+Every argument is checked before anything loads (paths, the prompts file, the output path,
+the sampling settings through :class:`~sss_ext.SamplingConfig`, the reward a method needs);
+an error names the flag and exits with status 2, without a traceback. After the models load,
+the models and prompts are checked together before the progress bar starts.
 
 Prompts file: JSON Lines, one object per prompt with ``"prompt"`` (text, needs a tokenizer)
 or ``"input_ids"`` (list of ints), and optionally ``"id"``. Output: one JSON object per
@@ -14,36 +22,53 @@ for sss / sss-paper, ``log_z``. Prompts are generated ``--batch-size`` at a time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
+import re
 import sys
 
 from .decoding.config import SamplingConfig
-from .decoding.methods import METHODS
+from .decoding.methods import METHODS, get_method
 
 _DTYPES = ("float32", "bfloat16", "float16")
+#: generate() model argument -> the flag that gives its directory
+ROLE_FLAGS = {"target": "--target", "draft": "--draft", "ref_model": "--ref"}
+#: generate() model argument -> attribute of sss_ext.models.DefaultModels
+_DEFAULT_ROLES = {"target": "target", "draft": "draft", "ref_model": "ref_draft"}
+_PROXY_REWARD_FN = "sss_ext.models.rewards:proxy_reward"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag of ``python -m sss_ext`` (the one place arguments are defined)."""
     parser = argparse.ArgumentParser(prog="python -m sss_ext", description="Reward-Shifted Speculative Sampling (sss_ext).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     gen = commands.add_parser(
         "generate",
         help="generate continuations of a JSONL file of prompts",
         description="Generate one continuation per prompt with SSS, speculative sampling or a baseline; "
-                    "write one JSON record per prompt. Models load from local directories only.",
+                    "write one JSON record per prompt. With no model path the embedded default models run "
+                    "(sss_ext.models: target SmolLM2-135M-Instruct q, distilled reference draft d, DPO-aligned "
+                    "draft r); a path replaces that role with a local save_pretrained directory. Arguments are "
+                    "checked before anything loads; an error names the flag and exits with status 2.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    models = gen.add_argument_group("models (local directories written by save_pretrained)")
-    models.add_argument("--target", metavar="DIR", help="target model q (needed by every method except draft)")
-    models.add_argument("--draft", metavar="DIR", help="aligned draft r (sss, sss-paper, sd, draft, soft-bon)")
-    models.add_argument("--ref", metavar="DIR", help="reference draft d that r was aligned from (sss, sss-paper)")
-    models.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the target's, else the draft's); "
-                        "optional when every prompt gives input_ids")
+    models = gen.add_argument_group(
+        "models (default: the embedded models of sss_ext.models; a path overrides that role with a local "
+        "directory written by save_pretrained)")
+    models.add_argument("--target", metavar="DIR", help="target model q (every method except draft); "
+                        "default: SmolLM2-135M-Instruct")
+    models.add_argument("--draft", metavar="DIR", help="aligned draft r (sss, sss-paper, sd, draft, soft-bon); "
+                        "default: the embedded DPO-aligned draft")
+    models.add_argument("--ref", metavar="DIR", help="reference draft d that r was aligned from (sss, sss-paper); "
+                        "default: the embedded distilled draft")
+    models.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the target's, else the "
+                        "draft's; the embedded models' when they run); optional when every prompt gives input_ids")
     models.add_argument("--reward", metavar="DIR", help="transformers sequence-classification reward model (bon, spec-rejection, soft-bon)")
     models.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="Python reward callable instead of --reward: "
-                        "called with a list of texts (or id lists, see --reward-input), returns one score each")
+                        "called with a list of texts (or id lists, see --reward-input), returns one score each; "
+                        f"the embedded models' proxy reward (VADER) is {_PROXY_REWARD_FN}")
     models.add_argument("--device", default="cpu", help="torch device for all models")
     models.add_argument("--dtype", default="float32", choices=_DTYPES, help="parameter dtype of all models")
 
@@ -53,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--batch-size", type=int, default=8, help="prompts per batched generate call")
     io.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
 
+    # every flag of this group is named after its SamplingConfig field (dest == field name):
+    # config_from_args and the error messages rely on it
     sampling = gen.add_argument_group("sampling (see sss_ext.SamplingConfig)")
     defaults = SamplingConfig()
     sampling.add_argument("--method", default="sss", choices=tuple(METHODS), help="decoding method")
@@ -77,45 +104,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------- argument checks (nothing loads)
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def config_from_args(args) -> SamplingConfig:
+    """The :class:`SamplingConfig` of the sampling flags; ``ValueError`` naming the flag when a value is out of range."""
+    fields = [field.name for field in dataclasses.fields(SamplingConfig) if hasattr(args, field.name)]
+    values = {name: getattr(args, name) for name in fields}
+    if values.get("eos_token_id") is not None:
+        values["eos_token_id"] = tuple(values["eos_token_id"])
+    try:
+        return SamplingConfig(**values)
+    except ValueError as error:
+        message = re.sub(r"^SamplingConfig: ", "", str(error))
+        for name in sorted(fields, key=len, reverse=True):
+            if re.match(rf"{name}\b", message):
+                raise ValueError(_flag(name) + message[len(name):]) from None
+        raise ValueError(f"invalid sampling flags: {message}") from None
+
+
 def _check_dir(flag: str, path: str | None) -> None:
     if path is not None and not os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is not a local directory (models load with local_files_only=True)")
 
 
-def _load_model(path: str | None, device: str, dtype: str, classification: bool = False):
-    if path is None:
-        return None
+def _check_out(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path!r} is a directory; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {path!r} cannot be written ({parent!r} is not a writable directory)")
+
+
+def _check_device(spec: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cls = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
-    model = cls.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
-    return model.to(device).eval()
-
-
-def _load_tokenizer(path: str | None):
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        return None
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec!r}: CUDA is not available in this torch build / machine")
 
 
-def _load_callable(spec: str):
+def load_callable(spec: str):
+    """``MODULE:FUNCTION`` -> the callable (the current directory is importable); ``ValueError`` naming --reward-fn."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"--reward-fn must look like MODULE:FUNCTION, got {spec!r}")
-    sys.path.insert(0, os.getcwd())
-    function = getattr(importlib.import_module(module_name), attribute)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except ImportError as error:
+        raise ValueError(f"--reward-fn {spec!r}: cannot import {module_name!r} ({error})") from None
+    except AttributeError:
+        raise ValueError(f"--reward-fn {spec!r}: module {module_name!r} has no {attribute!r}") from None
     if not callable(function):
         raise ValueError(f"--reward-fn {spec!r} is not callable")
     return function
 
 
 def read_prompts(path: str) -> list[dict]:
+    """The records of a JSONL prompts file; ``ValueError`` naming --prompts and the line otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"--prompts {path!r} does not exist")
     records = []
@@ -131,62 +187,162 @@ def read_prompts(path: str) -> list[dict]:
                 record = {"prompt": record}
             if not isinstance(record, dict) or not ("prompt" in record or "input_ids" in record):
                 raise ValueError(f'--prompts line {number} needs "prompt" or "input_ids"')
+            if "prompt" in record and not (isinstance(record["prompt"], str) and record["prompt"]):
+                raise ValueError(f'--prompts line {number}: "prompt" must be a non-empty string')
+            if "prompt" not in record:
+                ids = record["input_ids"]
+                if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+                    raise ValueError(f'--prompts line {number}: "input_ids" must be a non-empty list of ints >= 0')
             records.append(record)
     if not records:
         raise ValueError(f"--prompts {path!r} holds no prompts")
     return records
 
 
+def check_args(args) -> tuple[SamplingConfig, list[dict], object]:
+    """(config, prompt records, reward callable or None): every check that needs no model, in flag order."""
+    for flag, path in (("--target", args.target), ("--draft", args.draft), ("--ref", args.ref),
+                       ("--tokenizer", args.tokenizer), ("--reward", args.reward)):
+        _check_dir(flag, path)
+    _check_device(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    config = config_from_args(args)
+    if args.reward is not None and args.reward_fn is not None:
+        raise ValueError("give either --reward or --reward-fn, not both")
+    if get_method(args.method).needs_reward and args.reward is None and args.reward_fn is None:
+        raise ValueError(f"--method {args.method} needs --reward DIR or --reward-fn MODULE:FUNCTION "
+                         f"(the embedded models' proxy reward: --reward-fn {_PROXY_REWARD_FN})")
+    records = read_prompts(args.prompts)
+    _check_out(args.out)
+    reward_fn = load_callable(args.reward_fn) if args.reward_fn is not None else None
+    return config, records, reward_fn
+
+
+# ---------------------------------------------------------------- loading
+
+def _load_model(flag: str, path: str, device: str, dtype: str, classification: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{flag} {path!r} holds no loadable model: {error}") from None
+    return model.to(device).eval()
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def default_roles(args) -> list[str]:
+    """The model roles (generate() argument names) the method runs and no path gives: the embedded models fill them."""
+    paths = {"target": args.target, "draft": args.draft, "ref_model": args.ref}
+    return [role for role in get_method(args.method).models if paths[role] is None]
+
+
+def load_tokenizer(args, use_defaults: bool):
+    """--tokenizer, else the target's directory, else the embedded models' (when they run), else the draft's."""
+    if args.tokenizer is not None:
+        tokenizer = _load_tokenizer(args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"--tokenizer {args.tokenizer!r} holds no loadable tokenizer")
+        return tokenizer
+    tokenizer = _load_tokenizer(args.target) if args.target is not None else None
+    if tokenizer is None and use_defaults:
+        from .models.target import load_tokenizer as load_default_tokenizer
+
+        tokenizer = load_default_tokenizer()
+    if tokenizer is None and args.draft is not None:
+        tokenizer = _load_tokenizer(args.draft)
+    return tokenizer
+
+
+def load_models(args) -> dict:
+    """``{"target", "draft", "ref_model", "reward"}``: given paths, the embedded models for the other roles the method runs."""
+    import torch
+
+    missing = default_roles(args)
+    models = {}
+    defaults = None
+    if missing:
+        from .models import load_default
+
+        defaults = load_default(rewards=False, aligned="draft" in missing)
+    paths = {"target": args.target, "draft": args.draft, "ref_model": args.ref}
+    for role, flag in ROLE_FLAGS.items():
+        if paths[role] is not None:
+            models[role] = _load_model(flag, paths[role], args.device, args.dtype)
+        elif role in missing:
+            models[role] = getattr(defaults, _DEFAULT_ROLES[role]).to(device=args.device, dtype=getattr(torch, args.dtype))
+        else:
+            models[role] = None
+    models["reward"] = (_load_model("--reward", args.reward, args.device, args.dtype, classification=True)
+                        if args.reward is not None else None)
+    return models
+
+
+def check_loaded(models: dict, tokenizer, prompts: list, method: str, config: SamplingConfig, reward_fn) -> None:
+    """The checks of :func:`sss_ext.generate` on the loaded models and every prompt, before the progress bar."""
+    from .decoding.scoring import check_reward
+    from .decoding.validate import check_prompts, encode_prompts, resolve_models
+
+    spec = get_method(method)
+    try:
+        model_set = resolve_models(models["target"], models["draft"], models["ref_model"], tokenizer, spec, config)
+        if spec.needs_reward:
+            check_reward(reward_fn, method, tokenizer, config.reward_input)
+        check_prompts(encode_prompts(prompts, tokenizer), model_set, config)
+    except ValueError as error:
+        raise ValueError(f"the models, tokenizer and prompts do not fit together: {error}") from None
+
+
+# ---------------------------------------------------------------- generating
+
+def _prompt_of(record: dict):
+    return record["prompt"] if "prompt" in record else [int(t) for t in record["input_ids"]]
+
+
 def run_generate(args) -> int:
+    config, records, reward_fn = check_args(args)
+    use_defaults = bool(default_roles(args))
+    tokenizer = load_tokenizer(args, use_defaults)
+    if tokenizer is None and any("prompt" in r for r in records):
+        raise ValueError("--prompts holds text prompts but no tokenizer was found; give --tokenizer DIR "
+                         "or input_ids prompts")
+    models = load_models(args)
+    reward_fn = models["reward"] if models["reward"] is not None else reward_fn
+    prompts = [_prompt_of(r) for r in records]
+    check_loaded(models, tokenizer, prompts, args.method, config, reward_fn)
+
     from tqdm import tqdm
 
     from .decoding.api import generate
 
-    for flag, path in (("--target", args.target), ("--draft", args.draft), ("--ref", args.ref),
-                       ("--tokenizer", args.tokenizer), ("--reward", args.reward)):
-        _check_dir(flag, path)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.reward is not None and args.reward_fn is not None:
-        raise ValueError("give either --reward or --reward-fn, not both")
-    config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, shift=args.shift, seed=args.seed, num_samples=args.num_samples,
-        rejection_interval=args.rejection_interval, rejection_rate=args.rejection_rate, beta=args.beta,
-        soft_bon_threshold=args.soft_bon_threshold,
-        eos_token_id=tuple(args.eos_token_id) if args.eos_token_id else None, ignore_eos=args.ignore_eos,
-        pad_token_id=args.pad_token_id, reward_input=args.reward_input,
-    )
-    records = read_prompts(args.prompts)
-    tokenizer = _load_tokenizer(args.tokenizer or args.target or args.draft)
-    if args.tokenizer is not None and tokenizer is None:
-        raise ValueError(f"--tokenizer {args.tokenizer!r} holds no loadable tokenizer")
-    target = _load_model(args.target, args.device, args.dtype)
-    draft = _load_model(args.draft, args.device, args.dtype)
-    ref = _load_model(args.ref, args.device, args.dtype)
-    reward_fn = _load_model(args.reward, args.device, args.dtype, classification=True)
-    if args.reward_fn is not None:
-        reward_fn = _load_callable(args.reward_fn)
-
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     progress = tqdm(total=len(records), desc=f"{args.method}", unit="prompt", disable=args.no_progress, file=sys.stderr)
     with open(args.out, "w", encoding="utf-8") as handle:
         for batch_index, start in enumerate(range(0, len(records), args.batch_size)):
             batch = records[start:start + args.batch_size]
-            prompts = [r["prompt"] if "prompt" in r else [int(t) for t in r["input_ids"]] for r in batch]
             seed = args.seed + batch_index
-            output = generate(target, draft, prompts, ref_model=ref, tokenizer=tokenizer, method=args.method,
+            output = generate(models["target"], models["draft"], prompts[start:start + args.batch_size],
+                              ref_model=models["ref_model"], tokenizer=tokenizer, method=args.method,
                               config=config.replace(seed=seed), reward_fn=reward_fn)
             for offset, record in enumerate(batch):
-                tokens = output.sequences[offset].tolist()
                 result = {
                     "index": start + offset,
                     "id": record.get("id"),
                     "prompt": record.get("prompt"),
                     "prompt_ids": output.prompt_ids[offset].tolist(),
                     "text": output.texts[offset] if output.texts is not None else None,
-                    "token_ids": tokens,
+                    "token_ids": output.sequences[offset].tolist(),
                     "method": args.method,
                     "config": output.config.to_dict(),
                     "seed": seed,
@@ -202,13 +358,14 @@ def run_generate(args) -> int:
 
 
 def main(argv=None) -> int:
+    """``python -m sss_ext``: help with no command; argument errors print ``error: ...`` and return 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
-        if args.command == "generate":
-            return run_generate(args)
+        return run_generate(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    parser.print_help()
-    return 1

@@ -6,14 +6,12 @@ import math
 
 import torch
 
+from sss_ext.models.compare import bootstrap_mean_ci
+
 
 def bootstrap_ci(values: torch.Tensor, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
-    g = torch.Generator().manual_seed(seed)
-    v = values.double()
-    idx = torch.randint(len(v), (n_boot, len(v)), generator=g)
-    means = v[idx].mean(1)
-    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
-    return float(means.quantile(lo)), float(means.quantile(hi))
+    """(low, high) percentile-bootstrap interval of the mean (the demo's :func:`bootstrap_mean_ci`)."""
+    return bootstrap_mean_ci(values, level=level, num_resamples=n_boot, seed=seed)[1:]
 
 
 @torch.no_grad()

@@ -117,3 +117,19 @@ def load_gold_reward() -> GoldReward:
 
 def load_proxy_reward() -> VaderReward:
     return VaderReward()
+
+
+_PROXY_INSTANCE: VaderReward | None = None
+
+
+def proxy_reward(texts: list[str]) -> torch.Tensor:
+    """The proxy reward as a plain function (``--reward-fn sss_ext.models.rewards:proxy_reward``).
+
+    Shape
+    -----
+    texts: N strings -> (N,) float32 in [-1, 1]
+    """
+    global _PROXY_INSTANCE
+    if _PROXY_INSTANCE is None:
+        _PROXY_INSTANCE = VaderReward()
+    return _PROXY_INSTANCE(texts)
