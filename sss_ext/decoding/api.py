@@ -10,6 +10,7 @@ from .config import SamplingConfig
 from .context import RunContext
 from .methods import get_method
 from .observe import Tracker, as_observer
+from .randomness import Randomness, check_prompt_indices
 from .scoring import RewardScorer, check_reward
 from .stats import StatsRecorder, StatsReport
 from .validate import check_prompts, encode_prompts, resolve_models
@@ -58,7 +59,7 @@ def _resolve_config(config, overrides) -> SamplingConfig:
 @torch.no_grad()
 def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None, method: str = "sss",
              config: SamplingConfig | None = None, reward_fn=None, *, attention_mask=None, observer=None,
-             **config_overrides) -> GenerateOutput:
+             prompt_indices=None, **config_overrides) -> GenerateOutput:
     """Generate aligned continuations, batched over prompts.
 
     Parameters
@@ -84,6 +85,11 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
         Receives a :class:`~sss_ext.decoding.observe.RoundRecord` after every round (see
         :mod:`sss_ext.decoding.observe`); with a ``clock`` attribute it also gets forward and
         sampler-op timings. None: nothing is recorded.
+    prompt_indices : sequence of int or torch.Tensor, optional
+        Distinct global index of every prompt, in ``[0, 2**63)``; default ``0 .. P-1``. A
+        prompt's random draws derive from ``(config.seed, its index)`` only (docs/algorithm.md
+        §5), so a prompt generated in any batch, shard or process gives the same tokens
+        when it keeps its index (and its logits, see the same section).
 
     Every model given must be in eval mode (``ValueError`` naming it otherwise): dropout
     would make the same seed give different outputs.
@@ -105,12 +111,12 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
         check_reward(reward_fn, method, tokenizer, config.reward_input)
     prompts = encode_prompts(prompts_or_input_ids, tokenizer, attention_mask)
     check_prompts(prompts, models, config)
+    randomness = Randomness(config.seed, check_prompt_indices(prompt_indices, len(prompts)), models.device)
 
     stats = StatsRecorder(len(prompts))
-    generator = torch.Generator(device=models.device).manual_seed(config.seed)
     scorer = RewardScorer(reward_fn, models.tokenizer, config.reward_input, stats) if spec.needs_reward else None
     tracker = Tracker(observer, method) if observer is not None else None
-    ctx = RunContext(method=method, models=models, prompts=prompts, config=config, generator=generator, stats=stats,
+    ctx = RunContext(method=method, models=models, prompts=prompts, config=config, randomness=randomness, stats=stats,
                      scorer=scorer, tracker=tracker)
     result = spec.run(ctx)
     stats.set_new_tokens([int(s.numel()) for s in result.sequences])

@@ -14,6 +14,7 @@ import torch
 
 from .config import SamplingConfig
 from .observe import Tracker
+from .randomness import Randomness
 from .stats import StatsRecorder
 
 
@@ -52,8 +53,9 @@ class RunContext:
     prompts : list of torch.Tensor
         One 1-D int64 CPU tensor per prompt.
     config : SamplingConfig
-    generator : torch.Generator
-        The one source of randomness of the call (seeded with ``config.seed``).
+    randomness : Randomness
+        The per-row random streams of the call, keyed by ``config.seed`` and the global
+        prompt indices (:mod:`sss_ext.decoding.randomness`).
     stats : StatsRecorder
         Forward, reward and round counters.
     scorer : RewardScorer or None
@@ -66,7 +68,7 @@ class RunContext:
     models: ModelSet
     prompts: list[torch.Tensor]
     config: SamplingConfig
-    generator: torch.Generator
+    randomness: Randomness
     stats: StatsRecorder
     scorer: object | None = None
     tracker: Tracker | None = None
