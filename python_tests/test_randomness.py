@@ -114,6 +114,7 @@ def test_uniform_and_independent_across_rows_and_draws():
     assert not torch.equal(u[1:, :-1], u[:-1, 1:])
 
 
+@pytest.mark.cuda
 def test_draw_on_device_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

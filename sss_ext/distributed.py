@@ -18,11 +18,10 @@ process, without a process group.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -314,4 +313,4 @@ def summed_stats(records: Sequence[dict]) -> dict:
     return total
 
 
-_COUNTERS = tuple(field.name for field in dataclasses.fields(GenerationStats))
+_COUNTERS = tuple(field.name for field in fields(GenerationStats))
