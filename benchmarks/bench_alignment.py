@@ -20,6 +20,7 @@ steps; approximate for wall time, marked in the table).
 
     nice -n 19 python benchmarks/bench_alignment.py                 # full run (see README)
     python benchmarks/bench_alignment.py --prompts 3 --max-new-tokens 4 --quick --out /tmp/x
+    torchrun --nproc-per-node 2 benchmarks/bench_alignment.py --threads 1 ...   # prompts sharded over 2 CPU ranks
 """
 
 from __future__ import annotations

@@ -15,8 +15,14 @@ Prompts file: JSON Lines, one object per prompt with ``"prompt"`` (text, needs a
 or ``"input_ids"`` (list of ints), and optionally ``"id"``. Output: one JSON object per
 prompt, in input order, with ``index``, ``id``, ``prompt``, ``prompt_ids``, ``text``,
 ``token_ids``, ``method``, ``config``, ``seed``, ``stats`` (that prompt's counters) and,
-for sss / sss-paper, ``log_z``. Prompts are generated ``--batch-size`` at a time; batch
-``j`` (0-based, starting at prompt ``j * batch_size``) uses seed ``--seed + j``, recorded.
+for sss / sss-paper, ``log_z``. Prompts are generated ``--batch-size`` at a time; a prompt's
+draws derive from ``(--seed, its index in the file)``, so its text does not depend on the
+batch size or on how a ``torchrun`` job splits the file (docs/algorithm.md §5).
+
+Under ``torchrun --nproc-per-node N -m sss_ext generate ...`` every rank generates its shard
+(:mod:`sss_ext.distributed`) and rank 0 writes the one output file. Records are appended to
+``<out>.partial`` as they complete; the finished file is written to ``<out>.tmp`` and renamed
+to ``<out>``. ``--resume`` skips the prompts already in ``<out>`` or ``<out>.partial``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import sys
 
 from .decoding.config import SamplingConfig
 from .decoding.methods import METHODS, get_method
+from .distributed import DistributedGenerationError, DistributedSession, generate_sharded
 
 _DTYPES = ("float32", "bfloat16", "float16")
 #: generate() model argument -> the flag that gives its directory
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 disables")
     sampling.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 disables")
     sampling.add_argument("--shift", type=float, default=defaults.shift, help="lambda, strength of the reward shift (r/d)^lambda")
-    sampling.add_argument("--seed", type=int, default=defaults.seed, help="seed of batch 0 (batch j uses seed + j)")
+    sampling.add_argument("--seed", type=int, default=defaults.seed, help="seed of the job; prompt i draws from (seed, i)")
     sampling.add_argument("--num-samples", type=int, default=defaults.num_samples, help="N of bon / spec-rejection, n of soft-bon")
     sampling.add_argument("--rejection-interval", type=int, default=defaults.rejection_interval, help="m: spec-rejection decides every m tokens")
     sampling.add_argument("--rejection-rate", type=float, default=defaults.rejection_rate, help="alpha: fraction of partial responses spec-rejection drops")
@@ -101,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--pad-token-id", type=int, default=None, help="id fed in padded slots; default: the tokenizer's, else 0")
     sampling.add_argument("--reward-input", default=defaults.reward_input, choices=("auto", "text", "ids"),
                           help="what --reward-fn receives: texts or token-id lists of prompt + response")
+
+    scale = gen.add_argument_group("scaling out (torchrun --nproc-per-node N -m sss_ext generate ...)")
+    scale.add_argument("--resume", action="store_true", help="skip the prompts already in --out or <out>.partial "
+                       "(generated with the same method and settings) and complete the file")
+    scale.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                       help="under torchrun: seconds a rank waits for the others before the job fails")
     return parser
 
 
@@ -207,6 +220,8 @@ def check_args(args) -> tuple[SamplingConfig, list[dict], object]:
     _check_device(args.device)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 < args.dist_timeout < float("inf"):
+        raise ValueError(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
     config = config_from_args(args)
     if args.reward is not None and args.reward_fn is not None:
         raise ValueError("give either --reward or --reward-fn, not both")
@@ -265,8 +280,8 @@ def load_tokenizer(args, use_defaults: bool):
     return tokenizer
 
 
-def load_models(args) -> dict:
-    """``{"target", "draft", "ref_model", "reward"}``: given paths, the embedded models for the other roles the method runs."""
+def load_models(args, device: str) -> dict:
+    """``{"target", "draft", "ref_model", "reward"}`` on ``device``: given paths, the embedded models for the other roles the method runs."""
     import torch
 
     missing = default_roles(args)
@@ -279,12 +294,12 @@ def load_models(args) -> dict:
     paths = {"target": args.target, "draft": args.draft, "ref_model": args.ref}
     for role, flag in ROLE_FLAGS.items():
         if paths[role] is not None:
-            models[role] = _load_model(flag, paths[role], args.device, args.dtype)
+            models[role] = _load_model(flag, paths[role], device, args.dtype)
         elif role in missing:
-            models[role] = getattr(defaults, _DEFAULT_ROLES[role]).to(device=args.device, dtype=getattr(torch, args.dtype))
+            models[role] = getattr(defaults, _DEFAULT_ROLES[role]).to(device=device, dtype=getattr(torch, args.dtype))
         else:
             models[role] = None
-    models["reward"] = (_load_model("--reward", args.reward, args.device, args.dtype, classification=True)
+    models["reward"] = (_load_model("--reward", args.reward, device, args.dtype, classification=True)
                         if args.reward is not None else None)
     return models
 
@@ -317,44 +332,90 @@ def run_generate(args) -> int:
     if tokenizer is None and any("prompt" in r for r in records):
         raise ValueError("--prompts holds text prompts but no tokenizer was found; give --tokenizer DIR "
                          "or input_ids prompts")
-    models = load_models(args)
-    reward_fn = models["reward"] if models["reward"] is not None else reward_fn
-    prompts = [_prompt_of(r) for r in records]
-    check_loaded(models, tokenizer, prompts, args.method, config, reward_fn)
+    session = DistributedSession.from_env(args.device, args.dist_timeout)
+    try:
+        models = load_models(args, str(session.device))  # cuda:<LOCAL_RANK> under torchrun
+        reward_fn = models["reward"] if models["reward"] is not None else reward_fn
+        check_loaded(models, tokenizer, [_prompt_of(r) for r in records], args.method, config, reward_fn)
+        return _generate_job(args, session, records, dict(target=models["target"], draft=models["draft"],
+                                                          ref_model=models["ref_model"], tokenizer=tokenizer,
+                                                          method=args.method, config=config, reward_fn=reward_fn))
+    finally:
+        session.close()
 
+
+def _generate_job(args, session, records: list[dict], generate_kwargs: dict) -> int:
     from tqdm import tqdm
 
-    from .decoding.api import generate
+    partial_path, tmp_path = args.out + ".partial", args.out + ".tmp"
+    done = {}
+    if session.is_main:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if args.resume:
+            done = read_finished(records, (args.out, partial_path), generate_kwargs["method"], generate_kwargs["config"])
+    skip = set(session.broadcast(sorted(done)))
+    todo = [index for index in range(len(records)) if index not in skip]
+    progress = None
+    partial = None
+    if session.is_main:
+        progress = tqdm(total=len(records), initial=len(done), desc=args.method, unit="prompt",
+                        disable=args.no_progress, file=sys.stderr)
+        partial = open(partial_path, "w", encoding="utf-8")
+        for record in done.values():
+            partial.write(json.dumps(record) + "\n")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    progress = tqdm(total=len(records), desc=f"{args.method}", unit="prompt", disable=args.no_progress, file=sys.stderr)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        for batch_index, start in enumerate(range(0, len(records), args.batch_size)):
-            batch = records[start:start + args.batch_size]
-            seed = args.seed + batch_index
-            output = generate(models["target"], models["draft"], prompts[start:start + args.batch_size],
-                              ref_model=models["ref_model"], tokenizer=tokenizer, method=args.method,
-                              config=config.replace(seed=seed), reward_fn=reward_fn)
-            for offset, record in enumerate(batch):
-                result = {
-                    "index": start + offset,
-                    "id": record.get("id"),
-                    "prompt": record.get("prompt"),
-                    "prompt_ids": output.prompt_ids[offset].tolist(),
-                    "text": output.texts[offset] if output.texts is not None else None,
-                    "token_ids": output.sequences[offset].tolist(),
-                    "method": args.method,
-                    "config": output.config.to_dict(),
-                    "seed": seed,
-                    "stats": output.stats.per_prompt[offset].to_dict(),
-                }
-                if output.log_z is not None:
-                    result["log_z"] = output.log_z[offset]
-                handle.write(json.dumps(result) + "\n")
-            handle.flush()
-            progress.update(len(batch))
-    progress.close()
+    def write(new_records: list[dict]) -> None:
+        for record in new_records:
+            source = records[record["index"]]
+            record = {"index": record["index"], "id": source.get("id"), "prompt": source.get("prompt"), **record}
+            done[record["index"]] = record
+            partial.write(json.dumps(record) + "\n")
+        partial.flush()
+        progress.update(len(new_records))
+
+    prompts = [_prompt_of(records[i]) for i in todo]
+    try:
+        generate_sharded(session, generate_kwargs.pop("target"), generate_kwargs.pop("draft"), prompts, prompt_indices=todo,
+                         batch_size=args.batch_size, on_records=write, **generate_kwargs)
+    finally:
+        if partial is not None:
+            partial.close()
+            progress.close()
+    if session.is_main:
+        with open(tmp_path, "w", encoding="utf-8") as handle:
+            for index in range(len(records)):
+                handle.write(json.dumps(done[index]) + "\n")
+        os.replace(tmp_path, args.out)
+        os.remove(partial_path)
     return 0
+
+
+def read_finished(records: list[dict], paths, method: str, config: SamplingConfig) -> dict[int, dict]:
+    """Records of earlier runs in ``paths`` (JSONL) by index, checked against the prompts and settings.
+
+    Lines that are not JSON (a record cut off by a crash) are skipped: that prompt runs again.
+    """
+    finished = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                index = record.get("index") if isinstance(record, dict) else None
+                if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(records):
+                    raise ValueError(f"--resume: {path} line {number} has no valid index for the {len(records)} prompts")
+                source = records[index]
+                if record.get("prompt") != source.get("prompt") or record.get("id") != source.get("id"):
+                    raise ValueError(f"--resume: {path} line {number} (index {index}) is not prompt {index} of --prompts")
+                if record.get("method") != method or record.get("config") != config.to_dict():
+                    raise ValueError(f"--resume: {path} line {number} (index {index}) was generated with another method "
+                                     "or settings; use the same options, or start afresh without --resume")
+                finished[index] = record
+    return finished
 
 
 def main(argv=None) -> int:
@@ -369,3 +430,6 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DistributedGenerationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -10,25 +10,35 @@ import torch
 import sss_ext
 from sss_ext.decoding.methods import get_method
 
+from sss_ext.distributed import DistributedSession, shard_indices
+
 from .instruments import AlignmentObserver
 from .statistics import bootstrap_ci, sequence_scores
 
 
-def run_method(models, prompts, label, method, overrides, args, base_config):
-    """Generate for every prompt, ``args.chunk`` prompts per ``generate`` call; costs summed over the calls."""
+def run_method(models, prompts, label, method, overrides, args, base_config, session=None):
+    """Generate for every prompt, ``args.chunk`` prompts per ``generate`` call; costs summed over the calls.
+
+    Under torchrun (``session`` with several ranks) each rank runs the prompts of
+    :func:`sss_ext.distributed.shard_indices` and rank 0 receives every rank's outputs
+    (in prompt order) and summed costs; ``wall_time`` is then the sum over ranks (rank-seconds).
+    Prompt ``i`` draws from ``(seed, i)``, so its output does not depend on the split.
+    """
+    session = session if session is not None else DistributedSession()
     config = base_config.replace(**overrides)
     reward_fn = models.proxy_reward if get_method(method).needs_reward else None
+    mine = shard_indices(len(prompts), session.rank, session.world_size)
     seqs, extras, prompt_ids = [], [], []
     totals = {}
     observer = AlignmentObserver()
     proxy_calls0 = models.proxy_reward.calls
     wall = 0.0
-    for s in range(0, len(prompts), args.chunk):
-        chunk = prompts[s : s + args.chunk]
+    for s in range(0, len(mine), args.chunk):
+        indices = mine[s : s + args.chunk]
         t0 = time.perf_counter()
-        out = sss_ext.generate(models.target, models.draft, chunk, ref_model=models.ref_draft,
-                               tokenizer=models.tokenizer, method=method,
-                               config=config.replace(seed=config.seed + s), reward_fn=reward_fn, observer=observer)
+        out = sss_ext.generate(models.target, models.draft, [prompts[i] for i in indices], ref_model=models.ref_draft,
+                               tokenizer=models.tokenizer, method=method, config=config, reward_fn=reward_fn,
+                               observer=observer, prompt_indices=indices)
         wall += time.perf_counter() - t0
         seqs += [x.cpu() for x in out.sequences]
         prompt_ids += [p.cpu() for p in out.prompt_ids]
@@ -37,10 +47,21 @@ def run_method(models, prompts, label, method, overrides, args, base_config):
             if isinstance(v, (int, float)) and v is not None and k not in ("acceptance_rate", "mean_accepted_length",
                                                                             "target_calls_per_token", "tokens_per_second", "wall_time"):
                 totals[k] = totals.get(k, 0) + v
-        print(f"  {label}: {s + len(chunk)}/{len(prompts)} prompts, {wall:.0f}s", flush=True)
+        rank = f"rank {session.rank}: " if session.world_size > 1 else ""
+        print(f"  {label}: {rank}{s + len(indices)}/{len(mine)} prompts, {wall:.0f}s", flush=True)
     totals["wall_time"] = wall
     totals["target_row_calls"] = observer.target_row_calls
     totals["proxy_reward_sequences"] = models.proxy_reward.calls - proxy_calls0
+    parts = session.all_gather((mine, seqs, prompt_ids, extras, totals, observer.log_z))
+    by_index = {}
+    for indices, part_seqs, part_ids, part_extras, _, _ in parts:
+        by_index.update(zip(indices, zip(part_seqs, part_ids, part_extras)))
+    seqs, prompt_ids, extras = (list(column) for column in zip(*(by_index[i] for i in range(len(prompts)))))
+    totals = {}
+    for part in parts:
+        for k, v in part[4].items():
+            totals[k] = totals.get(k, 0) + v
+    observer.log_z = [log_z for part in parts for log_z in part[5]]
     return {"label": label, "method": method, "config": config.to_dict(), "sequences": seqs, "prompt_ids": prompt_ids,
             "extras": extras, "totals": totals, "mean_abs_z_minus_1": observer.mean_abs_z_minus_1()}
 

@@ -13,6 +13,7 @@ import torch
 
 import sss_ext
 from sss_ext.decoding.methods import get_method
+from sss_ext.distributed import DistributedSession
 
 from .grid import method_grid
 from .measure import bon_subsets, run_method, summarise
@@ -54,26 +55,39 @@ def _resume(args, partial: Path, settings: dict):
 
 
 def run_all(args) -> None:
-    """Every method of the grid on the default models; the state file is rewritten after each method."""
+    """Every method of the grid on the default models; the state file is rewritten after each method.
+
+    Under ``torchrun --nproc-per-node N benchmarks/bench_alignment.py ...`` (CPU, gloo) every
+    rank generates its shard of the prompts (:func:`.measure.run_method`); rank 0 scores,
+    writes the state file and the outputs.
+    """
+    with DistributedSession.from_env("cpu") as session:
+        _run_all(args, session)
+
+
+def _run_all(args, session: DistributedSession) -> None:
     from sss_ext.models import load_default, load_prompts
 
     t0 = time.time()
     grid = method_grid(args)
-    models = load_default(aligned=any("draft" in get_method(m).models for _, m, _ in grid))
+    models = load_default(aligned=any("draft" in get_method(m).models for _, m, _ in grid), gold=session.is_main)
     print(f"models loaded in {time.time() - t0:.1f}s", flush=True)
     prompts = load_prompts("eval", args.prompts)
     base = sss_ext.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0, top_p=1.0,
                                   seed=args.seed, ignore_eos=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = state_path(args.out)
     settings = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "seed": args.seed, "chunk": args.chunk, "ll_prompts": args.ll_prompts, "no_ll": args.no_ll}
-    rows, samples, done_labels = _resume(args, partial, settings)
+    if session.is_main:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows, samples, done_labels = session.broadcast(_resume(args, partial, settings) if session.is_main else None)
     for label, method, overrides in grid:
         if label in done_labels:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {label}", flush=True)
-        run = run_method(models, prompts, label, method, overrides, args, base)
+        run = run_method(models, prompts, label, method, overrides, args, base, session)
+        if not session.is_main:
+            continue
         row, smp = summarise(models, prompts, run, args)
         rows.append(row)
         samples[row["method"]] = smp
@@ -85,12 +99,14 @@ def run_all(args) -> None:
               f"target fwd rows/prompt {row['target_row_calls_per_prompt']:.1f} wall/prompt {row['wall_s_per_prompt']:.2f}s", flush=True)
         done_labels.add(label)
         partial.write_text(json.dumps({"settings": settings, "rows": rows, "samples": samples, "done": sorted(done_labels)}, indent=1))
+    if not session.is_main:
+        return
     rows = sort_rows(rows)
     meta = {
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": 0, "top_p": 1.0, "seed": args.seed, "ignore_eos": True, "chunk": args.chunk,
         "proxy_reward": models.proxy_reward.name, "gold_reward": models.gold_reward.name,
-        "machine": machine(),
+        "machine": machine(), "ranks": session.world_size,
         "load_avg_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "total_wall_s": time.time() - t0, "argv": sys.argv[1:],
         "models": {k: models.manifest.get(k, {}).get(m) for k, m in MODEL_FIGURES},

@@ -11,6 +11,7 @@ from .context import RunContext
 from .hooks import GenerationHooks
 from .methods import get_method
 from .observe import Tracker, as_observer
+from .randomness import Randomness, check_prompt_indices
 from .scoring import RewardScorer, check_reward
 from .stats import StatsRecorder, StatsReport
 from .validate import check_prompts, encode_prompts, resolve_models
@@ -60,7 +61,7 @@ def _resolve_config(config, overrides) -> SamplingConfig:
 def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None, method: str = "sss",
              config: SamplingConfig | None = None, reward_fn=None, *, attention_mask=None, observer=None,
              logits_processor=None, stopping_criteria=None, streamer=None, context_ids=None,
-             **config_overrides) -> GenerateOutput:
+             prompt_indices=None, **config_overrides) -> GenerateOutput:
     """Generate aligned continuations, batched over prompts.
 
     Parameters
@@ -101,6 +102,11 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
     context_ids : list of torch.Tensor, optional
         Per prompt, the ids the processor and criteria see before the generated tokens (each
         ending with its prompt); default the prompts.
+    prompt_indices : sequence of int or torch.Tensor, optional
+        Distinct global index of every prompt, in ``[0, 2**63)``; default ``0 .. P-1``. A
+        prompt's random draws derive from ``(config.seed, its index)`` only (docs/algorithm.md
+        §5), so a prompt generated in any batch, shard or process gives the same tokens
+        when it keeps its index (and its logits, see the same section).
 
     Every model given must be in eval mode (``ValueError`` naming it otherwise): dropout
     would make the same seed give different outputs.
@@ -130,12 +136,12 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
                                 context_ids)
     elif context_ids is not None:
         raise ValueError("context_ids is only used with a logits_processor, stopping_criteria or streamer")
+    randomness = Randomness(config.seed, check_prompt_indices(prompt_indices, len(prompts)), models.device)
 
     stats = StatsRecorder(len(prompts))
-    generator = torch.Generator(device=models.device).manual_seed(config.seed)
     scorer = RewardScorer(reward_fn, models.tokenizer, config.reward_input, stats) if spec.needs_reward else None
     tracker = Tracker(observer, method) if observer is not None else None
-    ctx = RunContext(method=method, models=models, prompts=prompts, config=config, generator=generator, stats=stats,
+    ctx = RunContext(method=method, models=models, prompts=prompts, config=config, randomness=randomness, stats=stats,
                      scorer=scorer, tracker=tracker, hooks=hooks)
     result = spec.run(ctx)
     if hooks is not None:

@@ -12,6 +12,7 @@ from .. import ops
 from ..warp import warp_probs
 from .cache import KVState
 from .context import MethodResult, RunContext
+from .randomness import SAMPLING
 from .rows import RowBook, left_pad
 
 _ARGUMENT = {"target": "target", "draft": "draft", "ref": "ref_model"}
@@ -31,19 +32,24 @@ class AutoregressiveRun:
         int64 prompt index of every row (for per-prompt stats); default one row per prompt.
     track_log_prob : bool
         Accumulate ``log warp(p)(token)`` of every sampled token in ``log_prob``.
+    sample_of_row : torch.Tensor, optional
+        int64 index of every row among its prompt's samples (keys its random stream); default 0.
+    purpose : int
+        Purpose of the rows' random streams (:mod:`sss_ext.decoding.randomness`).
 
     Shape
     -----
-    prompts: R tensors (L_r,); prompt_of_row: (R,); log_prob: (R,) float64
+    prompts: R tensors (L_r,); prompt_of_row, sample_of_row: (R,); log_prob: (R,) float64
     """
 
-    def __init__(self, ctx: RunContext, role: str, prompts=None, prompt_of_row=None, track_log_prob: bool = False):
+    def __init__(self, ctx: RunContext, role: str, prompts=None, prompt_of_row=None, track_log_prob: bool = False,
+                 sample_of_row=None, purpose: int = SAMPLING):
         config, models, device = ctx.config, ctx.models, ctx.device
         prompts = ctx.prompts if prompts is None else prompts
         if prompt_of_row is None:
             prompt_of_row = torch.arange(len(prompts))
         self.config = config
-        self.generator = ctx.generator
+        self.streams = ctx.randomness.streams(prompt_of_row, sample_of_row, purpose)
         self.stats = ctx.stats
         self.role = role
         self.tracker = ctx.tracker
@@ -77,10 +83,11 @@ class AutoregressiveRun:
         logits = self.state.forward(self.pending[:, None])[:, -1]
         if self.logits_hooks is not None:
             logits = self.logits_hooks.process(self.book, [], logits[:, None])[:, 0]
+        uniforms = self.streams.draw(self.book.active, 1)[:, 0]
         if tracker is None:
-            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
+            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms)
         else:
-            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
+            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms)
         if self.track_log_prob:
             probs = warp_probs(logits, config.temperature, config.top_k, config.top_p)
             self.log_prob[self.book.active] += torch.log(probs.gather(1, token[:, None]).squeeze(1))

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from ..uniforms import draw_uniforms
 from ..warp import warp_probs
 from .autoregressive import AutoregressiveRun
 from .context import MethodResult, RunContext
+from .randomness import CHOICE, FALLBACK, FALLBACK_CHOICE
 from .rows import left_pad
 
 
-def _expand(prompts: list[torch.Tensor], copies: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every prompt ``copies`` times. Shape: -> R = P * copies rows, prompt_of_row (R,)"""
+def _expand(prompts: list[torch.Tensor], copies: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Every prompt ``copies`` times. Shape: -> R = P * copies rows, prompt_of_row (R,), sample_of_row (R,)"""
     rows = [prompt for prompt in prompts for _ in range(copies)]
-    return rows, torch.arange(len(prompts)).repeat_interleave(copies)
+    return rows, torch.arange(len(prompts)).repeat_interleave(copies), torch.arange(copies).repeat(len(prompts))
 
 
 def _full(prompts: list[torch.Tensor], rows: list[int], sequences: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -41,8 +41,8 @@ def _full(prompts: list[torch.Tensor], rows: list[int], sequences: list[torch.Te
 def best_of_n(ctx: RunContext) -> MethodResult:
     prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
-    rows, prompt_of_row = _expand(prompts, n)
-    run = AutoregressiveRun(ctx, "target", rows, prompt_of_row)
+    rows, prompt_of_row, sample_of_row = _expand(prompts, n)
+    run = AutoregressiveRun(ctx, "target", rows, prompt_of_row, sample_of_row=sample_of_row)
     run.run()
     candidates = run.book.sequences()
     rewards = scorer(_full(rows, list(range(len(rows))), candidates), prompt_of_row)
@@ -60,8 +60,8 @@ def best_of_n(ctx: RunContext) -> MethodResult:
 def speculative_rejection(ctx: RunContext) -> MethodResult:
     prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
-    rows, prompt_of_row = _expand(prompts, n)
-    run = AutoregressiveRun(ctx, "target", rows, prompt_of_row)
+    rows, prompt_of_row, sample_of_row = _expand(prompts, n)
+    run = AutoregressiveRun(ctx, "target", rows, prompt_of_row, sample_of_row=sample_of_row)
     decisions: list[list[dict]] = [[] for _ in prompts]
     generated = 0
     while run.book.num_active:
@@ -143,10 +143,10 @@ def target_log_prob(ctx: RunContext, full_sequences, response_lengths, prompt_of
 
 
 def soft_best_of_n(ctx: RunContext) -> MethodResult:
-    prompts, config, stats, scorer, models, generator = ctx.prompts, ctx.config, ctx.stats, ctx.scorer, ctx.models, ctx.generator
+    prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
-    rows, prompt_of_row = _expand(prompts, n)
-    run = AutoregressiveRun(ctx, "draft", rows, prompt_of_row, track_log_prob=True)
+    rows, prompt_of_row, sample_of_row = _expand(prompts, n)
+    run = AutoregressiveRun(ctx, "draft", rows, prompt_of_row, track_log_prob=True, sample_of_row=sample_of_row)
     run.run()
     candidates = run.book.sequences()
     full = _full(rows, list(range(len(rows))), candidates)
@@ -154,7 +154,7 @@ def soft_best_of_n(ctx: RunContext) -> MethodResult:
     log_q = target_log_prob(ctx, full, [c.numel() for c in candidates], prompt_of_row)
     rewards = scorer(full, prompt_of_row)
     scores = config.beta * rewards + log_q - log_r
-    uniforms = draw_uniforms((len(prompts),), models.device, generator).cpu().tolist()
+    uniforms = ctx.randomness.one_each(torch.arange(len(prompts)), CHOICE).cpu().tolist()
     result = MethodResult(sequences=[])
     fallback = []
     for prompt in range(len(prompts)):
@@ -173,13 +173,14 @@ def soft_best_of_n(ctx: RunContext) -> MethodResult:
     stats.prompts_finished(p for p in range(len(prompts)) if p not in fallback)
     if fallback:
         fallback_prompts = [prompts[p] for p in fallback]
-        target_rows, local_of_row = _expand(fallback_prompts, n)
+        target_rows, local_of_row, target_sample_of_row = _expand(fallback_prompts, n)
         target_prompt_of_row = torch.tensor(fallback)[local_of_row]
-        target_run = AutoregressiveRun(ctx, "target", target_rows, target_prompt_of_row)
+        target_run = AutoregressiveRun(ctx, "target", target_rows, target_prompt_of_row, sample_of_row=target_sample_of_row,
+                                       purpose=FALLBACK)
         target_run.run()
         target_candidates = target_run.book.sequences()
         target_rewards = scorer(_full(target_rows, list(range(len(target_rows))), target_candidates), target_prompt_of_row)
-        target_uniforms = draw_uniforms((len(fallback),), models.device, generator).cpu().tolist()
+        target_uniforms = ctx.randomness.one_each(torch.tensor(fallback), FALLBACK_CHOICE).cpu().tolist()
         for local, prompt in enumerate(fallback):
             group = slice(local * n, (local + 1) * n)
             chosen = _softmax_pick(config.beta * target_rewards[group], target_uniforms[local])

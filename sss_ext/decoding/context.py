@@ -15,6 +15,7 @@ import torch
 from .config import SamplingConfig
 from .hooks import GenerationHooks
 from .observe import Tracker
+from .randomness import Randomness
 from .stats import StatsRecorder
 
 
@@ -53,8 +54,9 @@ class RunContext:
     prompts : list of torch.Tensor
         One 1-D int64 CPU tensor per prompt.
     config : SamplingConfig
-    generator : torch.Generator
-        The one source of randomness of the call (seeded with ``config.seed``).
+    randomness : Randomness
+        The per-row random streams of the call, keyed by ``config.seed`` and the global
+        prompt indices (:mod:`sss_ext.decoding.randomness`).
     stats : StatsRecorder
         Forward, reward and round counters.
     scorer : RewardScorer or None
@@ -69,7 +71,7 @@ class RunContext:
     models: ModelSet
     prompts: list[torch.Tensor]
     config: SamplingConfig
-    generator: torch.Generator
+    randomness: Randomness
     stats: StatsRecorder
     scorer: object | None = None
     tracker: Tracker | None = None

@@ -1,7 +1,8 @@
 """Batched speculative rounds: SSS (exact or paper rule) and standard speculative sampling.
 
 One round for the active rows (``K' = min(K, max remaining budget - 1)`` so no round runs
-past ``max_new_tokens``):
+past ``max_new_tokens``; row ``b`` uses its own ``K'_b = min(K, its remaining budget - 1)``
+drafts, so its tokens do not depend on the other rows of the batch):
 
 1. the draft ``r`` proposes ``K'`` tokens one at a time, each drawn with the fused
    ``sss_ext.sample`` from ``warp(r)`` (SSS runs one more draft step to get ``zr[K']``);
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..outputs import VerifyOutput
 from .cache import KVState
 from .context import MethodResult, RunContext
 from .rows import RowBook, left_pad
@@ -37,7 +39,7 @@ class SpeculativeRun:
     Parameters
     ----------
     ctx : RunContext
-        Models (``target``, ``draft`` and, for SSS, ``ref``), prompts, config, generator, stats.
+        Models (``target``, ``draft`` and, for SSS, ``ref``), prompts, config, random streams, stats.
     use_ref : bool
         Shift by the reference draft ``d`` (SSS); False gives standard speculative sampling.
     mode : {"exact", "paper"}
@@ -53,7 +55,6 @@ class SpeculativeRun:
         self.ctx = ctx
         self.config = config
         self.mode = mode
-        self.generator = ctx.generator
         self.stats = ctx.stats
         self.tracker = ctx.tracker
         self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
@@ -63,6 +64,7 @@ class SpeculativeRun:
         prompt_of_row = torch.arange(len(prompts))
         self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, models.eos_token_ids,
                             device, ctx.stats, ctx.hooks)
+        self.streams = ctx.randomness.streams(prompt_of_row)
         record = self._record
         batch = len(prompts)
         self.target = KVState(models.target, "target", record, "target", batch, device, ctx.clock)
@@ -104,7 +106,10 @@ class SpeculativeRun:
         config = self.config
         tracker = self.tracker
         temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
-        num_draft = min(config.num_draft_tokens, int(self.book.remaining().max()) - 1)
+        remaining = self.book.remaining()
+        longest, shortest = torch.stack([remaining.max(), remaining.min()]).tolist()
+        num_draft = min(config.num_draft_tokens, longest - 1)
+        row_draft = torch.clamp(remaining - 1, max=config.num_draft_tokens)  # (B,) K'_b of every row
         sss = self.ref is not None
         if tracker is not None:
             rows, row_prompts, carried = self.book.active.cpu(), self.book.active_prompts.clone(), self.carry.clone()
@@ -119,10 +124,11 @@ class SpeculativeRun:
                 logits = self.logits_hooks.process(self.book, drafts, logits[:, None])[:, 0]
             draft_logits.append(logits)
             if step < num_draft:
+                uniforms = self.streams.draw(self.book.active, 1, where=step < row_draft)[:, 0]
                 if tracker is None:
-                    drafts.append(ops.sample(logits, temperature, top_k, top_p, generator=self.generator))
+                    drafts.append(ops.sample(logits, temperature, top_k, top_p, uniforms=uniforms))
                 else:
-                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, generator=self.generator))
+                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, uniforms=uniforms))
         batch = self.pending.shape[0]
         draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
@@ -140,12 +146,10 @@ class SpeculativeRun:
         target_logits, draft_stack, ref_logits = _common_dtype(target_logits, draft_stack, ref_logits)
 
         # 3. verification
-        verify_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, shift=config.shift,
-                             mode=self.mode if sss else "exact", generator=self.generator)
-        if tracker is None:
-            out = ops.verify(target_logits, draft_stack, draft_tokens, ref_logits, **verify_kwargs)
+        if min(config.num_draft_tokens, shortest - 1) == num_draft:
+            out = self._verify(self.book.active, target_logits, draft_stack, draft_tokens, ref_logits)
         else:
-            out = tracker.timed_op(ops.verify, target_logits, draft_stack, draft_tokens, ref_logits, **verify_kwargs)
+            out = self._verify_per_row(row_draft, num_draft, target_logits, draft_stack, draft_tokens, ref_logits)
         accepted = out.num_accepted
         keep = accepted + 1
 
@@ -162,7 +166,7 @@ class SpeculativeRun:
                 self.carry_token = draft_tokens[:, -1]
         prompts = self.book.active_prompts
         self.stats.rows("rounds", prompts, 1)
-        self.stats.rows("proposed_drafts", prompts, num_draft)
+        self.stats.rows("proposed_drafts", prompts, row_draft)
         self.stats.rows("accepted_drafts", prompts, accepted)
 
         kept, done = self.book.append(out.tokens, keep, out.log_z if sss else None)
@@ -182,6 +186,42 @@ class SpeculativeRun:
                          draft_tokens=draft_tokens, logits=logits, verify=out, tokens=out.tokens, num_emitted=kept,
                          finished=done, carried=None if sss else carried)
         self.round_index += 1
+
+    def _verify(self, rows: torch.Tensor, target_logits, draft_logits, draft_tokens, ref_logits):
+        """``sss_ext.verify`` of the batch ``rows`` with their next uniforms.
+
+        Shape
+        -----
+        rows: (B,); target_logits: (B, K+1, V); draft_tokens: (B, K) -> VerifyOutput with (B, K+1) tokens
+        """
+        config = self.config
+        kwargs = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, shift=config.shift,
+                      mode=self.mode if self.ref is not None else "exact",
+                      uniforms=self.streams.draw(rows, draft_tokens.shape[1] + 1))
+        if self.tracker is None:
+            return ops.verify(target_logits, draft_logits, draft_tokens, ref_logits, **kwargs)
+        return self.tracker.timed_op(ops.verify, target_logits, draft_logits, draft_tokens, ref_logits, **kwargs)
+
+    def _verify_per_row(self, row_draft, num_draft, target_logits, draft_logits, draft_tokens, ref_logits) -> VerifyOutput:
+        """Verify every row on its own first ``row_draft[b]`` drafts (one call per distinct count).
+
+        Shape
+        -----
+        row_draft: (B,) in [0, K']; target_logits: (B, K'+1, V) -> VerifyOutput padded to (B, K'+1)
+        """
+        batch, width = target_logits.shape[0], num_draft + 1
+        extra = draft_logits.shape[1] - num_draft  # SSS also holds zr[K']
+        tokens = torch.full((batch, width), -1, dtype=torch.int64, device=target_logits.device)
+        num_accepted = torch.zeros(batch, dtype=torch.int64, device=target_logits.device)
+        log_z = torch.zeros((batch, width), dtype=torch.float32, device=target_logits.device)
+        for count in torch.unique(row_draft).tolist():
+            rows = torch.nonzero(row_draft == count).squeeze(1)
+            part = self._verify(self.book.active[rows], target_logits[rows, :count + 1], draft_logits[rows, :count + extra],
+                                draft_tokens[rows, :count], ref_logits[rows, :count + 1] if ref_logits is not None else None)
+            tokens[rows, :count + 1] = part.tokens
+            num_accepted[rows] = part.num_accepted
+            log_z[rows, :count + 1] = part.log_z
+        return VerifyOutput(tokens, num_accepted, log_z)
 
     def run(self) -> None:
         while self.book.num_active:
