@@ -23,7 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "csrc" / "kernels"
 SOURCE_LIST = KERNELS / "sources.txt"
 MISSING_TOOLS = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
-needs_cmake = pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"{' and '.join(MISSING_TOOLS)} not found: the C++ build needs CMake and a C++ compiler")
+needs_cmake = pytest.mark.skipif(
+    bool(MISSING_TOOLS), reason=f"{' and '.join(MISSING_TOOLS)} not found: the C++ build needs CMake and a C++ compiler"
+)
 # Every CMake configure here leaves CUDA out: the CUDA build is checked in scripts/cuda_build_check.sh.
 CPU_ONLY = ["-DSSS_EXT_KERNELS_CUDA=OFF"]
 
@@ -42,15 +44,18 @@ def setup_py_kernel_files(suffixes):
     return namespace["kernel_files"](suffixes)
 
 
-def run(command, cwd=None):
-    result = subprocess.run([str(part) for part in command], cwd=cwd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(map(str, command))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+def run(command):
+    """stdout and stderr of a command that must succeed."""
+    result = subprocess.run([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, f"{' '.join(map(str, command))} failed ({result.returncode}):\n{result.stdout}"
     return result.stdout
 
 
 def cmake_build(source, build, *options):
+    """Configures and builds; the compiler must print no warning (the example builds with -Wall -Wextra)."""
     run(["cmake", "-S", source, "-B", build, *CPU_ONLY, *options])
-    run(["cmake", "--build", build, "--parallel", "2"])
+    output = run(["cmake", "--build", build, "--parallel", "2"])
+    assert "warning" not in output.lower(), output
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +128,14 @@ CONFIGS = {
 }
 
 
-def python_results(config, uniforms_override=None):
+def python_results(config, uniforms=None):
+    """The op's results on the example's inputs under ``config`` (its defaults where absent)."""
     batch, num_draft_tokens, vocab_size = config.get("batch", 6), config.get("num_draft", 4), config.get("vocab", 40)
-    target, draft, ref, draft_tokens, uniforms, sample_uniforms = example_inputs(batch, num_draft_tokens, vocab_size)
+    target, draft, ref, draft_tokens, example_uniforms, sample_uniforms = example_inputs(batch, num_draft_tokens, vocab_size)
     sampling = {"temperature": config.get("temperature", 1.0), "top_k": config.get("top_k", 0), "top_p": config.get("top_p", 1.0)}
     out = sss_ext.verify(
-        target, draft, draft_tokens, ref if config.get("ref", 1) else None, uniforms=uniforms if uniforms_override is None else uniforms_override,
+        target, draft, draft_tokens, ref if config.get("ref", 1) else None,
+        uniforms=example_uniforms if uniforms is None else uniforms,
         shift=config.get("shift", 1.0), mode=config.get("mode", "exact"), **sampling,
     )
     sample_tokens = sss_ext.sample(target[:, num_draft_tokens], uniforms=sample_uniforms, **sampling)
@@ -169,7 +176,8 @@ def test_example_matches_python_op(example, config):
     assert tokens == expected_tokens
     assert num_accepted == expected_accepted
     assert sample_tokens == expected_sample
-    torch.testing.assert_close(torch.tensor(log_z, dtype=torch.float32).reshape(expected_log_z.shape), expected_log_z, rtol=1e-6, atol=1e-7)
+    log_z = torch.tensor(log_z, dtype=torch.float32).reshape(expected_log_z.shape)
+    torch.testing.assert_close(log_z, expected_log_z, rtol=1e-6, atol=1e-7)
 
 
 @needs_cmake
@@ -180,11 +188,14 @@ def test_example_inputs_are_discriminating(example):
     assert len(set(sample_tokens)) >= 3
     batch, num_draft_tokens = len(tokens), len(tokens[0]) - 1
     flipped = 1.0 - example_inputs(batch, num_draft_tokens, 40)[4]
-    assert python_results({}, uniforms_override=flipped)[0] != tokens
+    assert python_results({}, uniforms=flipped)[0] != tokens
+
+
+BAD_ARGUMENTS = ["vocab=0", "batch=-1", "top_p=0", "temperature=nan", "mode=paper ref=0", "vocab=1e300", "tokens"]
 
 
 @needs_cmake
-@pytest.mark.parametrize("argument", ["vocab=0", "batch=-1", "top_p=0", "temperature=nan", "mode=paper ref=0", "vocab=1e300", "tokens"])
+@pytest.mark.parametrize("argument", BAD_ARGUMENTS)
 def test_example_rejects_bad_arguments(example, argument):
     result = subprocess.run([str(example), *argument.split()], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""

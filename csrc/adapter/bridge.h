@@ -190,7 +190,6 @@ SampleParams<T> sample_params(const SampleInputs& in, const at::Tensor& tokens) 
   return p;
 }
 
-
 // Raises a ValueError for a kernel-reported error; returns normally when ok.
 inline void raise_if_error(const Error& e, int64_t vocab) {
   switch (e.status) {

@@ -1,13 +1,12 @@
 // The examples' inputs and output format, shared by verify_example.cpp (CPU) and
 // verify_example.cu (CUDA). Inputs come from integer formulas, so that a test can rebuild
 // them exactly (python_tests/test_cpp_example.py): logits are multiples of 1/4 in
-// [-2.75, 3.75] (exact in float32), uniforms are (k + 0.5) / n.
+// [-2.75, 3.75] (exact in float32), uniforms are k / n + 0.5 / n for integers 0 <= k < n.
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 

@@ -28,7 +28,7 @@ struct SerialFor {
 
 // Up to num_threads chunks of at least `grain` items, one std::thread each (the calling
 // thread runs the first); threads are started per call, so this suits batch-sized work,
-// not a hot loop of tiny calls. An exception inside a worker thread terminates the process.
+// not a hot loop of tiny calls. An exception thrown by fn terminates the process.
 struct ThreadsFor {
   int num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 
