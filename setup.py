@@ -40,6 +40,13 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def kernel_files(suffixes):
+    """Files of csrc/kernels/sources.txt (the one list, also read by CMakeLists.txt) ending in ``suffixes``."""
+    with open(os.path.join(ROOT, "csrc", "kernels", "sources.txt")) as listing:
+        entries = [line.strip() for line in listing if line.strip() and not line.lstrip().startswith("#")]
+    return [os.path.join("csrc", "kernels", entry) for entry in entries if entry.endswith(suffixes)]
+
+
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
@@ -74,7 +81,7 @@ cxx_flags = sanitize_compile + ["-O3", "-fopenmp", "-fopenmp-simd", "-ffp-contra
 macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
 ext_sources = sources("csrc/ops.cpp") + sources("csrc/adapter/ops_cpu.cpp")
 if with_cuda:
-    ext_sources += sources("csrc/adapter/ops_cuda.cpp") + sources("csrc/kernels/cuda/instantiate/*.cu")
+    ext_sources += sources("csrc/adapter/ops_cuda.cpp") + kernel_files(".cu")
     macros += [("SSS_EXT_WITH_CUDA", None), ("SSS_EXT_CUDA_VERSION", f'"{torch.version.cuda}"'),
                ("SSS_EXT_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
     extension = CUDAExtension(

@@ -4,6 +4,7 @@
 # the CPU build in sss_ext/ stays as it is), then checks that it links, imports with no GPU
 # visible, reports its CUDA kernels and passes the CPU op tests; the GPU tests skip naming
 # the missing device; benchmarks/gpu_check.sh --dry-run exercises the GPU script's plumbing.
+# CMake builds the kernels without torch (sss_ext::kernels_cuda and the C++ examples).
 #
 #   bash scripts/cuda_build_check.sh     # knobs: CUDA_TORCH (default 2.14.1), TORCH_CUDA_ARCH_LIST (default 9.0)
 set -euo pipefail
@@ -41,6 +42,28 @@ fi
 grep -m2 "sss_ext:" build.log
 if grep -n "warning" build.log; then echo "cuda: the build printed warnings" >&2; exit 1; fi
 echo "cuda: built and linked in $((SECONDS - began)) s"
+
+# The kernels alone with CMake, no torch (docs/cpp_api.md): sss_ext::kernels_cuda and the
+# C++ examples for sm_90. With a GPU visible the CUDA example runs and must print the CPU
+# example's tokens (launch.h's exactness rule allows a difference only within float32
+# rounding of a decision boundary: a difference fails here, to be examined).
+began=$SECONDS
+if ! { cmake -S . -B cmake-build -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DCMAKE_CUDA_ARCHITECTURES=90 \
+       && cmake --build cmake-build --parallel "$MAX_JOBS"; } > cmake.log 2>&1; then
+  tail -40 cmake.log; echo "cuda: the CMake build failed" >&2; exit 1
+fi
+grep -q "sss_ext: CPU and CUDA kernels" cmake.log || { echo "cuda: CMake did not build sss_ext::kernels_cuda" >&2; exit 1; }
+if grep -n "warning" cmake.log; then echo "cuda: the CMake build printed warnings" >&2; exit 1; fi
+cmake-build/examples/cpp/verify_example > example_cpu.txt
+echo "cuda: CMake built sss_ext::kernels_cuda and the C++ examples in $((SECONDS - began)) s"
+if nvidia-smi -L > /dev/null 2>&1; then
+  cmake-build/examples/cpp/verify_example_cuda > example_cuda.txt
+  diff <(sed 's/ log_z=.*//' example_cpu.txt) <(sed 's/ log_z=.*//' example_cuda.txt) \
+    || { echo "cuda: the CUDA example's tokens differ from the CPU example's" >&2; exit 1; }
+  echo "cuda: the CUDA example ran on the GPU and printed the CPU example's tokens"
+else
+  echo "cuda: no GPU visible: the CUDA example is built, not run"
+fi
 
 export CUDA_VISIBLE_DEVICES=""
 "$PY" -m sss_ext.info | tee info.txt

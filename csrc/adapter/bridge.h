@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../kernels/common.h"
+#include "../kernels/status.h"
 
 namespace sss_ext::adapter {
 
@@ -187,16 +188,6 @@ SampleParams<T> sample_params(const SampleInputs& in, const at::Tensor& tokens) 
   p.sampling = in.sampling;
   p.tokens = tokens.data_ptr<int64_t>();
   return p;
-}
-
-inline const char* tensor_name(Which which) {
-  switch (which) {
-    case Which::kTarget: return "target_logits";
-    case Which::kDraft: return "draft_logits";
-    case Which::kRef: return "ref_logits";
-    case Which::kLogits: return "logits";
-    default: return "input";
-  }
 }
 
 // Raises a ValueError for a kernel-reported error; returns normally when ok.

@@ -1,6 +1,6 @@
 // Host entry points of the CUDA kernels, framework-free: raw pointers and sizes in the
-// structs of ../common.h, a cudaStream_t, a caller-owned workspace. Usable from any engine
-// (include this header, link the objects built from csrc/kernels/cuda/instantiate/*.cu).
+// structs of ../common.h, a cudaStream_t, a caller-owned workspace. Usable from any engine:
+// include <sss_ext/kernels/cuda/launch.h>, link sss_ext::kernels_cuda (docs/cpp_api.md).
 //
 // Contract (both ops):
 // - every launch goes to `stream`, nothing synchronises the host and nothing is queried from
