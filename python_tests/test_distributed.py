@@ -44,8 +44,8 @@ def _argv(model_dirs, prompts: Path, out: Path, batch_size: int, *extra) -> list
             "--no-progress", *extra]
 
 
-def _torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def _torchrun(argv: list[str], nproc: int = 2, pythonpath: tuple = ()) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), *map(str, pythonpath)]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "sss_ext", *argv]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
@@ -124,11 +124,17 @@ def test_resume_refuses_other_settings(model_dirs, single_process, tmp_path):
 
 
 def test_failing_rank_ends_the_job_naming_rank_and_prompt(model_dirs, tmp_path):
-    lines = [{"prompt": p} for p in PROMPTS]
-    lines[5] = {"input_ids": [3, 99]}  # outside the 12-token vocabulary: prompt 5 fails, on rank 1
-    prompts = _prompts_file(tmp_path / "prompts.jsonl", lines)
+    # the reward of best-of-N raises on prompt 5 ("w4 w4"), which runs on rank 1, after every check passed
+    (tmp_path / "planted_failure.py").write_text(
+        "def reward(texts):\n"
+        "    if any(text.startswith('w4 w4') for text in texts):\n"
+        "        raise RuntimeError('planted failure')\n"
+        "    return [float(len(text)) for text in texts]\n")
+    prompts = _prompts_file(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "out.jsonl"
-    result = _torchrun(_argv(model_dirs, prompts, out, 1))  # raises subprocess.TimeoutExpired on a hang
+    argv = _argv(model_dirs, prompts, out, 1, "--reward-fn", "planted_failure:reward", "--num-samples", "2")
+    argv[argv.index("--method") + 1] = "bon"
+    result = _torchrun(argv, pythonpath=(tmp_path,))  # raises subprocess.TimeoutExpired on a hang
     assert result.returncode != 0
     assert result.stderr.count("rank 1 failed on prompt indices [5]") >= 2, result.stderr[-3000:]  # both ranks say so
     assert not out.exists()
