@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from .checks import TOP_K_TIES
 from .decoding.config import SamplingConfig
 from .decoding.methods import METHODS
 
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 is greedy")
     sampling.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 disables")
     sampling.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 disables")
+    sampling.add_argument("--top-k-ties", default=defaults.top_k_ties, choices=TOP_K_TIES,
+                          help="keep: also keep tokens tied with the k-th largest logit (HF/vLLM); exact-k: exactly k")
     sampling.add_argument("--shift", type=float, default=defaults.shift, help="lambda, strength of the reward shift (r/d)^lambda")
     sampling.add_argument("--seed", type=int, default=defaults.seed, help="seed of batch 0 (batch j uses seed + j)")
     sampling.add_argument("--num-samples", type=int, default=defaults.num_samples, help="N of bon / spec-rejection, n of soft-bon")
@@ -151,7 +154,7 @@ def run_generate(args) -> int:
         raise ValueError("give either --reward or --reward-fn, not both")
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, shift=args.shift, seed=args.seed, num_samples=args.num_samples,
+        top_k=args.top_k, top_p=args.top_p, top_k_ties=args.top_k_ties, shift=args.shift, seed=args.seed, num_samples=args.num_samples,
         rejection_interval=args.rejection_interval, rejection_rate=args.rejection_rate, beta=args.beta,
         soft_bon_threshold=args.soft_bon_threshold,
         eos_token_id=tuple(args.eos_token_id) if args.eos_token_id else None, ignore_eos=args.ignore_eos,

@@ -75,11 +75,13 @@ class AutoregressiveRun:
             rows, row_prompts = self.book.active.cpu(), self.book.active_prompts.clone()
         logits = self.state.forward(self.pending[:, None])[:, -1]
         if tracker is None:
-            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
+            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, generator=self.generator,
+                               top_k_ties=config.top_k_ties)
         else:
-            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, generator=self.generator)
+            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, generator=self.generator,
+                                     top_k_ties=config.top_k_ties)
         if self.track_log_prob:
-            probs = warp_probs(logits, config.temperature, config.top_k, config.top_p)
+            probs = warp_probs(logits, config.temperature, config.top_k, config.top_p, top_k_ties=config.top_k_ties)
             self.log_prob[self.book.active] += torch.log(probs.gather(1, token[:, None]).squeeze(1))
         kept, done = self.book.append(token[:, None])
         self.pending = token

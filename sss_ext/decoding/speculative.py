@@ -117,9 +117,11 @@ class SpeculativeRun:
             draft_logits.append(logits)
             if step < num_draft:
                 if tracker is None:
-                    drafts.append(ops.sample(logits, temperature, top_k, top_p, generator=self.generator))
+                    drafts.append(ops.sample(logits, temperature, top_k, top_p, generator=self.generator,
+                                             top_k_ties=config.top_k_ties))
                 else:
-                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, generator=self.generator))
+                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, generator=self.generator,
+                                                   top_k_ties=config.top_k_ties))
         batch = self.pending.shape[0]
         draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
@@ -134,7 +136,7 @@ class SpeculativeRun:
         target_logits, draft_stack, ref_logits = _common_dtype(target_logits, draft_stack, ref_logits)
 
         # 3. verification
-        verify_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, shift=config.shift,
+        verify_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, top_k_ties=config.top_k_ties, shift=config.shift,
                              mode=self.mode if sss else "exact", generator=self.generator)
         if tracker is None:
             out = ops.verify(target_logits, draft_stack, draft_tokens, ref_logits, **verify_kwargs)
