@@ -22,7 +22,7 @@ def test_schemas_are_registered():
     assert "Tensor? ref_logits" in str(torch.ops.sss_ext.verify.default._schema)
     assert "sss_ext::sample" in str(torch.ops.sss_ext.sample.default._schema)
     for op in (torch.ops.sss_ext.verify.default, torch.ops.sss_ext.sample.default):
-        assert str(op._schema.arguments[-1]) == 'str top_k_ties="keep"', op._schema
+        assert 'str top_k_ties="keep") ->' in str(op._schema), op._schema  # the last argument
 
 
 @pytest.mark.parametrize(
