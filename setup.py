@@ -94,12 +94,9 @@ if with_cuda:
 else:
     extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"] + sanitize_link)
 
+# Metadata, dependencies and package data: pyproject.toml.
 setup(
-    name="sss_ext",
-    version="0.1.0",
-    description="Reward-Shifted Speculative Sampling: fused verification kernels and decoding loop",
     packages=find_packages(include=["sss_ext", "sss_ext.*"]),
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.10",
 )

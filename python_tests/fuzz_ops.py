@@ -30,7 +30,8 @@ SHIFTS = (0.0, 0.5, 1.0, 2.0, 1e10, 1e300, 1e308)
 UNIFORMS = (0.0, 1.0, float("nan"), -0.5, 1e-300, 1.0 - 2.0**-53, 2.0**-53)
 VOCAB_SIZES = (1, 2, 3, 7, 64, 999, 50272)
 NAMED = re.compile(r"\b(target_logits|draft_logits|ref_logits|logits|draft_tokens|uniforms|temperature|top_k|top_p|"
-                   r"shift|mode|generator|tilted)\b")
+                   r"top_k_ties|shift|mode|generator|tilted)\b")
+TOP_K_TIES = ("keep", "exact-k")
 
 
 @st.composite
@@ -88,6 +89,7 @@ def verify_calls(draw):
         temperature=draw(st.sampled_from(TEMPERATURES)),
         top_k=draw(st.sampled_from((0, 1, 2, vocab_size, vocab_size + 3, 2**62))),
         top_p=draw(st.sampled_from((1.0, 0.95, 0.5, 1e-9))),
+        top_k_ties=draw(st.sampled_from(TOP_K_TIES)),
         shift=draw(st.sampled_from(SHIFTS)),
         mode=draw(st.sampled_from(("exact", "paper"))) if with_ref else "exact",
         uniforms=draw(uniforms_tensors((batch, positions))),
@@ -149,6 +151,7 @@ def sample_calls(draw):
         temperature=draw(st.sampled_from(TEMPERATURES)),
         top_k=draw(st.sampled_from((0, 1, 3, vocab_size, 2**62))),
         top_p=draw(st.sampled_from((1.0, 0.9, 0.3, 1e-9))),
+        top_k_ties=draw(st.sampled_from(TOP_K_TIES)),
         uniforms=draw(uniforms_tensors((batch,))),
     )
 
@@ -166,7 +169,7 @@ def test_sample_equals_reference_or_both_refuse(call):
 @FUZZ
 @given(sample_calls())
 def test_warp_probs_is_a_distribution_or_refuses(call):
-    kind, probs = outcome(sss_ext.warp_probs, {k: call[k] for k in ("logits", "temperature", "top_k", "top_p")})
+    kind, probs = outcome(sss_ext.warp_probs, {k: call[k] for k in ("logits", "temperature", "top_k", "top_p", "top_k_ties")})
     if kind == "ok" and probs.numel():
         assert not torch.isnan(probs).any()
         assert bool((probs >= 0).all())
@@ -179,14 +182,14 @@ WRONG_VALUES = (None, 3, 1.5, "x", torch.zeros(0), torch.zeros(2, 2, dtype=torch
 
 @FUZZ
 @given(st.sampled_from(("target_logits", "draft_logits", "draft_tokens", "ref_logits", "uniforms", "temperature", "top_k",
-                        "top_p", "shift", "mode", "generator")),
+                        "top_p", "top_k_ties", "shift", "mode", "generator")),
        st.sampled_from(WRONG_VALUES + (float("nan"), -1, 2.0, float("inf"), "paper", True)),
        st.sampled_from(("op", "reference")))
 def test_bad_arguments_raise_named_errors(name, value, entry):
     generator = torch.Generator().manual_seed(0)
     t = torch.randn(2, 3, 5, generator=generator)
     call = dict(target_logits=t, draft_logits=t + 0.1, draft_tokens=torch.zeros(2, 2, dtype=torch.int64), ref_logits=t - 0.1,
-                temperature=1.0, top_k=0, top_p=1.0, shift=1.0, mode="exact", uniforms=None, generator=None)
+                temperature=1.0, top_k=0, top_p=1.0, top_k_ties="keep", shift=1.0, mode="exact", uniforms=None, generator=None)
     call[name] = value
     fn = sss_ext.verify if entry == "op" else sss_ext.reference.verify
     kind, result = outcome(fn, call)

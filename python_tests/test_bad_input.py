@@ -64,9 +64,11 @@ CASES = [
     ("top_k negative", replace("top_k", -1), r"top_k must be an int >= 0"),
     ("shift negative", replace("shift", -1.0), r"shift \(lambda\) must be a finite float >= 0"),
     ("mode", replace("mode", "fast"), r"mode must be"),
+    ("top_k_ties", replace("top_k_ties", "ties"), r"top_k_ties must be"),
+    ("top_k_ties case", replace("top_k_ties", "Keep"), r"top_k_ties must be"),
     ("paper without ref", lambda k: (k.update(mode="paper"), k.update(ref_logits=None)), r"mode='paper' needs ref_logits"),
 ]
-SCALAR_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, shift=1.0, mode="exact")
+SCALAR_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, shift=1.0, mode="exact", top_k_ties="keep")
 DATA_CASES = {"token id V", "token id -1", "NaN target", "+inf draft", "-inf row", "uniform 0", "uniform 1"}
 
 
@@ -90,7 +92,7 @@ def test_registered_op_checks_in_cpp(case_id, mutate, pattern):
     k = bad_kwargs(mutate)
     with pytest.raises((ValueError, RuntimeError), match=pattern):
         torch.ops.sss_ext.verify(k["target_logits"], k["draft_logits"], k["draft_tokens"], k["ref_logits"], k["uniforms"],
-                                 k["temperature"], k["top_k"], k["top_p"], k["shift"], k["mode"])
+                                 k["temperature"], k["top_k"], k["top_p"], k["shift"], k["mode"], k["top_k_ties"])
 
 
 def test_disjoint_masks_leave_no_tilted_support():
@@ -128,6 +130,8 @@ def test_cuda_tensors_without_cuda_build_are_refused(monkeypatch):
         (dict(logits=torch.full((2, 3), float("-inf"))), r"logits has a row with every logit -inf"),
         (dict(logits=torch.randn(3, 4), temperature=-1.0), r"temperature must be"),
         (dict(logits=torch.randn(3, 4), top_p=2.0), r"top_p must be"),
+        (dict(logits=torch.randn(3, 4), top_k_ties="exact"), r"top_k_ties must be"),
+        (dict(logits=torch.randn(3, 4), top_k_ties=None), r"top_k_ties must be"),
     ],
 )
 @pytest.mark.parametrize("entry", ["op", "reference"])
@@ -142,3 +146,12 @@ def test_warp_probs_rejects_bad_input():
         sss_ext.warp_probs(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="top_k must be"):
         sss_ext.warp_probs(torch.randn(4), top_k=1.5)
+    with pytest.raises(ValueError, match="top_k_ties must be one of"):
+        sss_ext.warp_probs(torch.randn(4), top_k=1, top_k_ties="all")
+
+
+def test_sample_op_checks_top_k_ties_in_cpp():
+    """The C++ adapter names a bad top_k_ties of a direct torch.ops call."""
+    logits, uniforms = torch.randn(2, 5), torch.full((2,), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="top_k_ties must be 'keep' or 'exact-k', got 'none'"):
+        torch.ops.sss_ext.sample(logits, uniforms, 1.0, 2, 1.0, "none")

@@ -188,19 +188,20 @@ def test_awkward_sizes(batch, vocab):
     assert_exactness_rule(rows, equal, margins, report, f"B={batch} V={vocab}")
 
 
-def compare_sample(logits, temperature, top_k, top_p, uniforms, report, margins):
+def compare_sample(logits, temperature, top_k, top_p, uniforms, report, margins, top_k_ties="keep"):
     """sss_ext.sample against the reference; mismatches get their draw margin. -> (rows, equal)."""
-    got = sss_ext.sample(logits, temperature, top_k, top_p, uniforms=uniforms)
-    expected = sss_ext.reference.sample(logits, temperature, top_k, top_p, uniforms=uniforms)
+    got = sss_ext.sample(logits, temperature, top_k, top_p, uniforms=uniforms, top_k_ties=top_k_ties)
+    expected = sss_ext.reference.sample(logits, temperature, top_k, top_p, uniforms=uniforms, top_k_ties=top_k_ties)
     differ = (got != expected).nonzero().flatten().tolist()
     for row in differ:
         if temperature == 0:
             margin = math.inf
         else:
-            margin = draw_margin(sss_ext.warp_probs(logits[row], temperature, top_k, top_p), float(uniforms[row]))
+            margin = draw_margin(sss_ext.warp_probs(logits[row], temperature, top_k, top_p, top_k_ties=top_k_ties),
+                                 float(uniforms[row]))
         margins.append(margin)
         report.append(f"  sample row {row} (margin {margin:.2e}): V={logits.shape[-1]} {logits.dtype} tau={temperature} "
-                      f"top_k={top_k} top_p={top_p}")
+                      f"top_k={top_k} top_p={top_p} top_k_ties={top_k_ties}")
     return got.numel(), got.numel() - len(differ)
 
 
@@ -253,13 +254,14 @@ def truncation_rows(case: str, vocab: int, g: torch.Generator) -> torch.Tensor:
     raise ValueError(case)
 
 
+@pytest.mark.parametrize("top_k_ties", ["keep", "exact-k"])
 @pytest.mark.parametrize("case", ["logits", "constant", "flat", "two plateaus", "close scores", "masked", "wide"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_truncation_paths_match_reference(case, dtype):
+def test_truncation_paths_match_reference(case, dtype, top_k_ties):
     """Every path of the bucketed selection (collect, tie path, level-2 refinement, radix
-    fallback, -inf and tail buckets) keeps the reference's tokens: 64 uniforms spread over
-    (0, 1) per row, top-k and top-p at the boundaries that matter (deep and shallow), V from
-    one chunk to V = 128256."""
+    fallback, -inf and tail buckets) keeps the reference's tokens under both top-k tie rules:
+    64 uniforms spread over (0, 1) per row, top-k and top-p at the boundaries that matter
+    (deep and shallow), V from one chunk to V = 128256."""
     g = torch.Generator(device=DEVICE).manual_seed(17)
     rows = equal = 0
     report, margins = [], []
@@ -272,7 +274,7 @@ def test_truncation_paths_match_reference(case, dtype):
             batch = 64
             uniforms = (torch.arange(batch, device=DEVICE, dtype=torch.float64) + 0.5) / batch
             counted, same = compare_sample(logits.expand(batch, vocab).contiguous(), temperature, top_k, top_p, uniforms,
-                                           report, margins)
+                                           report, margins, top_k_ties)
             rows += counted
             equal += same
     assert_exactness_rule(rows, equal, margins, report, f"truncation paths ({case})")

@@ -434,9 +434,9 @@ def descend(scores, hi, lo, floor, prefix, start_digit, by_mass, rank, top_p, ma
 
 
 def kept_by_radix(scores: np.ndarray, top_k: int, top_p: float, tie_low_index: bool = True, skip: bool = True,
-                  passes: list | None = None) -> np.ndarray:
+                  passes: list | None = None, ties: str = "keep") -> np.ndarray:
     """The truncation kernel's kept set of one row (float64 masses, exact exp); `passes`
-    collects the digit of every histogram pass."""
+    collects the digit of every histogram pass; `ties` is the top-k tie rule (top_k_ties)."""
     vocab = len(scores)
     index = np.arange(vocab, dtype=np.uint64)
     hi = order_key(scores)
@@ -449,6 +449,8 @@ def kept_by_radix(scores: np.ndarray, top_k: int, top_p: float, tie_low_index: b
         start = common // 8
         prefix = (0 if start == 0 else key_max & ((2**64 - 1) << (64 - 8 * start)) & (2**64 - 1), 0)
         kept = descend(scores, hi, lo, (0, 0), prefix, start, False, top_k - 1, 1.0, max_score, tie_low_index, skip, passes)
+        if ties == "keep":
+            kept = (kept[0], 0)  # every token with the k-th largest score
     if top_p < 1.0:
         low = max(kept[0], key_min)
         common = 64 if key_max == low else 64 - (key_max ^ low).bit_length()
@@ -456,19 +458,22 @@ def kept_by_radix(scores: np.ndarray, top_k: int, top_p: float, tie_low_index: b
         prefix = (0 if start == 0 else key_max & ((2**64 - 1) << (64 - 8 * start)) & (2**64 - 1), 0)
         kept = descend(scores, hi, lo, kept, prefix, start, True, 0, top_p, max_score, tie_low_index, skip, passes)
     threshold = score_of_key(kept[0])
-    last_index = 0xFFFFFFFF - kept[1] if tie_low_index else kept[1]
+    last_index = 0xFFFFFFFF - kept[1] if tie_low_index or kept[1] == 0 else kept[1]
     return (scores > threshold) | ((scores == threshold) & (np.arange(vocab) <= last_index))
 
 
-def test_radix_kept_sets_match_warp():
+@pytest.mark.parametrize("ties", ["keep", "exact-k"])
+def test_radix_kept_sets_match_warp(ties):
     """The kernel's radix descent keeps exactly sss_ext.warp.kept_mask's tokens (rank by score,
-    ties to the lower index; top-k then top-p), on rows with heavy ties and -inf; the control
-    breaking ties to the higher index must differ somewhere."""
+    ties to the lower index; top-k under the tie rule, then top-p), on rows with heavy ties and
+    -inf; the controls breaking ties to the higher index, and applying the other top-k tie
+    rule, must differ somewhere."""
     torch = pytest.importorskip("torch")
     from sss_ext.warp import kept_mask
 
+    other = {"keep": "exact-k", "exact-k": "keep"}[ties]
     rng = np.random.default_rng(4)
-    control_differs = False
+    control_differs = other_rule_differs = False
     for vocab in (1, 2, 7, 111, 1000, 3000):
         for kind in ("normal", "ties", "masked"):
             scores = 3.0 * rng.standard_normal(vocab)
@@ -481,12 +486,14 @@ def test_radix_kept_sets_match_warp():
                                  (20, 0.8), (5, 0.5)):
                 if not ((0 < top_k < vocab) or top_p < 1.0):
                     continue
-                expected = kept_mask(torch.tensor(scores, dtype=torch.float64), top_k, top_p).numpy()
-                got = kept_by_radix(scores, top_k, top_p)
+                expected = kept_mask(torch.tensor(scores, dtype=torch.float64), top_k, top_p, ties).numpy()
+                got = kept_by_radix(scores, top_k, top_p, ties=ties)
                 assert np.array_equal(got, expected), (vocab, kind, top_k, top_p)
                 if kind == "ties" and vocab >= 111:
-                    control_differs |= not np.array_equal(kept_by_radix(scores, top_k, top_p, tie_low_index=False), expected)
-    assert control_differs
+                    control_differs |= not np.array_equal(
+                        kept_by_radix(scores, top_k, top_p, tie_low_index=False, ties=ties), expected)
+                    other_rule_differs |= not np.array_equal(kept_by_radix(scores, top_k, top_p, ties=other), expected)
+    assert control_differs and other_rule_differs
 
 
 def test_radix_skips_shared_digits():
@@ -766,7 +773,14 @@ def level2_base(count1, fixed1, plan1: dict) -> dict:
                 top_k=plan1["kb"] == refined, kb_none=NUM_BUCKETS + 1)
 
 
-def resolve_candidates(plan, cand_bucket, cand_mass, above, mid, top_k, top_p):
+def last_tied(cand_key, positions, r: int, ties: str) -> int:
+    """Under "keep", the last of `positions` (rank order) whose key equals that of positions[r]."""
+    while ties == "keep" and r + 1 < len(positions) and cand_key[positions[r + 1]] == cand_key[positions[r]]:
+        r += 1
+    return r
+
+
+def resolve_candidates(plan, cand_bucket, cand_mass, cand_key, above, mid, top_k, top_p, ties="keep"):
     """verify.cuh resolve_candidates (and the separate kb group of the resolve kernel): the
     position (in rank order) of the last kept candidate and the kept mass, or None when the
     boundary is not among the candidates."""
@@ -778,10 +792,10 @@ def resolve_candidates(plan, cand_bucket, cand_mass, above, mid, top_k, top_p):
         r = top_k - 1 - plan["count_above"]
         if r >= len(in_k):
             return None
-        for j in in_k[: r + 1]:
+        for j in in_k[: last_tied(cand_key, in_k, r, ties) + 1]:
             k_sum += cand_mass[j]
         keep = cand_bucket != kb
-        cand_bucket, cand_mass = cand_bucket[keep], cand_mass[keep]
+        cand_bucket, cand_mass, cand_key = cand_bucket[keep], cand_mass[keep], cand_key[keep]
     n = len(cand_bucket)
     in_p = (cand_bucket >= p_lo) & (cand_bucket <= p_hi)
     last_k = n - 1
@@ -790,7 +804,7 @@ def resolve_candidates(plan, cand_bucket, cand_mass, above, mid, top_k, top_p):
         r = top_k - 1 - plan["count_above"]
         if r >= len(in_k):
             return None
-        last_k = int(in_k[r])
+        last_k = int(in_k[last_tied(cand_key, in_k, r, ties)])
     if top_p >= 1.0:
         total = above
         for j in range(last_k + 1):
@@ -831,13 +845,15 @@ def resolve_candidates(plan, cand_bucket, cand_mass, above, mid, top_k, top_p):
     return last, total
 
 
-def resolve_ties(plan, above, mid, m, top_k, top_p):
+def resolve_ties(plan, above, mid, m, top_k, top_p, ties="keep"):
     """verify.cuh resolve_ties: 0-based rank (by index) of the last kept token of a one-score
     bucket, and the kept mass; None when the boundary is not in the bucket."""
     n = plan["members"]
     r = top_k - 1 - plan["count_above"] if plan["kb"] == plan["p_lo"] else n - 1
     if not 0 <= r < n:
         return None
+    if ties == "keep":
+        r = n - 1  # every token tied with the k-th largest score
     last = r
     if top_p < 1.0:
         target = top_p * ((above + float(r + 1) * m) + mid)
@@ -886,14 +902,14 @@ def tie_index(member: np.ndarray, rank: int, vec: int, threads: int = 256) -> in
 
 
 def kept_by_buckets(scores: np.ndarray, top_k: int, top_p: float, vec: int = 8, tie_low_index: bool = True,
-                    reads: list | None = None, modes: list | None = None) -> np.ndarray:
+                    reads: list | None = None, modes: list | None = None, ties: str = "keep") -> np.ndarray:
     """The kept set of one row as the bucketed kernels compute it (float64 masses with exact
     exp in place of fast_exp). `reads` gets the full passes over the logits row: histogram,
     refine (level-2 histogram; kRefine plans only), collect (kCollect / kTies plans), the one
     chunk the tie path reads (counted as a full pass), and a radix fallback's key-range, digit
     and normaliser passes. `modes` gets the mode that settled the row (REFINE: a level-2
     plan settled it by collect; TIES also covers kTiesCounted). `tie_low_index=False` is the
-    negative control (ties to the higher index)."""
+    negative control (ties to the higher index); `ties` is the top-k tie rule (top_k_ties)."""
     vocab = len(scores)
     max_score = float(scores.max())
     with np.errstate(invalid="ignore"):
@@ -909,7 +925,7 @@ def kept_by_buckets(scores: np.ndarray, top_k: int, top_p: float, vec: int = 8, 
 
     def radix() -> np.ndarray:
         digits: list = []
-        kept = kept_by_radix(scores, top_k, top_p, tie_low_index=tie_low_index, passes=digits)
+        kept = kept_by_radix(scores, top_k, top_p, tie_low_index=tie_low_index, passes=digits, ties=ties)
         if reads is not None:
             reads.append(passes + 1 + len(digits) + 1)
         if modes is not None:
@@ -952,7 +968,7 @@ def kept_by_buckets(scores: np.ndarray, top_k: int, top_p: float, vec: int = 8, 
         keys = order_key(scores[index])
         order = np.lexsort((index if tie_low_index else -index, ~keys))  # key descending, then index
         cand = index[order]
-        got = resolve_candidates(plan, key[cand], mass[cand], above, mid, top_k, top_p)
+        got = resolve_candidates(plan, key[cand], mass[cand], keys[order], above, mid, top_k, top_p, ties)
         if got is None:
             return radix()
         last, total = got
@@ -960,16 +976,19 @@ def kept_by_buckets(scores: np.ndarray, top_k: int, top_p: float, vec: int = 8, 
     else:
         if len(np.unique(order_key(scores[index]))) != 1:
             return radix()
-        got = resolve_ties(plan, above, mid, float(mass[index[0]]), top_k, top_p)
+        got = resolve_ties(plan, above, mid, float(mass[index[0]]), top_k, top_p, ties)
         if got is None:
             return radix()
         rank, total = got
-        passes += 1  # the chunk holding the rank-th token (by index): at most one pass
         threshold = scores[index[0]]
-        if tie_low_index:
+        if tie_low_index and rank == plan["members"] - 1:
+            last_index = vocab  # every token of the score is kept: no index to find
+        elif tie_low_index:
+            passes += 1  # the chunk holding the rank-th token (by index): at most one pass
             last_index = tie_index(scores == threshold, rank, vec)
             assert last_index == int(index[rank])
         else:
+            passes += 1
             last_index = int(index[::-1][rank])
     assert total > 0.0
     if reads is not None:
@@ -999,34 +1018,38 @@ def bucket_rows(rng, vocab: int):
     yield "narrow bf16", bf16(0.05 * base)
 
 
+@pytest.mark.parametrize("ties", ["keep", "exact-k"])
 @pytest.mark.parametrize("vocab", [1, 2, 99, 989, 128256])
-def test_bucketed_kept_sets_match_warp(vocab):
+def test_bucketed_kept_sets_match_warp(vocab, ties):
     """The bucketed selection keeps exactly sss_ext.warp.kept_mask's tokens (float64 scores,
-    ties to the lower index, top-k then top-p) on rows with heavy ties and -inf, in at most 3
-    passes over the logits (2 outside the one-score tie path) except the radix fallback, which
-    only the narrow bfloat16 row needs; the control breaking ties to the higher index must
-    differ."""
+    ties to the lower index, top-k under the tie rule, then top-p) on rows with heavy ties and
+    -inf, in at most 3 passes over the logits (2 outside the one-score tie path) except the
+    radix fallback, which only the narrow bfloat16 row needs; the controls breaking ties to the
+    higher index, and applying the other top-k tie rule, must differ."""
     torch = pytest.importorskip("torch")
     from sss_ext.warp import kept_mask
 
+    other = {"keep": "exact-k", "exact-k": "keep"}[ties]
     rng = np.random.default_rng(vocab)
-    control_differs, modes, fallbacks = False, [], set()
+    control_differs, other_rule_differs, modes, fallbacks = False, False, [], set()
     for kind, scores in bucket_rows(rng, vocab):
         for top_k, top_p in itertools.product((0, 1, 2, 50, vocab), (1e-9, 0.5, 0.9, 1.0)):
             if not ((0 < top_k < vocab) or top_p < 1.0):
                 continue
-            expected = kept_mask(torch.tensor(scores, dtype=torch.float64), top_k, top_p).numpy()
+            expected = kept_mask(torch.tensor(scores, dtype=torch.float64), top_k, top_p, ties).numpy()
             reads: list = []
-            got = kept_by_buckets(scores, top_k, top_p, reads=reads, modes=modes)
+            got = kept_by_buckets(scores, top_k, top_p, reads=reads, modes=modes, ties=ties)
             assert np.array_equal(got, expected), (kind, top_k, top_p)
             if modes[-1] == RADIX:
                 fallbacks.add(kind)
             else:
                 assert reads[0] <= 3, (kind, top_k, top_p, reads)
             if vocab >= 99 and kind in ("constant", "two-valued", "bf16"):
-                control_differs |= not np.array_equal(kept_by_buckets(scores, top_k, top_p, tie_low_index=False), expected)
+                control_differs |= not np.array_equal(
+                    kept_by_buckets(scores, top_k, top_p, tie_low_index=False, ties=ties), expected)
+                other_rule_differs |= not np.array_equal(kept_by_buckets(scores, top_k, top_p, ties=other), expected)
     if vocab >= 99:
-        assert control_differs
+        assert control_differs and other_rule_differs
     # Only the narrow row (~4000 tokens of ~30 distinct scores per bucket at the boundary) needs
     # the radix fallback; the constant rows take the tie path.
     assert fallbacks <= {"narrow bf16"}, fallbacks
@@ -1034,7 +1057,8 @@ def test_bucketed_kept_sets_match_warp(vocab):
         assert TIES in modes
 
 
-def test_bucketed_plan_bounds_hold_for_random_rows():
+@pytest.mark.parametrize("ties", ["keep", "exact-k"])
+def test_bucketed_plan_bounds_hold_for_random_rows(ties):
     """Many random rows and parameters (float32 and bfloat16 scores, temperatures from flat to
     very peaked, masks): the kept sets equal kept_mask; every row settled without the radix
     fallback costs at most 3 passes, and the fallback stays rare (measured: 1 of 281 rows, a
@@ -1057,9 +1081,10 @@ def test_bucketed_plan_bounds_hold_for_random_rows():
         top_p = float(rng.choice([1e-9, 0.1, 0.5, 0.9, 0.999, 1.0]))
         if not ((0 < top_k < vocab) or top_p < 1.0):
             continue
-        expected = kept_mask(torch.tensor(scores), top_k, top_p).numpy()
+        expected = kept_mask(torch.tensor(scores), top_k, top_p, ties).numpy()
         reads: list = []
-        assert np.array_equal(kept_by_buckets(scores, top_k, top_p, reads=reads, modes=modes), expected), (trial, top_k, top_p)
+        got = kept_by_buckets(scores, top_k, top_p, reads=reads, modes=modes, ties=ties)
+        assert np.array_equal(got, expected), (trial, top_k, top_p)
         if modes[-1] == RADIX:
             assert 0 < top_k < vocab and top_p < 1.0 and top_k >= vocab // 2, (trial, top_k, top_p)
         else:
@@ -1067,8 +1092,9 @@ def test_bucketed_plan_bounds_hold_for_random_rows():
     assert modes.count(RADIX) <= 3, modes.count(RADIX)
 
 
+@pytest.mark.parametrize("ties", ["keep", "exact-k"])
 @pytest.mark.parametrize("case", ["constant", "two scores", "close scores", "far tail"])
-def test_bucketed_heavy_buckets(case):
+def test_bucketed_heavy_buckets(case, ties):
     """Planned buckets beyond kTruncCandidates tokens: a one-score row takes the tie path from the
     level-2 pass's counts (3 passes: histogram, refine, one chunk); two plateaus in one level-1
     bucket split at level 2 and take the tie path there (histogram, refine, collect, one chunk:
@@ -1092,8 +1118,8 @@ def test_bucketed_heavy_buckets(case):
     for top_k, top_p in params:
         modes: list = []
         reads: list = []
-        got = kept_by_buckets(scores, top_k, top_p, reads=reads, modes=modes)
-        assert np.array_equal(got, kept_mask(torch.tensor(scores), top_k, top_p).numpy()), (case, top_k, top_p)
+        got = kept_by_buckets(scores, top_k, top_p, reads=reads, modes=modes, ties=ties)
+        assert np.array_equal(got, kept_mask(torch.tensor(scores), top_k, top_p, ties).numpy()), (case, top_k, top_p)
         assert modes == [want], (case, top_k, top_p, modes)
         if max_reads is None:
             assert reads[0] > 3

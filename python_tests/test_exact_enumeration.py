@@ -24,17 +24,25 @@ def table_logits(name: str, context: tuple, scale: float) -> torch.Tensor:
 
 
 class Setting:
-    def __init__(self, temperature, top_k, top_p, shift, mode, with_ref, scales=(1.5, 1.5, 1.5)):
+    """One enumerated configuration. `grid` rounds the table logits to multiples of it (ties in
+    the scores); `drafted_ties` is the top-k tie rule the drafts were drawn with (default: the
+    verifier's `top_k_ties`; another rule is a mismatched proposer)."""
+
+    def __init__(self, temperature, top_k, top_p, shift, mode, with_ref, scales=(1.5, 1.5, 1.5), top_k_ties="keep",
+                 grid=None, drafted_ties=None):
         self.temperature, self.top_k, self.top_p, self.shift, self.mode, self.with_ref = temperature, top_k, top_p, shift, mode, with_ref
-        self.scales = scales
+        self.scales, self.top_k_ties, self.grid = scales, top_k_ties, grid
+        self.drafted_ties = top_k_ties if drafted_ties is None else drafted_ties
         self.cache = {}
 
     def logits(self, context):
         q, r, d = (table_logits(n, context, s) for n, s in zip("qrd", self.scales))
+        if self.grid is not None:
+            q, r, d = (torch.round(t / self.grid) * self.grid for t in (q, r, d))
         return q, r, (d if self.with_ref else None)
 
     def position(self, context):
-        """p*, r~ (float64 probabilities) and Z at one context (memoised)."""
+        """p*, r~ (float64 probabilities), Z and the law the drafts were drawn from at one context (memoised)."""
         if context not in self.cache:
             self.cache[context] = self._position(context)
         return self.cache[context]
@@ -43,29 +51,30 @@ class Setting:
         q, r, d = self.logits(context)
         inv = 1.0 / self.temperature
         s = tilted_scores(q, r if d is not None else None, d, inv, self.shift)
-        p_star = torch.exp(warp_log_probs(s, self.top_k, self.top_p))
-        r_tilde = torch.exp(warp_log_probs(r * inv, self.top_k, self.top_p))
+        p_star = torch.exp(warp_log_probs(s, self.top_k, self.top_p, self.top_k_ties))
+        r_tilde = torch.exp(warp_log_probs(r * inv, self.top_k, self.top_p, self.top_k_ties))
+        drafted = torch.exp(warp_log_probs(r * inv, self.top_k, self.top_p, self.drafted_ties))
         z = 1.0 if d is None else math.exp(
             torch.logsumexp(s, -1) - torch.logsumexp(q * inv, -1) - self.shift * (torch.logsumexp(r * inv, -1) - torch.logsumexp(d * inv, -1))
         )
-        return p_star, r_tilde, z
+        return p_star, r_tilde, z, drafted
 
 
 def round_paths(setting, context):
     """Every (probability, emitted tokens, draft tokens, accept thresholds, final weights) of one round."""
     for drafts in itertools.product(range(VOCAB_SIZE), repeat=NUM_DRAFT_TOKENS):
         positions = [setting.position(context + drafts[:i]) for i in range(NUM_DRAFT_TOKENS + 1)]
-        draft_probability = math.prod(float(positions[i][1][x]) for i, x in enumerate(drafts))
+        draft_probability = math.prod(float(positions[i][3][x]) for i, x in enumerate(drafts))
         if draft_probability == 0.0:
             continue
         thresholds = []
         for i, x in enumerate(drafts):
-            p_star, r_tilde, z = positions[i]
+            p_star, r_tilde, z, _ = positions[i]
             m = p_star * (z if setting.mode == "paper" else 1.0)
-            thresholds.append(min(1.0, float(m[x] / r_tilde[x])) if p_star[x] > 0 else 0.0)
+            thresholds.append(min(1.0, float(m[x] / r_tilde[x])) if p_star[x] > 0 and r_tilde[x] > 0 else 0.0)
         reach = 1.0
         for n in range(NUM_DRAFT_TOKENS + 1):
-            p_star, r_tilde, z = positions[n]
+            p_star, r_tilde, z, _ = positions[n]
             if n < NUM_DRAFT_TOKENS:
                 stop = reach * (1.0 - thresholds[n])
                 residual = torch.clamp(p_star * (z if setting.mode == "paper" else 1.0) - r_tilde, min=0.0)
@@ -114,13 +123,39 @@ EXACT_SETTINGS = [
     Setting(1.0, 0, 1.0, 1.0, "exact", False),
     Setting(1.0, 0, 1.0, 0.0, "exact", True),
 ]
+# Logits on an integer grid: the tilted and proposal scores tie often, so top-k = 1 keeps one
+# or several tokens under "keep" and the two rules give different laws.
+TIE_SETTINGS = [
+    Setting(1.0, 1, 1.0, 1.0, "exact", True, grid=1.0),
+    Setting(1.0, 1, 1.0, 1.0, "exact", True, grid=1.0, top_k_ties="exact-k"),
+    Setting(1.0, 2, 0.9, 1.0, "exact", True, grid=1.0),
+    Setting(1.0, 1, 1.0, 1.0, "exact", False, grid=1.0),
+]
 
 
-@pytest.mark.parametrize("setting", EXACT_SETTINGS, ids=lambda s: f"tau{s.temperature}-k{s.top_k}-p{s.top_p}-lam{s.shift}-ref{s.with_ref}")
+def setting_id(s):
+    return f"tau{s.temperature}-k{s.top_k}-p{s.top_p}-lam{s.shift}-ref{s.with_ref}" + (f"-grid-{s.top_k_ties}" if s.grid else "")
+
+
+@pytest.mark.parametrize("setting", EXACT_SETTINGS + TIE_SETTINGS, ids=setting_id)
 def test_enumerated_law_is_the_tilted_target(setting):
     law = sequence_law(setting)
     assert abs(sum(law.values()) - 1.0) < 1e-12
     assert max_gap(law, target_law(setting)) < 1e-10
+
+
+def test_tie_settings_have_ties():
+    """The tie settings' top-k = 1 keeps several tokens of p* under "keep" at some context."""
+    setting = TIE_SETTINGS[0]
+    kept = [int((setting.position(c)[0] > 0).sum()) for c in itertools.product(range(VOCAB_SIZE), repeat=2)]
+    assert max(kept) > 1, kept
+
+
+def test_proposal_with_the_other_tie_rule_breaks_exactness():
+    """Negative control: drafts drawn under top_k_ties="keep" (HF's sampler) but verified under
+    "exact-k" do not give the tilted target: a tied draft the verifier excludes is always rejected."""
+    mismatched = Setting(1.0, 2, 1.0, 0.0, "exact", False, grid=1.0, top_k_ties="exact-k", drafted_ties="keep")
+    assert max_gap(sequence_law(mismatched), target_law(mismatched)) > 1e-3
 
 
 def test_paper_mode_is_biased_when_z_is_far_from_one():
@@ -158,15 +193,17 @@ def probe_rows(setting, context):
     return inputs, torch.tensor(expected)
 
 
-@pytest.mark.parametrize("setting", EXACT_SETTINGS[:4] + [Setting(1.0, 0, 1.0, 1.0, "paper", True, scales=(1.5, 3.0, 0.5))],
-                         ids=lambda s: f"{s.mode}-tau{s.temperature}-k{s.top_k}-p{s.top_p}")
+@pytest.mark.parametrize("setting", EXACT_SETTINGS[:4] + TIE_SETTINGS[:3] + [Setting(1.0, 0, 1.0, 1.0, "paper", True, scales=(1.5, 3.0, 0.5))],
+                         ids=lambda s: f"{s.mode}-" + setting_id(s))
 def test_op_and_reference_realise_every_enumerated_path(device, setting):
     # float32 logits in the probe: recompute the enumeration from the same rounded values.
-    rounded = Setting(setting.temperature, setting.top_k, setting.top_p, setting.shift, setting.mode, setting.with_ref, setting.scales)
+    rounded = Setting(setting.temperature, setting.top_k, setting.top_p, setting.shift, setting.mode, setting.with_ref, setting.scales,
+                      setting.top_k_ties)
     rounded.logits = lambda c: tuple(None if t is None else t.to(torch.float32).to(torch.float64) for t in setting.logits(c))
     for context in [(), (1,), (2, 0)]:
         inputs, expected = probe_rows(rounded, context)
-        kwargs = dict(temperature=setting.temperature, top_k=setting.top_k, top_p=setting.top_p, shift=setting.shift, mode=setting.mode)
+        kwargs = dict(temperature=setting.temperature, top_k=setting.top_k, top_p=setting.top_p, shift=setting.shift, mode=setting.mode,
+                      top_k_ties=setting.top_k_ties)
         assert torch.equal(sss_ext.reference.verify(**inputs, **kwargs).tokens, expected)
         on_device = {k: None if v is None else v.to(device) for k, v in inputs.items()}
         assert torch.equal(sss_ext.verify(**on_device, **kwargs).tokens.cpu(), expected)

@@ -11,32 +11,36 @@ import sss_ext
 from sss_ext.testing import make_verify_inputs
 
 
-def verify_args(device, with_ref=True, dtype=torch.float32, temperature=0.8, top_k=0, top_p=1.0, mode="exact"):
-    kw = make_verify_inputs(3, 4, 33, dtype, with_ref, temperature, top_k, top_p, device=device)
+def verify_args(device, with_ref=True, dtype=torch.float32, temperature=0.8, top_k=0, top_p=1.0, mode="exact", top_k_ties="keep"):
+    kw = make_verify_inputs(3, 4, 33, dtype, with_ref, temperature, top_k, top_p, device=device, top_k_ties=top_k_ties)
     return (kw["target_logits"], kw["draft_logits"], kw["draft_tokens"], kw["ref_logits"], kw["uniforms"],
-            temperature, top_k, top_p, 1.0, mode)
+            temperature, top_k, top_p, 1.0, mode, top_k_ties)
 
 
 def test_schemas_are_registered():
     assert "sss_ext::verify" in str(torch.ops.sss_ext.verify.default._schema)
     assert "Tensor? ref_logits" in str(torch.ops.sss_ext.verify.default._schema)
     assert "sss_ext::sample" in str(torch.ops.sss_ext.sample.default._schema)
+    for op in (torch.ops.sss_ext.verify.default, torch.ops.sss_ext.sample.default):
+        assert 'str top_k_ties="keep") ->' in str(op._schema), op._schema  # the last argument
 
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(with_ref=False), dict(dtype=torch.bfloat16, top_k=5), dict(mode="paper", top_p=0.9), dict(temperature=0.0)],
-    ids=["exact", "sd", "bf16-topk", "paper-topp", "greedy"],
+    [dict(), dict(with_ref=False), dict(dtype=torch.bfloat16, top_k=5), dict(dtype=torch.bfloat16, top_k=5, top_k_ties="exact-k"),
+     dict(mode="paper", top_p=0.9), dict(temperature=0.0)],
+    ids=["exact", "sd", "bf16-topk", "bf16-topk-exact-k", "paper-topp", "greedy"],
 )
 def test_opcheck_verify(device, options):
     torch.library.opcheck(torch.ops.sss_ext.verify.default, verify_args(device, **options))
 
 
+@pytest.mark.parametrize("top_k_ties", ["keep", "exact-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_opcheck_sample(device, dtype):
+def test_opcheck_sample(device, dtype, top_k_ties):
     logits = torch.randn(5, 21, device=device).to(dtype)
     uniforms = torch.rand(5, dtype=torch.float64, device=device).clamp(1e-6, 1 - 1e-6)
-    torch.library.opcheck(torch.ops.sss_ext.sample.default, (logits, uniforms, 0.9, 4, 0.95))
+    torch.library.opcheck(torch.ops.sss_ext.sample.default, (logits, uniforms, 0.9, 4, 0.95, top_k_ties))
 
 
 def test_fake_tensor_shapes():

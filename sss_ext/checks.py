@@ -14,6 +14,9 @@ import torch
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODES = ("exact", "paper")
+# Top-k tie rules (docs/algorithm.md §2): "keep" keeps every token tied with the k-th largest
+# score, "exact-k" keeps exactly k, ties to the lower index.
+TOP_K_TIES = ("keep", "exact-k")
 MAX_TOP_K = 2**63 - 1
 # Largest magnitude of a finite scaled logit z / temperature and of the row maximum of the
 # tilted score (kMaxScaledScore in csrc/kernels/common.h; docs/algorithm.md §7).
@@ -56,6 +59,12 @@ def check_sampling(temperature, top_k, top_p) -> tuple[float, int, float]:
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a float in (0, 1] (1 disables it), got {top_p!r}")
     return float(temperature), int(top_k), float(top_p)
+
+
+def check_top_k_ties(top_k_ties) -> str:
+    if not isinstance(top_k_ties, str) or top_k_ties not in TOP_K_TIES:
+        raise ValueError(f"top_k_ties must be one of {TOP_K_TIES}, got {top_k_ties!r}")
+    return top_k_ties
 
 
 def check_shift(shift) -> float:

@@ -35,6 +35,7 @@ import os
 import re
 import sys
 
+from .checks import TOP_K_TIES
 from .decoding.config import SamplingConfig
 from .decoding.methods import METHODS, get_method
 from .distributed import DistributedGenerationError, DistributedSession, generate_sharded
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 is greedy")
     sampling.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 disables")
     sampling.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 disables")
+    sampling.add_argument("--top-k-ties", default=defaults.top_k_ties, choices=TOP_K_TIES,
+                          help="keep: also keep tokens tied with the k-th largest logit (HF/vLLM); exact-k: exactly k")
     sampling.add_argument("--shift", type=float, default=defaults.shift, help="lambda, strength of the reward shift (r/d)^lambda")
     sampling.add_argument("--seed", type=int, default=defaults.seed, help="seed of the job; prompt i draws from (seed, i)")
     sampling.add_argument("--num-samples", type=int, default=defaults.num_samples, help="N of bon / spec-rejection, n of soft-bon")

@@ -58,12 +58,13 @@ _WARPERS = ("TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper")
 
 
 def _sampling_settings(generation_config) -> dict:
+    """HF's sampling settings; its TopKLogitsWarper keeps the tokens tied with the k-th logit: "keep"."""
     if not getattr(generation_config, "do_sample", False):
-        return {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
+        return {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "top_k_ties": "keep"}
     temperature = generation_config.temperature if generation_config.temperature is not None else 1.0
     top_k = generation_config.top_k if generation_config.top_k is not None else 0
     top_p = generation_config.top_p if generation_config.top_p is not None else 1.0
-    return {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p)}
+    return {"temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p), "top_k_ties": "keep"}
 
 
 def _warper_matches(processor, settings: dict) -> bool:

@@ -12,6 +12,7 @@ from . import _C
 from .checks import (
     check_same_device,
     check_sample_args,
+    check_top_k_ties,
     check_uniforms_meta,
     check_verify_args,
 )
@@ -65,6 +66,7 @@ def verify(
     uniforms=None,
     generator=None,
     validate=True,
+    top_k_ties="keep",
 ) -> VerifyOutput:
     """One batched round of Reward-Shifted Speculative Sampling verification.
 
@@ -80,7 +82,8 @@ def verify(
         Logits of the aligned draft ``r`` (the proposer). Position ``K`` may be omitted
         when ``ref_logits`` is None.
     draft_tokens : torch.Tensor
-        int64 draft tokens, drawn from ``sss_ext.warp_probs(draft_logits[:, :K], temperature, top_k, top_p)``.
+        int64 draft tokens, drawn from
+        ``sss_ext.warp_probs(draft_logits[:, :K], temperature, top_k, top_p, top_k_ties=top_k_ties)``.
     ref_logits : torch.Tensor, optional
         Logits of the reference draft ``d``. None gives standard speculative sampling.
     temperature : float
@@ -104,6 +107,11 @@ def verify(
         support) at the cost of one small device-to-host copy; ``False`` keeps the call
         free of host synchronisation and marks invalid rows with ``num_accepted = -1``
         and ``-1`` tokens. CPU kernels always raise.
+    top_k_ties : {"keep", "exact-k"}
+        ``"keep"`` (default): top-k also keeps every token whose scaled score equals the
+        ``top_k``-th largest (HF's and vLLM's rule, for drafts proposed by their samplers);
+        ``"exact-k"``: exactly ``top_k`` tokens, ties to the lower index. Applies to ``p*``
+        (ranked by the tilted score) and ``r~`` alike (docs/algorithm.md §2).
 
     Returns
     -------
@@ -118,20 +126,22 @@ def verify(
     (batch, num_draft_tokens, _), (temperature, top_k, top_p, shift, mode) = check_verify_args(
         target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
     )
+    top_k_ties = check_top_k_ties(top_k_ties)
     _check_device_built("target_logits", target_logits)
     shape = (batch, num_draft_tokens + 1)
     if uniforms is None:
         uniforms = draw_uniforms(shape, target_logits.device, generator)
     else:
         check_uniforms_meta(uniforms, shape, "(B, K+1)", target_logits.device)
-    args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode)
+    args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode, top_k_ties)
     tokens, num_accepted, log_z = torch.ops.sss_ext.verify.default(*args)
     _validated_on_device(torch.ops.sss_ext.verify.default, args, num_accepted < 0, validate)
     return VerifyOutput(tokens, num_accepted, log_z)
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None, *, validate=True) -> torch.Tensor:
-    """One token per row from ``warp_probs(logits, temperature, top_k, top_p)``.
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None, *, validate=True,
+           top_k_ties="keep") -> torch.Tensor:
+    """One token per row from ``warp_probs(logits, temperature, top_k, top_p, top_k_ties=top_k_ties)``.
 
     The draw is the inverse CDF in vocabulary order driven by ``uniforms``, so it matches
     :func:`sss_ext.reference.sample` token for token; ``temperature=0`` is the argmax.
@@ -149,6 +159,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     validate : bool
         As in :func:`verify`: on CUDA, one small device-to-host copy buys the named
         ``ValueError``; ``False`` marks invalid rows with token ``-1``.
+    top_k_ties : {"keep", "exact-k"}
+        The top-k tie rule shared with :func:`verify`; ``"keep"`` by default.
 
     Returns
     -------
@@ -160,19 +172,21 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     logits: (B, V); uniforms: (B,) -> (B,)
     """
     (batch, _), (temperature, top_k, top_p) = check_sample_args(logits, temperature, top_k, top_p)
+    top_k_ties = check_top_k_ties(top_k_ties)
     _check_device_built("logits", logits)
     if uniforms is None:
         uniforms = draw_uniforms((batch,), logits.device, generator)
     else:
         check_uniforms_meta(uniforms, (batch,), "(B,)", logits.device)
-    args = (logits, uniforms, temperature, top_k, top_p)
+    args = (logits, uniforms, temperature, top_k, top_p, top_k_ties)
     tokens = torch.ops.sss_ext.sample.default(*args)
     _validated_on_device(torch.ops.sss_ext.sample.default, args, tokens < 0, validate)
     return tokens
 
 
 @torch.library.register_fake("sss_ext::verify")
-def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode):
+def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
+                 top_k_ties="keep"):
     # Mixed devices would dispatch here (a meta tensor to the fake kernel): refuse them.
     check_same_device(target_logits=target_logits, draft_logits=draft_logits, draft_tokens=draft_tokens,
                       ref_logits=ref_logits, uniforms=uniforms)
@@ -184,6 +198,6 @@ def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms
 
 
 @torch.library.register_fake("sss_ext::sample")
-def _sample_fake(logits, uniforms, temperature, top_k, top_p):
+def _sample_fake(logits, uniforms, temperature, top_k, top_p, top_k_ties="keep"):
     check_same_device(logits=logits, uniforms=uniforms)
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)

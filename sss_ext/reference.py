@@ -26,6 +26,7 @@ from .checks import (
     check_sample_args,
     check_scaled_range,
     check_token_ids,
+    check_top_k_ties,
     check_uniforms,
     check_verify_args,
     MAX_SCALED_SCORE,
@@ -135,6 +136,7 @@ def verify(
     mode="exact",
     uniforms=None,
     generator=None,
+    top_k_ties="keep",
 ) -> VerifyOutput:
     """Reference SSS verification; same signature and results as :func:`sss_ext.verify`.
 
@@ -147,6 +149,7 @@ def verify(
     (batch, K, V), (tau, top_k, top_p, lam, mode) = check_verify_args(
         target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
     )
+    top_k_ties = check_top_k_ties(top_k_ties)
     device = target_logits.device
     check_token_ids("draft_tokens", draft_tokens, V)
     if uniforms is None:
@@ -183,14 +186,14 @@ def verify(
     inv_tau = 1.0 / tau
     s = tilted_scores(zq, zr[:, : K + 1] if zd is not None else None, zd, inv_tau, lam)  # (B, K+1, V)
     _check_tilted(s)
-    log_p_star = warp_log_probs(s, top_k, top_p)
+    log_p_star = warp_log_probs(s, top_k, top_p, top_k_ties)
     if zd is None:
         log_z = torch.zeros(batch, K + 1, dtype=torch.float64, device=device)
     else:
         log_z = log_normaliser_z(s, zq * inv_tau, zr[:, : K + 1] * inv_tau, zd * inv_tau, lam)
 
     # 2. Proposal r~ the drafts were drawn from.
-    log_r_tilde = warp_log_probs(zr[:, :K] * inv_tau, top_k, top_p)  # (B, K, V)
+    log_r_tilde = warp_log_probs(zr[:, :K] * inv_tau, top_k, top_p, top_k_ties)  # (B, K, V)
 
     # 3. Accept x[i] iff log u < log m(x) - log r~(x); zero r~ or zero p* rejects.
     log_p_x = log_p_star[:, :K].gather(-1, x[..., None]).squeeze(-1)
@@ -223,7 +226,7 @@ def verify(
     return VerifyOutput(tokens, num_accepted, log_z.to(torch.float32))
 
 
-def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None) -> torch.Tensor:
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None, *, top_k_ties="keep") -> torch.Tensor:
     """Reference of :func:`sss_ext.sample`: one token per row from ``warp(softmax(logits/tau))``.
 
     Shape
@@ -231,6 +234,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     logits: (B, V); uniforms: (B,) -> (B,) int64
     """
     (batch, _), (tau, top_k, top_p) = check_sample_args(logits, temperature, top_k, top_p)
+    top_k_ties = check_top_k_ties(top_k_ties)
     if uniforms is None:
         u = draw_uniforms((batch,), logits.device, generator)
     else:
@@ -240,4 +244,4 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     z = logits.to(torch.float64)
     if tau == 0.0:
         return torch.argmax(z, dim=-1)
-    return inverse_cdf(torch.exp(warp_log_probs(z * (1.0 / tau), top_k, top_p)), u)
+    return inverse_cdf(torch.exp(warp_log_probs(z * (1.0 / tau), top_k, top_p, top_k_ties)), u)

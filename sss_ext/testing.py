@@ -58,7 +58,7 @@ def make_logits(batch, positions, vocab_size, generator, *, scale=2.0, device="c
 
 
 def make_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, temperature, top_k=0, top_p=1.0,
-                       layout="contiguous", seed=0, device="cpu"):
+                       layout="contiguous", seed=0, device="cpu", top_k_ties="keep"):
     """Keyword arguments for :func:`sss_ext.verify` / :func:`sss_ext.reference.verify`, uniforms included.
 
     Values are drawn on ``device`` from a generator seeded with ``seed``. Without a
@@ -74,7 +74,7 @@ def make_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, tem
     if K == 0:
         draft_tokens = torch.zeros(batch, 0, dtype=torch.int64, device=device)
     elif temperature > 0:
-        probs = warp_probs(draft[:, :K].reshape(-1, vocab_size), temperature, top_k, top_p)
+        probs = warp_probs(draft[:, :K].reshape(-1, vocab_size), temperature, top_k, top_p, top_k_ties=top_k_ties)
         draft_tokens = torch.multinomial(probs, 1, generator=generator).reshape(batch, K)
     else:
         draft_tokens = draft[:, :K].to(torch.float64).argmax(-1)
@@ -93,4 +93,5 @@ def make_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, tem
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        top_k_ties=top_k_ties,
     )

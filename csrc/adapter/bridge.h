@@ -33,6 +33,12 @@ inline void check_sampling(double temperature, int64_t top_k, double top_p) {
   TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "top_p must be a float in (0, 1] (1 disables it), got ", top_p);
 }
 
+inline TopKTies parse_top_k_ties(c10::string_view top_k_ties) {
+  TORCH_CHECK_VALUE(top_k_ties == "keep" || top_k_ties == "exact-k", "top_k_ties must be 'keep' or 'exact-k', got '",
+                    std::string(top_k_ties), "'");
+  return top_k_ties == "keep" ? TopKTies::kKeep : TopKTies::kExactK;
+}
+
 // Unit stride along the vocabulary; other strides are kept (no copy for sliced inputs).
 inline at::Tensor vocab_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -80,7 +86,7 @@ inline VerifyOutputs empty_verify_outputs(const VerifyInputs& in) {
 inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_logits,
                                       const at::Tensor& draft_tokens, const std::optional<at::Tensor>& ref_logits,
                                       const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
-                                      double shift, c10::string_view mode) {
+                                      double shift, c10::string_view mode, c10::string_view top_k_ties) {
   check_logits(target_logits, "target_logits", 3, "(B, K+1, V)");
   check_logits(draft_logits, "draft_logits", 3, "(B, K+1, V)");
   TORCH_CHECK_VALUE(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong,
@@ -118,6 +124,7 @@ inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at:
   TORCH_CHECK_VALUE(std::isfinite(shift) && shift >= 0, "shift (lambda) must be a finite float >= 0, got ", shift);
   TORCH_CHECK_VALUE(mode == "exact" || mode == "paper", "mode must be 'exact' or 'paper', got '", std::string(mode), "'");
   TORCH_CHECK_VALUE(mode == "exact" || has_ref, "mode='paper' needs ref_logits: the paper's rule divides by the reference draft d");
+  const TopKTies ties = parse_top_k_ties(top_k_ties);
   return VerifyInputs{vocab_contiguous(target_logits),
                       vocab_contiguous(draft_logits),
                       has_ref ? vocab_contiguous(*ref_logits) : at::Tensor(),
@@ -126,7 +133,7 @@ inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at:
                       batch,
                       num_draft,
                       vocab,
-                      Sampling{temperature, top_k, top_p},
+                      Sampling{temperature, top_k, top_p, ties},
                       shift,
                       mode == "paper"};
 }
@@ -163,7 +170,7 @@ struct SampleInputs {
 };
 
 inline SampleInputs check_sample_args(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
-                                      double top_p) {
+                                      double top_p, c10::string_view top_k_ties) {
   check_logits(logits, "logits", 2, "(B, V)");
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have a vocabulary dimension of size >= 1");
   TORCH_CHECK_VALUE(uniforms.scalar_type() == at::kDouble && uniforms.dim() == 1 && uniforms.size(0) == logits.size(0),
@@ -171,7 +178,8 @@ inline SampleInputs check_sample_args(const at::Tensor& logits, const at::Tensor
                     " of shape ", uniforms.sizes());
   check_same_device(logits, "logits", uniforms, "uniforms");
   check_sampling(temperature, top_k, top_p);
-  return SampleInputs{vocab_contiguous(logits), uniforms, logits.size(0), logits.size(1), Sampling{temperature, top_k, top_p}};
+  const TopKTies ties = parse_top_k_ties(top_k_ties);
+  return SampleInputs{vocab_contiguous(logits), uniforms, logits.size(0), logits.size(1), Sampling{temperature, top_k, top_p, ties}};
 }
 
 // (batch,) int64

@@ -20,9 +20,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(const at::Tensor& targ
                                                           const at::Tensor& draft_tokens,
                                                           const std::optional<at::Tensor>& ref_logits,
                                                           const at::Tensor& uniforms, double temperature, int64_t top_k,
-                                                          double top_p, double shift, c10::string_view mode) {
+                                                          double top_p, double shift, c10::string_view mode,
+                                                          c10::string_view top_k_ties) {
   const adapter::VerifyInputs in = adapter::check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, uniforms,
-                                                              temperature, top_k, top_p, shift, mode);
+                                                              temperature, top_k, top_p, shift, mode, top_k_ties);
   const adapter::VerifyOutputs out = adapter::empty_verify_outputs(in);
   adapter::dispatch_logits(target_logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -31,8 +32,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(const at::Tensor& targ
   return {out.tokens, out.num_accepted, out.log_z};
 }
 
-at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p) {
-  const adapter::SampleInputs in = adapter::check_sample_args(logits, uniforms, temperature, top_k, top_p);
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
+                      c10::string_view top_k_ties) {
+  const adapter::SampleInputs in = adapter::check_sample_args(logits, uniforms, temperature, top_k, top_p, top_k_ties);
   const at::Tensor tokens = adapter::empty_sample_tokens(in);
   adapter::dispatch_logits(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

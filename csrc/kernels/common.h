@@ -92,11 +92,18 @@ struct Error {
   SSS_HOST_DEVICE bool ok() const { return status == Status::kOk; }
 };
 
+// Top-k tie rule (docs/algorithm.md §2). Ties are equal float64 scores (the values ranked):
+// kKeep keeps every token whose score is >= the k-th largest, so more than k may survive (HF's
+// TopKLogitsWarper and vLLM); kExactK keeps exactly the first k ranked, ties to the lower index.
+enum class TopKTies : int32_t { kKeep = 0, kExactK = 1 };
+
 // Temperature, then top-k, then top-p (docs/algorithm.md §2; sss_ext/warp.py).
 struct Sampling {
   double temperature = 1.0;  // 0: greedy (argmax, lowest index on ties)
   int64_t top_k = 0;         // 0: off
   double top_p = 1.0;        // 1: off
+  TopKTies top_k_ties = TopKTies::kKeep;
+  SSS_HOST_DEVICE bool keeps_ties() const { return top_k_ties == TopKTies::kKeep; }
   SSS_HOST_DEVICE bool greedy() const { return temperature == 0.0; }
   SSS_HOST_DEVICE bool truncates(int64_t vocab) const { return (top_k > 0 && top_k < vocab) || top_p < 1.0; }
 };

@@ -85,11 +85,13 @@ class AutoregressiveRun:
             logits = self.logits_hooks.process(self.book, [], logits[:, None])[:, 0]
         uniforms = self.streams.draw(self.book.active, 1)[:, 0]
         if tracker is None:
-            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms)
+            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms,
+                               top_k_ties=config.top_k_ties)
         else:
-            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms)
+            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms,
+                                     top_k_ties=config.top_k_ties)
         if self.track_log_prob:
-            probs = warp_probs(logits, config.temperature, config.top_k, config.top_p)
+            probs = warp_probs(logits, config.temperature, config.top_k, config.top_p, top_k_ties=config.top_k_ties)
             self.log_prob[self.book.active] += torch.log(probs.gather(1, token[:, None]).squeeze(1))
         kept, done = self.book.append(token[:, None])
         self.pending = token

@@ -136,7 +136,8 @@ def target_log_prob(ctx: RunContext, full_sequences, response_lengths, prompt_of
     for row, length in enumerate(response_lengths):
         if length == 0:
             continue
-        probs = warp_probs(logits[row, width - length - 1: width - 1], config.temperature, config.top_k, config.top_p)
+        probs = warp_probs(logits[row, width - length - 1: width - 1], config.temperature, config.top_k, config.top_p,
+                           top_k_ties=config.top_k_ties)
         chosen = probs.gather(1, ids[row, width - length:, None]).squeeze(1)
         out[row] = torch.log(chosen).sum().cpu()
     return out

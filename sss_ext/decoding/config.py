@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..checks import check_sampling, check_shift
+from ..checks import check_sampling, check_shift, check_top_k_ties
 
 REWARD_INPUTS = ("auto", "text", "ids")
 
@@ -45,6 +45,9 @@ class SamplingConfig:
         ``> 0`` tempers every model; ``0`` is greedy.
     top_k, top_p : int, float
         Truncation shared by the proposal and the (tilted) target; ``0`` / ``1.0`` disable.
+    top_k_ties : {"keep", "exact-k"}
+        Top-k tie rule: ``"keep"`` also keeps the tokens tied with the ``top_k``-th largest
+        score (HF / vLLM); ``"exact-k"`` keeps exactly ``top_k`` (docs/algorithm.md §2).
     shift : float
         ``lambda >= 0``, strength of the reward shift ``(r/d)**lambda`` (sss, sss-paper).
     seed : int
@@ -77,6 +80,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    top_k_ties: str = "keep"
     shift: float = 1.0
     seed: int = 0
     num_samples: int = 4
@@ -94,6 +98,7 @@ class SamplingConfig:
         _check_int("num_draft_tokens", self.num_draft_tokens, 1)
         try:
             check_sampling(self.temperature, self.top_k, self.top_p)
+            check_top_k_ties(self.top_k_ties)
             check_shift(self.shift)
         except ValueError as error:
             raise ValueError(f"SamplingConfig: {error}") from None

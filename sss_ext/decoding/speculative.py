@@ -126,9 +126,10 @@ class SpeculativeRun:
             if step < num_draft:
                 uniforms = self.streams.draw(self.book.active, 1, where=step < row_draft)[:, 0]
                 if tracker is None:
-                    drafts.append(ops.sample(logits, temperature, top_k, top_p, uniforms=uniforms))
+                    drafts.append(ops.sample(logits, temperature, top_k, top_p, uniforms=uniforms, top_k_ties=config.top_k_ties))
                 else:
-                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, uniforms=uniforms))
+                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, uniforms=uniforms,
+                                                   top_k_ties=config.top_k_ties))
         batch = self.pending.shape[0]
         draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
@@ -195,7 +196,8 @@ class SpeculativeRun:
         rows: (B,); target_logits: (B, K+1, V); draft_tokens: (B, K) -> VerifyOutput with (B, K+1) tokens
         """
         config = self.config
-        kwargs = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, shift=config.shift,
+        kwargs = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, top_k_ties=config.top_k_ties,
+                      shift=config.shift,
                       mode=self.mode if self.ref is not None else "exact",
                       uniforms=self.streams.draw(rows, draft_tokens.shape[1] + 1))
         if self.tracker is None:

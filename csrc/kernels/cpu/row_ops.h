@@ -62,7 +62,8 @@ SSS_FORCE_INLINE double load(const T* row, int64_t v) {
 }
 
 // Tokens kept by top-k/top-p: score > threshold, or score == threshold and index <= last_index.
-// Ranking is by score descending, ties to the lower index, so this is a prefix of the ranking.
+// Ranking is by score descending, ties to the lower index, so this is a prefix of the ranking
+// (under either top-k tie rule, TopKTies).
 struct Kept {
   double threshold = -kInf;
   int64_t last_index = std::numeric_limits<int64_t>::max();
@@ -142,10 +143,15 @@ LogNormalizer normalize(const Score& score, int64_t vocab, double max, const Sam
   const auto ranks_before = [&](int64_t a, int64_t b) {
     return values[a] > values[b] || (values[a] == values[b] && a < b);
   };
-  int64_t candidates = vocab;
+  int64_t candidates = vocab;  // the top-k set: order[0, candidates)
   if (sampling.top_k > 0 && sampling.top_k < vocab) {
     candidates = sampling.top_k;
     std::nth_element(order.begin(), order.begin() + (candidates - 1), order.end(), ranks_before);
+    if (sampling.keeps_ties()) {  // the tokens tied with the k-th largest score join it
+      const double kth = values[order[candidates - 1]];
+      candidates = std::partition(order.begin() + candidates, order.end(), [&](int64_t v) { return values[v] == kth; }) -
+                   order.begin();
+    }
   }
   int64_t num_kept = candidates;
   if (sampling.top_p < 1.0) {
@@ -164,6 +170,9 @@ LogNormalizer normalize(const Score& score, int64_t vocab, double max, const Sam
   // The last kept token: nth_element (top-k only) or the sort (top-p) put it at num_kept - 1.
   out.kept.last_index = order[num_kept - 1];
   out.kept.threshold = values[out.kept.last_index];
+  // Top-k alone under kKeep: every token with the k-th largest score (order[num_kept - 1] is
+  // one of them, unsorted).
+  if (!(sampling.top_p < 1.0) && sampling.keeps_ties()) out.kept.last_index = std::numeric_limits<int64_t>::max();
   double total = 0.0;
   const Kept kept = out.kept;
 #pragma omp simd reduction(+ : total)

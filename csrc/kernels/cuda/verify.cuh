@@ -377,7 +377,8 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocks) stats_kernel(c
 // {rank key >= key of the last kept token} is exactly KeptSet. The last kept token is found
 // by a most-significant-digit radix descent (8-bit digits) with shared-memory histograms of
 // counts (top-k: the token of rank k - 1) or masses exp(score - max) (top-p: the last token
-// whose preceding mass is < top_p * total). Passes stop early once a digit isolates a token,
+// whose preceding mass is < top_p * total; under TopKTies::kKeep the top-k key drops its index
+// part, so every token tied with rank k - 1 stays). Passes stop early once a digit isolates a token,
 // and digits that every candidate of the chosen bucket shares are skipped (the bucket's AND
 // and OR of the keys), so ties of low-precision logits cost one pass per differing byte.
 // Bucket masses are summed in a fixed order (lanes in lane order, a warp's iterations in
@@ -672,6 +673,7 @@ __device__ void radix_truncation(const Problem<T>& pr, int64_t row_position, int
     const int start = common / 8;
     RankKey prefix{start == 0 ? 0 : key_max & (~uint64_t(0) << (64 - 8 * start)), 0};
     kept = descend(score, vocab, RankKey{0, 0}, prefix, start, false, static_cast<uint64_t>(sampling.top_k - 1), 1.0, max_score, sh);
+    if (sampling.keeps_ties()) kept.lo = 0;  // every token with the k-th largest score
   }
   if (sampling.top_p < 1.0) {
     const uint64_t low = kept.hi > key_min ? kept.hi : key_min;  // candidates: rank key >= kept
@@ -724,17 +726,19 @@ __device__ void radix_truncation(const Problem<T>& pr, int64_t row_position, int
 //              not collected);
 //   resolve    per (row, position, stream): sorts each list by (score desc, index asc) and
 //              applies the rule of docs/algorithm.md section 2: top-k keeps rank
-//              k - 1 - (tokens before kb) of kb; top-p keeps a candidate iff above + the mass
+//              k - 1 - (tokens before kb) of kb (kKeep: and the candidates tied with it, all in
+//              kb and next in the sorted list); top-p keeps a candidate iff above + the mass
 //              of the candidates ranked before it is < top_p * W, W = above + [p_lo, p_hi]'s
 //              top-k candidates + mid + kb's top-k candidates; it checks that the boundary
 //              lies among the candidates (else the radix descent decides). The normaliser is
 //              above + the kept candidates' masses: no further pass.
 // Tie path: a planned bucket of more than kTruncCandidates tokens of one score (constant or
 // low-precision rows) is settled by counting: the kept rank r follows from the common mass m
-// (above + j m < target, a binary search), the per-chunk counts locate r's chunk, and the
-// resolve block reads that one chunk for the r-th index. Anything else beyond the capacity
-// (several scores in one level-2 bucket; two overflowing buckets; the last finite bucket,
-// d >= ~2^64) falls back to radix_truncation.
+// (above + j m < target, a binary search; kKeep: the top-k rank is the bucket's last), the
+// per-chunk counts locate r's chunk, and the resolve block reads that one chunk for the r-th
+// index (no read when r is the bucket's last token: the whole score is kept). Anything else
+// beyond the capacity (several scores in one level-2 bucket; two overflowing buckets; the last
+// finite bucket, d >= ~2^64) falls back to radix_truncation.
 //
 // Passes over a logits row: 2 (histogram, collect); 3 with the refinement, or on the tie path
 // (histogram, refine, one chunk); 3 plus one chunk for a tie found at level 2; the radix
@@ -1179,6 +1183,8 @@ __device__ bool resolve_candidates(const Problem<T>& pr, const TruncPlan& plan, 
       ++seen;
     }
     if (last_k < 0) return false;
+    // Tokens tied with the k-th largest score share its bucket and follow it in the sorted list.
+    while (sampling.keeps_ties() && last_k + 1 < n && sh.key[last_k + 1] == sh.key[last_k]) ++last_k;
   }
   int last = -1;
   double total = above;
@@ -1223,8 +1229,9 @@ __device__ bool resolve_candidates(const Problem<T>& pr, const TruncPlan& plan, 
   return true;
 }
 
-// Tie path (thread 0): every planned token has one score; returns the 0-based index rank of
-// the last kept token among them, or -1 when the boundary is not in the bucket.
+// Tie path (thread 0): every planned token has one score (and every token of that score is
+// planned); returns the 0-based index rank of the last kept token among them, or -1 when the
+// boundary is not in the bucket. When all of them are kept, out.kept needs no index.
 template <typename T>
 __device__ long long resolve_ties(const Problem<T>& pr, const TruncPlan& plan, double above, double mid, double max_score,
                                   unsigned long long key, const ExpTable& table, Truncation& out) {
@@ -1232,8 +1239,9 @@ __device__ long long resolve_ties(const Problem<T>& pr, const TruncPlan& plan, d
   const double score = score_of_key(key);
   const double m = fast_exp(__dsub_rn(score, max_score), table);
   const long long n = static_cast<long long>(plan.members);
-  const long long r = plan.kb == plan.p_lo ? sampling.top_k - 1 - static_cast<long long>(plan.count_above) : n - 1;
+  long long r = plan.kb == plan.p_lo ? sampling.top_k - 1 - static_cast<long long>(plan.count_above) : n - 1;
   if (r < 0 || r >= n) return -1;
+  if (sampling.keeps_ties()) r = n - 1;  // every token tied with the k-th largest score
   long long last = r;
   if (sampling.top_p < 1.0) {
     const double w = __dadd_rn(__dadd_rn(above, __dmul_rn(static_cast<double>(r + 1), m)), mid);
@@ -1253,7 +1261,7 @@ __device__ long long resolve_ties(const Problem<T>& pr, const TruncPlan& plan, d
     const bool more = plan.kb >= kTruncBuckets && plan.below > 0;
     if (last == r && more && before(r + 1) < target) return -1;
   }
-  out.kept = KeptSet{score, -1};
+  out.kept = KeptSet{score, last == n - 1 ? INT64_MAX : -1};  // -1: the index of rank `last`, found by the caller
   out.max = max_score;
   out.log_sum = log(__dadd_rn(above, __dmul_rn(static_cast<double>(last + 1), m)));
   return last;
@@ -1336,8 +1344,10 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_resolve_kernel(
         if (plan.filled_k != plan.members_k || r >= static_cast<unsigned long long>(n_k)) {
           use_radix = 1;
         } else {
+          int last_k = static_cast<int>(r);
+          while (pr.p.sampling.keeps_ties() && last_k + 1 < n_k && c.key[last_k + 1] == c.key[last_k]) ++last_k;
           double sum = 0.0;
-          for (int j = 0; j <= static_cast<int>(r); ++j) sum = __dadd_rn(sum, c.mass[j]);
+          for (int j = 0; j <= last_k; ++j) sum = __dadd_rn(sum, c.mass[j]);
           k_sum = sum;
         }
       }
@@ -1377,8 +1387,9 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_resolve_kernel(
         use_radix = 1;
       } else {
         result = t;
+        const bool find_index = t.kept.last_index < 0;  // not every token of the score is kept
         unsigned long long seen = 0;
-        for (int k = 0; k < pr.trunc_chunks; ++k) {
+        for (int k = 0; find_index && k < pr.trunc_chunks; ++k) {
           if (static_cast<unsigned long long>(rank) < seen + parts[k].members) {
             tie_chunk = k;
             tie_rank = rank - static_cast<long long>(seen);
@@ -1386,11 +1397,12 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_resolve_kernel(
           }
           seen += parts[k].members;
         }
-        if (tie_chunk < 0) use_radix = 1;
+        if (find_index && tie_chunk < 0) use_radix = 1;
       }
     }
     __syncthreads();
-    if (!use_radix) {  // the tie_rank-th token of the bucket's score in chunk tie_chunk: one chunk read
+    // The tie_rank-th token of the bucket's score in chunk tie_chunk: one chunk read.
+    if (!use_radix && result.kept.last_index < 0) {
       const RowScore<T> score = row_score(pr, row_position, stream);
       const int64_t vocab = pr.p.vocab;
       const int64_t begin = tie_chunk * kTruncChunkVectors, end = min(num_vectors<T>(vocab), begin + kTruncChunkVectors);
