@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--shift", type=float, default=defaults.shift, help="lambda, strength of the reward shift (r/d)^lambda")
     sampling.add_argument("--seed", type=int, default=defaults.seed, help="seed of batch 0 (batch j uses seed + j)")
     sampling.add_argument("--num-samples", type=int, default=defaults.num_samples, help="N of bon / spec-rejection, n of soft-bon")
+    sampling.add_argument("--num-candidates", type=int, default=defaults.num_candidates,
+                          help="N of sss-sir: SSS candidates per prompt, one resampled by its weight prod Z")
     sampling.add_argument("--rejection-interval", type=int, default=defaults.rejection_interval, help="m: spec-rejection decides every m tokens")
     sampling.add_argument("--rejection-rate", type=float, default=defaults.rejection_rate, help="alpha: fraction of partial responses spec-rejection drops")
     sampling.add_argument("--beta", type=float, default=defaults.beta, help="soft-bon weight of the reward")
@@ -152,6 +154,7 @@ def run_generate(args) -> int:
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, shift=args.shift, seed=args.seed, num_samples=args.num_samples,
+        num_candidates=args.num_candidates,
         rejection_interval=args.rejection_interval, rejection_rate=args.rejection_rate, beta=args.beta,
         soft_bon_threshold=args.soft_bon_threshold,
         eos_token_id=tuple(args.eos_token_id) if args.eos_token_id else None, ignore_eos=args.ignore_eos,

@@ -42,13 +42,17 @@ class SpeculativeRun:
         Shift by the reference draft ``d`` (SSS); False gives standard speculative sampling.
     mode : {"exact", "paper"}
         Verification rule (``"paper"`` needs ``use_ref``).
+    prompts : list of torch.Tensor, optional
+        One 1-D int64 prompt per row; default ``ctx.prompts``.
+    prompt_of_row : torch.Tensor, optional
+        int64 prompt index of every row (for per-prompt stats); default one row per prompt.
 
     Shape
     -----
-    ctx.prompts: B tensors (L_b,); book.log_z: (B,) sum of log Z over the emitted tokens
+    prompts: B tensors (L_b,); prompt_of_row: (B,); book.log_z: (B,) sum of log Z over the emitted tokens
     """
 
-    def __init__(self, ctx: RunContext, use_ref: bool, mode: str = "exact"):
+    def __init__(self, ctx: RunContext, use_ref: bool, mode: str = "exact", prompts=None, prompt_of_row=None):
         config, models, device = ctx.config, ctx.models, ctx.device
         self.ctx = ctx
         self.config = config
@@ -58,8 +62,9 @@ class SpeculativeRun:
         self.tracker = ctx.tracker
         self.run_index = self.tracker.new_run() if self.tracker is not None else 0
         self.round_index = 0
-        prompts = ctx.prompts
-        prompt_of_row = torch.arange(len(prompts))
+        prompts = ctx.prompts if prompts is None else prompts
+        if prompt_of_row is None:
+            prompt_of_row = torch.arange(len(prompts))
         self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, models.eos_token_ids,
                             device, ctx.stats)
         record = self._record
