@@ -36,8 +36,8 @@ def models():
 
 
 @torch.no_grad()
-def enumerate_sss(models, shift: float = 1.0):
-    """Every continuation of PROMPT: (keys, SSS probability, log-weight sum_t log Z_t), float64, no cache.
+def enumerate_sss(models, shift: float = 1.0, prompt=PROMPT):
+    """Every continuation of ``prompt``: (keys, SSS probability, log-weight sum_t log Z_t), float64, no cache.
 
     Shape
     -----
@@ -45,7 +45,7 @@ def enumerate_sss(models, shift: float = 1.0):
     """
     prefixes, mass, log_weight, laws = [()], {(): 1.0}, {(): 0.0}, {}
     for _ in range(LENGTH):
-        ids = torch.tensor([PROMPT + list(prefix) for prefix in prefixes])
+        ids = torch.tensor([list(prompt) + list(prefix) for prefix in prefixes])
         zq, zr, zd = (m(input_ids=ids, use_cache=False).logits[:, -1].double() for m in models)
         scores = zq + shift * (zr - zd)
         log_z = torch.logsumexp(scores, -1) - torch.logsumexp(zq, -1) - shift * (torch.logsumexp(zr, -1) - torch.logsumexp(zd, -1))
@@ -115,15 +115,22 @@ def _generate(models, prompts: int, num_candidates: int, seed: int, *, ref=None,
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_every_candidate_carries_its_enumerated_log_weight(models, laws, seed):
-    """(a) log w of every candidate = sum of log Z_t over exactly its emitted tokens (EOS included)."""
-    expected = dict(zip(laws["keys"], laws["log_weights"]))
-    out = _generate(models, 150, 4, seed)
+    """(a) log w of every candidate = sum of log Z_t over exactly its emitted tokens (EOS included).
+
+    Two prompts of different lengths alternate, so candidates of different prompts share the batch.
+    """
+    other = [3, 4, 1]
+    expected = [dict(zip(laws["keys"], laws["log_weights"])), dict(zip(*enumerate_sss(models, prompt=other)[::2]))]
+    q, r, d = models
+    out = sss_ext.generate(q, r, [PROMPT, other] * 75, ref_model=d, method="sss-sir", max_new_tokens=LENGTH,
+                           num_draft_tokens=2, eos_token_id=EOS, seed=seed, num_candidates=4)
     ended_early = 0
     for prompt, extra in enumerate(out.extras):
         assert len(extra["candidates"]) == len(extra["log_weights"]) == 4
         for candidate, log_weight in zip(extra["candidates"], extra["log_weights"]):
             key = tuple(candidate.tolist())
-            assert abs(log_weight - expected[key]) < 1e-5, (key, log_weight, expected[key])
+            want = expected[prompt % 2][key]
+            assert abs(log_weight - want) < 1e-5, (prompt, key, log_weight, want)
             ended_early += len(key) < LENGTH
         chosen = extra["chosen"]
         assert torch.equal(out.sequences[prompt], extra["candidates"][chosen])

@@ -9,9 +9,9 @@ it, cut at ``max_new_tokens``), and one candidate is drawn with probability
 ``softmax(log w)_i``. The law of the answer converges to ``pi*`` as ``N`` grows.
 
 The weights are the normalisers of the untruncated tilted target, so the method needs
-``top_k = 0`` (or ``>= vocab_size``) and ``top_p = 1`` (``ValueError`` otherwise); it runs the exact rule only
-(the paper rule has no ``Z``). At ``temperature = 0`` every ``log Z`` is reported as 0 and
-all candidates are the same greedy sequence.
+``top_k = 0`` (or ``>= vocab_size``) and ``top_p = 1`` (``ValueError`` otherwise); it runs
+the exact rule only (the paper rule has no ``Z``). At ``temperature = 0`` every ``log Z`` is
+reported as 0 and all candidates are the same greedy sequence.
 """
 
 from __future__ import annotations
@@ -88,8 +88,7 @@ def weight_summaries(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """
     mass = _relative_weights(log_weights)
     effective_sample_size = mass.sum(dim=1) ** 2 / (mass**2).sum(dim=1)
-    spread = log_weights.std(dim=1, correction=0) if log_weights.shape[1] > 1 else torch.zeros(log_weights.shape[0], dtype=log_weights.dtype)
-    return effective_sample_size, spread
+    return effective_sample_size, log_weights.std(dim=1, correction=0)
 
 
 def sss_sir(ctx: RunContext) -> MethodResult:
