@@ -79,6 +79,8 @@ def summarise(models, prompts, run, args, scale: float = 1.0, sequences=None, la
             N = cfg["num_samples"]
             kl, kl_note = math.log(N) - (N - 1) / N, "upper bound log N - (N-1)/N"
     lo, hi = bootstrap_ci(gold, seed=args.seed)
+    # a subset of N candidates runs as rows of the same batched calls: those counts do not scale with N
+    batched_scale = 1.0 if method in ("bon", "sss-sir") else scale
     row = {
         "method": label or run["label"], "kind": method, "prompts": n,
         "gold_mean": float(gold.mean()), "gold_ci95_lo": lo, "gold_ci95_hi": hi,
@@ -88,12 +90,12 @@ def summarise(models, prompts, run, args, scale: float = 1.0, sequences=None, la
         "target_loglik_per_token": float(sc["log_q"].sum() / sum(len(y) for y in seqs[:m])) if sc is not None else None,
         "loglik_prompts": m if sc is not None else 0,
         "kl_to_target": kl, "kl_note": kl_note if tractable or method == "bon" else "not tractable",
-        "target_calls_per_prompt": tot.get("target_calls", 0) * scale / n if method != "bon" else tot.get("target_calls", 0) / n,
+        "target_calls_per_prompt": tot.get("target_calls", 0) * batched_scale / n,
         "target_row_calls_per_prompt": tot["target_row_calls"] * scale / n,
         "target_tokens_per_prompt": tot.get("target_tokens", 0) * scale / n,
-        "draft_calls_per_prompt": tot.get("draft_calls", 0) * scale / n,
+        "draft_calls_per_prompt": tot.get("draft_calls", 0) * batched_scale / n,
         "draft_tokens_per_prompt": tot.get("draft_tokens", 0) * scale / n,
-        "ref_calls_per_prompt": tot.get("ref_calls", 0) * scale / n,
+        "ref_calls_per_prompt": tot.get("ref_calls", 0) * batched_scale / n,
         "reward_calls_per_prompt": tot.get("reward_calls", 0) / n,
         "reward_sequences_per_prompt": tot.get("reward_sequences", 0) * scale / n,
         "wall_s_per_prompt": tot["wall_time"] * scale / n,
