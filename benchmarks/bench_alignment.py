@@ -16,7 +16,9 @@ of each target call = 1; what an unbatched implementation would run), target tok
 positions (SSS). Best-of-N for N < N_max reuses the first N of the N_max candidates of
 each prompt (i.i.d. samples, so the estimate is unbiased); its costs are the N_max run's
 scaled by N / N_max (exact for target calls/tokens since every row runs the same number of
-steps; approximate for wall time, marked in the table).
+steps; approximate for wall time, marked in the table). sss-sir does the same: N < N_max
+resamples among the first N of the N_max candidates by their weights (fresh uniforms), and
+reports the mean effective sample size of the weights.
 
     nice -n 19 python benchmarks/bench_alignment.py                 # full run (see README)
     python benchmarks/bench_alignment.py --prompts 3 --max-new-tokens 4 --quick --out /tmp/x
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=40, help="prompts per generate() call (CPU decoding is memory-bound: bigger is cheaper per token)")
     ap.add_argument("--bon-max", type=int, default=16)
+    ap.add_argument("--sir-max", type=int, default=8, help="N of sss-sir (lambda 1 and 2); N = 2, 4, ... < it reuse its candidates")
     ap.add_argument("--spec-rejection-n", type=int, default=16)
     ap.add_argument("--soft-bon-n", type=int, default=8)
     ap.add_argument("--soft-bon-beta", type=float, default=10.0, help="weight of the proxy reward (VADER, in [-1, 1])")

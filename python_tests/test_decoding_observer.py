@@ -43,7 +43,7 @@ def test_records_account_for_every_forward_and_change_nothing(models, method):
     assert all(r.method == method and r.op_seconds is None for r in observer.records)
     assert all(c.seconds is None for r in observer.records for c in r.forwards.values())
     kinds = {r.kind for r in observer.records}
-    if method in ("sss", "sss-paper", "sd"):
+    if method in ("sss", "sss-paper", "sss-sir", "sd"):
         assert "round" in kinds and sum(len(r.rows) for r in observer.rounds()) == total.rounds
     else:
         assert "step" in kinds and "round" not in kinds

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--shift", type=float, default=defaults.shift, help="lambda, strength of the reward shift (r/d)^lambda")
     sampling.add_argument("--seed", type=int, default=defaults.seed, help="seed of the job; prompt i draws from (seed, i)")
     sampling.add_argument("--num-samples", type=int, default=defaults.num_samples, help="N of bon / spec-rejection, n of soft-bon")
+    sampling.add_argument("--num-candidates", type=int, default=defaults.num_candidates,
+                          help="N of sss-sir: SSS candidates per prompt, one resampled by its weight prod Z")
     sampling.add_argument("--rejection-interval", type=int, default=defaults.rejection_interval, help="m: spec-rejection decides every m tokens")
     sampling.add_argument("--rejection-rate", type=float, default=defaults.rejection_rate, help="alpha: fraction of partial responses spec-rejection drops")
     sampling.add_argument("--beta", type=float, default=defaults.beta, help="soft-bon weight of the reward")

@@ -165,6 +165,7 @@ def decode(
     sampling_config: SamplingConfig | None = None,
     shift: float | None = None,
     num_draft_tokens: int | None = None,
+    num_candidates: int | None = None,
     seed: int | None = None,
     reward_fn=None,
     tokenizer=None,
@@ -187,7 +188,7 @@ def decode(
         Any method of :func:`sss_ext.generate`.
     sampling_config : SamplingConfig, optional
         Base settings; the generation config's length, sampling and special-token settings
-        override it, then ``shift`` / ``num_draft_tokens`` / ``seed`` when given.
+        override it, then ``shift`` / ``num_draft_tokens`` / ``num_candidates`` (sss-sir) / ``seed`` when given.
     observer : callable or Observer, optional
         Per-round records, as ``sss_ext.generate(..., observer=...)``.
     logits_processor, stopping_criteria : transformers lists
@@ -225,7 +226,7 @@ def decode(
     pad = getattr(generation_config, "pad_token_id", None)
     if pad is not None:
         overrides["pad_token_id"] = int(torch.as_tensor(pad).flatten()[0])
-    for name, value in (("shift", shift), ("num_draft_tokens", num_draft_tokens), ("seed", seed)):
+    for name, value in (("shift", shift), ("num_draft_tokens", num_draft_tokens), ("num_candidates", num_candidates), ("seed", seed)):
         if value is not None:
             overrides[name] = value
     config = (sampling_config or SamplingConfig()).replace(**overrides)

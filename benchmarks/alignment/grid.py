@@ -21,6 +21,9 @@ def method_grid(args):
     for lam, k in sss[1:]:
         grid.append((f"sss l={lam:g} K={k}", "sss", {"shift": lam, "num_draft_tokens": k}))
     grid.append((f"sss-paper l={lam0:g} K={K0}", "sss-paper", {"shift": lam0, "num_draft_tokens": K0}))
+    nsir = 2 if args.quick else args.sir_max
+    for lam in ((lam0,) if args.quick else (1.0, 2.0)):
+        grid.append((f"sss-sir l={lam:g} K={K0} N={nsir}", "sss-sir", {"shift": lam, "num_draft_tokens": K0, "num_candidates": nsir}))
     ns = 2 if args.quick else args.spec_rejection_n
     grid.append((f"spec-rejection N={ns}", "spec-rejection",
                  {"num_samples": ns, "rejection_interval": max(1, args.max_new_tokens // 4), "rejection_rate": 0.5}))

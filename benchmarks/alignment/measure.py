@@ -9,6 +9,8 @@ import torch
 
 import sss_ext
 from sss_ext.decoding.methods import get_method
+from sss_ext.decoding.sir import resample, weight_summaries
+from sss_ext.uniforms import draw_uniforms
 
 from sss_ext.distributed import DistributedSession, shard_indices
 
@@ -98,6 +100,8 @@ def summarise(models, prompts, run, args, scale: float = 1.0, sequences=None, la
             N = cfg["num_samples"]
             kl, kl_note = math.log(N) - (N - 1) / N, "upper bound log N - (N-1)/N"
     lo, hi = bootstrap_ci(gold, seed=args.seed)
+    # a subset of N candidates runs as rows of the same batched calls: those counts do not scale with N
+    batched_scale = 1.0 if method in ("bon", "sss-sir") else scale
     row = {
         "method": label or run["label"], "kind": method, "prompts": n,
         "gold_mean": float(gold.mean()), "gold_ci95_lo": lo, "gold_ci95_hi": hi,
@@ -107,19 +111,20 @@ def summarise(models, prompts, run, args, scale: float = 1.0, sequences=None, la
         "target_loglik_per_token": float(sc["log_q"].sum() / sum(len(y) for y in seqs[:m])) if sc is not None else None,
         "loglik_prompts": m if sc is not None else 0,
         "kl_to_target": kl, "kl_note": kl_note if tractable or method == "bon" else "not tractable",
-        "target_calls_per_prompt": tot.get("target_calls", 0) * scale / n if method != "bon" else tot.get("target_calls", 0) / n,
+        "target_calls_per_prompt": tot.get("target_calls", 0) * batched_scale / n,
         "target_row_calls_per_prompt": tot["target_row_calls"] * scale / n,
         "target_tokens_per_prompt": tot.get("target_tokens", 0) * scale / n,
-        "draft_calls_per_prompt": tot.get("draft_calls", 0) * scale / n,
+        "draft_calls_per_prompt": tot.get("draft_calls", 0) * batched_scale / n,
         "draft_tokens_per_prompt": tot.get("draft_tokens", 0) * scale / n,
-        "ref_calls_per_prompt": tot.get("ref_calls", 0) * scale / n,
+        "ref_calls_per_prompt": tot.get("ref_calls", 0) * batched_scale / n,
         "reward_calls_per_prompt": tot.get("reward_calls", 0) / n,
         "reward_sequences_per_prompt": tot.get("reward_sequences", 0) * scale / n,
         "wall_s_per_prompt": tot["wall_time"] * scale / n,
         "new_tokens_per_prompt": sum(len(y) for y in seqs) / n,
         "acceptance_rate": (tot["accepted_drafts"] / tot["proposed_drafts"]) if tot.get("proposed_drafts") else None,
         "mean_accepted_per_round": (tot["accepted_drafts"] / tot["rounds"]) if tot.get("rounds") else None,
-        "mean_abs_z_minus_1": run["mean_abs_z_minus_1"] if method in ("sss", "sss-paper") else None,
+        "mean_abs_z_minus_1": run["mean_abs_z_minus_1"] if method in ("sss", "sss-paper", "sss-sir") else None,
+        "mean_ess": _mean_ess(run),
         "note": note,
     }
     samples = [{"prompt": p, "continuation": t[len(p):], "gold": float(g), "proxy": float(x)}
@@ -141,6 +146,35 @@ def bon_subsets(models, prompts, run, args):
         row, smp = summarise(models, prompts, sub, args, scale=n / nmax, sequences=chosen, label=f"bon N={n}",
                              note=f"first {n} of the N={nmax} candidates; costs scaled by {n}/{nmax}")
         row["reward_sequences_per_prompt"] = n
+        rows.append(row)
+        samples[row["method"]] = smp
+        n *= 2
+    return rows, samples
+
+
+def _mean_ess(run):
+    """Mean effective sample size of the prompts' weights (sss-sir; a subset row brings its own in ``run["ess"]``)."""
+    if run["method"] != "sss-sir":
+        return None
+    ess = run.get("ess") or [ex["effective_sample_size"] for ex in run["extras"]]
+    return float(sum(ess) / len(ess))
+
+
+def sir_subsets(models, prompts, run, args):
+    """sss-sir for N = 2, 4, ... < N_max: resample among the first N of the N_max candidates by their weights."""
+    nmax = run["config"]["num_candidates"]
+    generator = torch.Generator().manual_seed(args.seed)
+    rows, samples = [], {}
+    n = 2
+    while n < nmax:
+        log_weights = torch.tensor([ex["log_weights"][:n] for ex in run["extras"]], dtype=torch.float64)  # (P, n)
+        chosen = resample(log_weights, draw_uniforms((len(prompts),), "cpu", generator)).tolist()
+        sequences = [ex["candidates"][pick].cpu() for ex, pick in zip(run["extras"], chosen)]
+        ess = weight_summaries(log_weights)[0].tolist()
+        label = run["label"].replace(f"N={nmax}", f"N={n}")
+        sub = dict(run, config=dict(run["config"], num_candidates=n), ess=ess)
+        row, smp = summarise(models, prompts, sub, args, scale=n / nmax, sequences=sequences, label=label,
+                             note=f"first {n} of the N={nmax} candidates, resampled; costs scaled by {n}/{nmax}")
         rows.append(row)
         samples[row["method"]] = smp
         n *= 2

@@ -15,8 +15,9 @@ def plot(rows, path: Path, xkey: str, xlabel: str, title: str):
 
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     colors = {"vanilla": "black", "draft": "tab:gray", "sd": "tab:brown", "sss": "tab:blue", "sss-paper": "tab:cyan",
+              "sss-sir": "tab:pink",
               "bon": "tab:red", "spec-rejection": "tab:orange", "soft-bon": "tab:green"}
-    markers = {"vanilla": "s", "draft": "v", "sd": "D", "sss": "o", "sss-paper": "P", "bon": "^",
+    markers = {"vanilla": "s", "draft": "v", "sd": "D", "sss": "o", "sss-paper": "P", "sss-sir": "h", "bon": "^",
                "spec-rejection": "X", "soft-bon": "*"}
     pts = [(r[xkey], r["gold_mean"]) for r in rows]
     for kind in colors:

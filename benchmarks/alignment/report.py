@@ -19,6 +19,7 @@ COLUMNS = [
     ("draft_calls_per_prompt", "draft calls", "{:.1f}"), ("ref_calls_per_prompt", "ref calls", "{:.1f}"),
     ("reward_sequences_per_prompt", "reward seqs", "{:.1f}"), ("wall_s_per_prompt", "wall s", "{:.2f}"),
     ("acceptance_rate", "accept", "{:.2f}"), ("mean_abs_z_minus_1", "mean abs(Z-1)", "{:.3f}"),
+    ("mean_ess", "mean ESS", "{:.2f}"),
 ]
 
 
@@ -39,7 +40,7 @@ def markdown_table(rows):
 
 
 def sort_rows(rows):
-    order = ["vanilla", "draft", "sd", "sss", "sss-paper", "bon", "spec-rejection", "soft-bon"]
+    order = ["vanilla", "draft", "sd", "sss", "sss-paper", "sss-sir", "bon", "spec-rejection", "soft-bon"]
     return sorted(rows, key=lambda r: (order.index(r["kind"]), r["target_row_calls_per_prompt"], r["method"]))
 
 

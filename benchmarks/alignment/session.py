@@ -16,7 +16,7 @@ from sss_ext.decoding.methods import get_method
 from sss_ext.distributed import DistributedSession
 
 from .grid import method_grid
-from .measure import bon_subsets, run_method, summarise
+from .measure import bon_subsets, run_method, sir_subsets, summarise
 from .report import sort_rows, write_outputs
 
 #: (manifest section, key) of the model figures recorded in the metadata
@@ -91,8 +91,9 @@ def _run_all(args, session: DistributedSession) -> None:
         row, smp = summarise(models, prompts, run, args)
         rows.append(row)
         samples[row["method"]] = smp
-        if method == "bon":
-            sub_rows, sub_samples = bon_subsets(models, prompts, run, args)
+        subsets = {"bon": bon_subsets, "sss-sir": sir_subsets}.get(method)
+        if subsets is not None:
+            sub_rows, sub_samples = subsets(models, prompts, run, args)
             rows.extend(sub_rows)
             samples.update(sub_samples)
         print(f"  -> gold {row['gold_mean']:.3f} [{row['gold_ci95_lo']:.3f}, {row['gold_ci95_hi']:.3f}] "

@@ -33,10 +33,11 @@ class GenerateOutput:
         ``stats.total`` and ``stats.per_prompt`` (:class:`~sss_ext.decoding.stats.GenerationStats`);
         ``stats.<counter>`` reads the total.
     log_z : list of float or None
-        sss / sss-paper: ``sum_t log Z_t`` over the emitted tokens, the log importance weight
-        of docs/algorithm.md §6 (sampling-importance-resampling toward ``pi*``).
+        sss / sss-paper / sss-sir (of the chosen candidate): ``sum_t log Z_t`` over the emitted
+        tokens, the log importance weight of docs/algorithm.md §6 and §10.
     extras : list of dict
-        Method details (candidates, rewards, decisions, fallback) for the reward baselines.
+        Method details: candidates, rewards, decisions, fallback for the reward baselines;
+        candidates, log_weights, chosen, effective_sample_size, log_weight_spread for sss-sir.
     """
 
     sequences: list[torch.Tensor]
@@ -78,7 +79,7 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
         Encodes string prompts and decodes ``texts``; must not exceed the models' vocabulary.
     method : str
         A name of :data:`sss_ext.decoding.methods.METHODS`: ``"sss"`` (exact), ``"sss-paper"``,
-        ``"sd"``, ``"vanilla"``, ``"draft"``, ``"bon"``, ``"spec-rejection"`` or ``"soft-bon"``.
+        ``"sss-sir"``, ``"sd"``, ``"vanilla"``, ``"draft"``, ``"bon"``, ``"spec-rejection"`` or ``"soft-bon"``.
     config : SamplingConfig, optional
         Sampling settings; keyword ``config_overrides`` replace single fields.
     reward_fn : callable or transformers reward model, optional

@@ -54,6 +54,8 @@ class SamplingConfig:
         Seeds the one ``torch.Generator`` all randomness is drawn from.
     num_samples : int
         ``N`` of best-of-N and speculative rejection, ``n`` of soft best-of-n.
+    num_candidates : int
+        ``N`` of sss-sir: SSS candidates per prompt, one resampled with weight ``prod_t Z_t``.
     rejection_interval : int
         ``m``: speculative rejection scores the partial responses every ``m`` tokens.
     rejection_rate : float
@@ -84,6 +86,7 @@ class SamplingConfig:
     shift: float = 1.0
     seed: int = 0
     num_samples: int = 4
+    num_candidates: int = 4
     rejection_interval: int = 16
     rejection_rate: float = 0.5
     beta: float = 1.0
@@ -105,6 +108,7 @@ class SamplingConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         _check_int("num_samples", self.num_samples, 1)
+        _check_int("num_candidates", self.num_candidates, 1)
         _check_int("rejection_interval", self.rejection_interval, 1)
         _check_float("rejection_rate", self.rejection_rate, 0.0, 1.0, high_open=True)
         _check_float("beta", self.beta, 0.0, math.inf, high_open=True)

@@ -96,7 +96,7 @@ class MethodResult:
     sequences : list of torch.Tensor
         Generated ids of every prompt (prompt excluded).
     log_z : list of float or None
-        sss / sss-paper: ``sum_t log Z_t`` over the emitted tokens of every prompt.
+        sss / sss-paper / sss-sir (the chosen candidate): ``sum_t log Z_t`` over the emitted tokens of every prompt.
     extras : list of dict
         Method details per prompt (candidates, rewards, decisions ...); ``{}`` when none.
     """

@@ -15,6 +15,7 @@ from typing import Callable
 from .autoregressive import run_autoregressive
 from .baselines import best_of_n, soft_best_of_n, speculative_rejection
 from .context import MethodResult, RunContext
+from .sir import sss_sir
 from .speculative import run_speculative
 
 __all__ = ["Method", "METHODS", "METHOD_NAMES", "register", "get_method", "RunContext", "MethodResult"]
@@ -76,6 +77,8 @@ for _method in (
            description="reward-shifted speculative sampling, exact rule (tilted target q(r/d)^lambda)"),
     Method("sss-paper", partial(run_speculative, use_ref=True, mode="paper"), ("target", "draft", "ref_model"),
            description="reward-shifted speculative sampling, the published rule without the normaliser Z"),
+    Method("sss-sir", sss_sir, ("target", "draft", "ref_model"),
+           description="sampling-importance-resampling of num_candidates SSS samples by prod Z: the sequence-level tilt"),
     Method("sd", partial(run_speculative, use_ref=False), ("target", "draft"),
            description="standard speculative sampling: the draft proposes, the target verifies"),
     Method("vanilla", partial(run_autoregressive, role="target"), ("target",), description="sampling from the target"),

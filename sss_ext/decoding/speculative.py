@@ -44,13 +44,20 @@ class SpeculativeRun:
         Shift by the reference draft ``d`` (SSS); False gives standard speculative sampling.
     mode : {"exact", "paper"}
         Verification rule (``"paper"`` needs ``use_ref``).
+    prompts : list of torch.Tensor, optional
+        One 1-D int64 prompt per row; default ``ctx.prompts``.
+    prompt_of_row : torch.Tensor, optional
+        int64 prompt index of every row (for per-prompt stats); default one row per prompt.
+    sample_of_row : torch.Tensor, optional
+        int64 index of every row among its prompt's samples (keys its random stream); default 0.
 
     Shape
     -----
-    ctx.prompts: B tensors (L_b,); book.log_z: (B,) sum of log Z over the emitted tokens
+    prompts: B tensors (L_b,); prompt_of_row, sample_of_row: (B,); book.log_z: (B,) sum of log Z over the emitted tokens
     """
 
-    def __init__(self, ctx: RunContext, use_ref: bool, mode: str = "exact"):
+    def __init__(self, ctx: RunContext, use_ref: bool, mode: str = "exact", prompts=None, prompt_of_row=None,
+                 sample_of_row=None):
         config, models, device = ctx.config, ctx.models, ctx.device
         self.ctx = ctx
         self.config = config
@@ -60,11 +67,12 @@ class SpeculativeRun:
         self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
         self.run_index = self.tracker.new_run() if self.tracker is not None else 0
         self.round_index = 0
-        prompts = ctx.prompts
-        prompt_of_row = torch.arange(len(prompts))
+        prompts = ctx.prompts if prompts is None else prompts
+        if prompt_of_row is None:
+            prompt_of_row = torch.arange(len(prompts))
         self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, models.eos_token_ids,
                             device, ctx.stats, ctx.hooks)
-        self.streams = ctx.randomness.streams(prompt_of_row)
+        self.streams = ctx.randomness.streams(prompt_of_row, sample_of_row)
         record = self._record
         batch = len(prompts)
         self.target = KVState(models.target, "target", record, "target", batch, device, ctx.clock)

@@ -10,6 +10,9 @@ Conventions (the same for every method):
   model forward passes) and the number of sequences they scored.
 * ``proposed_drafts`` / ``accepted_drafts`` / ``rounds``: speculative methods only, counted
   per row before truncation at EOS or ``max_new_tokens``.
+* ``effective_sample_size`` / ``log_weight_spread``: sss-sir only, the importance weights
+  ``w`` of a prompt's candidates: ``(sum w)^2 / sum w^2`` and the standard deviation of
+  ``log w``; the total holds their means over the prompts. None for the other methods.
 * ``wall_time``: seconds from the start of ``generate`` until the prompt's last row
   finished (per prompt) or until everything finished (total).
 """
@@ -40,6 +43,8 @@ class GenerationStats:
     proposed_drafts: int = 0
     accepted_drafts: int = 0
     wall_time: float = 0.0
+    effective_sample_size: float | None = None
+    log_weight_spread: float | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -105,6 +110,8 @@ class StatsRecorder:
         self.total = {name: 0 for name in self._COUNTERS}
         self.per_prompt = {name: torch.zeros(num_prompts, dtype=torch.int64) for name in self._COUNTERS}
         self.finish_time = torch.zeros(num_prompts, dtype=torch.float64)
+        self.weights = {"effective_sample_size": torch.full((num_prompts,), float("nan"), dtype=torch.float64),
+                        "log_weight_spread": torch.full((num_prompts,), float("nan"), dtype=torch.float64)}
         self._batch_key = None  # prompt_index of the last call (RowBook replaces it when rows leave)
         self._per_call = {}  # counter -> calls: adds once per prompt present in the batch
         self._per_row = {}  # counter -> units: adds once per row of the batch
@@ -166,6 +173,21 @@ class StatsRecorder:
         for index in prompt_indices:
             self.finish_time[int(index)] = now
 
+    def importance_weights(self, effective_sample_size: torch.Tensor, log_weight_spread: torch.Tensor) -> None:
+        """Record the importance-weight summaries of every prompt (sss-sir). Shape: (P,), (P,)"""
+        self.weights["effective_sample_size"] = effective_sample_size.to(device="cpu", dtype=torch.float64)
+        self.weights["log_weight_spread"] = log_weight_spread.to(device="cpu", dtype=torch.float64)
+
+    def _weight_summaries(self) -> tuple[dict, list[dict]]:
+        """(means over the prompts, per-prompt values); None where nothing was recorded."""
+        total, per_prompt = {}, [{} for _ in range(self.num_prompts)]
+        for name, values in self.weights.items():
+            recorded = ~torch.isnan(values)
+            total[name] = float(values[recorded].mean()) if bool(recorded.any()) else None
+            for index, value in enumerate(values.tolist()):
+                per_prompt[index][name] = None if value != value else value
+        return total, per_prompt
+
     def set_new_tokens(self, per_prompt_tokens: list[int]) -> None:
         self.per_prompt["new_tokens"] = torch.tensor(per_prompt_tokens, dtype=torch.int64)
         self.total["new_tokens"] = int(sum(per_prompt_tokens))
@@ -174,11 +196,12 @@ class StatsRecorder:
         wall = time.perf_counter() - self.start
         self._flush()
         self._batch_key = None
-        total = GenerationStats(**self.total, wall_time=wall)
+        weights_total, weights_per_prompt = self._weight_summaries()
+        total = GenerationStats(**self.total, **weights_total, wall_time=wall)
         columns = {name: self.per_prompt[name].tolist() for name in self._COUNTERS}
         finish = self.finish_time.tolist()
         per_prompt = [
-            GenerationStats(**{name: columns[name][index] for name in self._COUNTERS},
+            GenerationStats(**{name: columns[name][index] for name in self._COUNTERS}, **weights_per_prompt[index],
                             wall_time=finish[index] if finish[index] > 0 else wall)
             for index in range(self.num_prompts)
         ]
