@@ -29,10 +29,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& tar
                                                            const at::Tensor& draft_tokens,
                                                            const std::optional<at::Tensor>& ref_logits,
                                                            const at::Tensor& uniforms, double temperature, int64_t top_k,
-                                                           double top_p, double shift, c10::string_view mode) {
+                                                           double top_p, double shift, c10::string_view mode,
+                                                           const std::optional<at::Tensor>& num_draft_tokens) {
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const adapter::VerifyInputs in = adapter::check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, uniforms,
-                                                              temperature, top_k, top_p, shift, mode);
+                                                              temperature, top_k, top_p, shift, mode, num_draft_tokens);
   check_cuda_sizes(in.vocab);
   const adapter::VerifyOutputs out = adapter::empty_verify_outputs(in);
   if (in.batch == 0) return {out.tokens, out.num_accepted, out.log_z};

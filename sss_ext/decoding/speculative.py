@@ -13,6 +13,11 @@ past ``max_new_tokens``):
    then cropped or re-aligned, see :mod:`sss_ext.decoding.cache`); rows that emitted EOS or
    spent their budget leave the batch.
 
+Under the adaptive draft-length policy (:mod:`sss_ext.decoding.draft_length`) row ``b``
+verifies only its first ``k_b <= K'`` drafts (``num_draft_tokens`` of the op, ``K' = max
+k_b``): the draft still proposes ``K'`` tokens for every row (one batched forward per
+step) and the op ignores the rest, so every cache keeps at most ``k_b + 1`` slots.
+
 Cache invariant between rounds: the target and reference caches hold every token of the
 row except the last one (``pending``). So does the draft's under SSS. Under standard
 speculative sampling the draft runs only ``K'`` steps, so after a round where all drafts
@@ -28,6 +33,7 @@ import torch
 from .. import ops
 from .cache import KVState
 from .context import MethodResult, RunContext
+from .draft_length import DraftLengths
 from .rows import RowBook, left_pad
 
 
@@ -75,6 +81,7 @@ class SpeculativeRun:
         # standard SD only: the draft has not seen carry_token yet (all drafts accepted last round)
         self.carry = torch.zeros(batch, dtype=torch.bool, device=device)
         self.carry_token = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.lengths = DraftLengths(config, batch, 1 if use_ref else 0, device)
         if self.tracker is not None:
             self.tracker.emit("prefill", self.run_index, "speculative", -1, self.book.active.cpu(),
                               self.book.active_prompts.clone(), states=self.states)
@@ -103,7 +110,10 @@ class SpeculativeRun:
         config = self.config
         tracker = self.tracker
         temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
-        num_draft = min(config.num_draft_tokens, int(self.book.remaining().max()) - 1)
+        remaining = self.book.remaining()
+        row_drafts = self.lengths.choose(remaining)  # (B,) or None: K' for every row
+        max_drafts = config.num_draft_tokens if row_drafts is None else int(row_drafts.max())
+        num_draft = min(max_drafts, int(remaining.max()) - 1)
         sss = self.ref is not None
         if tracker is not None:
             rows, row_prompts, carried = self.book.active.cpu(), self.book.active_prompts.clone(), self.carry.clone()
@@ -111,6 +121,7 @@ class SpeculativeRun:
             state.begin_round()
 
         # 1. draft proposals x_0..x_{K'-1}, drawn from warp(r); SSS also needs zr[K']
+        self.lengths.start()
         draft_logits, drafts = [], []
         for step in range(num_draft + 1 if sss else num_draft):
             logits = self._draft_step(step == 0, drafts[-1] if drafts else None)
@@ -123,10 +134,12 @@ class SpeculativeRun:
         batch = self.pending.shape[0]
         draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
+        self.lengths.drafted(len(draft_logits))
 
         # 2. one target forward (and one reference forward) over the block
         target_logits = self.target.forward(block, logits_to_keep=num_draft + 1)
         ref_logits = self.ref.forward(block, logits_to_keep=num_draft + 1) if sss else None
+        self.lengths.verified()
         if draft_logits:
             draft_stack = torch.stack(draft_logits, dim=1)
         else:
@@ -136,12 +149,16 @@ class SpeculativeRun:
         # 3. verification
         verify_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, shift=config.shift,
                              mode=self.mode if sss else "exact", generator=self.generator)
+        if row_drafts is not None:
+            row_drafts = row_drafts.clamp(max=num_draft)
+            verify_kwargs["num_draft_tokens"] = row_drafts
         if tracker is None:
             out = ops.verify(target_logits, draft_stack, draft_tokens, ref_logits, **verify_kwargs)
         else:
             out = tracker.timed_op(ops.verify, target_logits, draft_stack, draft_tokens, ref_logits, **verify_kwargs)
         accepted = out.num_accepted
         keep = accepted + 1
+        self.lengths.update(row_drafts, accepted)
 
         # 4. per-row rollback of every cache
         self.target.rollback(keep)
@@ -156,7 +173,7 @@ class SpeculativeRun:
                 self.carry_token = draft_tokens[:, -1]
         prompts = self.book.active_prompts
         self.stats.rows("rounds", prompts, 1)
-        self.stats.rows("proposed_drafts", prompts, num_draft)
+        self.stats.rows("proposed_drafts", prompts, num_draft if row_drafts is None else row_drafts)
         self.stats.rows("accepted_drafts", prompts, accepted)
 
         kept, done = self.book.append(out.tokens, keep, out.log_z if sss else None)
@@ -168,12 +185,13 @@ class SpeculativeRun:
             self.pending = self.pending[stay]
             self.carry = self.carry[stay]
             self.carry_token = self.carry_token[stay]
+            self.lengths.select_rows(stay)
         if tracker is not None:
             logits = {"target": target_logits, "draft": draft_stack}
             if sss:
                 logits["ref"] = ref_logits
             tracker.emit("round", self.run_index, "speculative", self.round_index, rows, row_prompts, states=self.states,
-                         draft_tokens=draft_tokens, logits=logits, verify=out, tokens=out.tokens, num_emitted=kept,
+                         draft_tokens=draft_tokens, num_draft_tokens=row_drafts, logits=logits, verify=out, tokens=out.tokens, num_emitted=kept,
                          finished=done, carried=None if sss else carried)
         self.round_index += 1
 

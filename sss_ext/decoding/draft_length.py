@@ -1,0 +1,156 @@
+"""Per-row draft lengths for speculative rounds: the fixed ``K`` or an adaptive choice.
+
+The adaptive policy keeps, per row, the accepted drafts and the rejections it has seen
+(with a prior worth ``PRIOR_ROUNDS`` rounds at acceptance ``PRIOR_ACCEPTANCE``). Under a
+geometric model where each draft is accepted with the row's rate ``alpha`` until the first
+rejection, ``k`` drafts emit ``E[accepted + 1] = (1 - alpha**(k+1)) / (1 - alpha)``
+tokens; a round costs ``(k + extra) * c_draft + c_target`` (``extra``: draft steps run
+whatever ``k`` is, 1 for SSS's ``zr[k]``). The row takes the ``k`` in
+``[1, num_draft_tokens]`` with the most tokens per unit cost; ``c_draft / c_target`` is
+``SamplingConfig.draft_cost_ratio`` or, when that is None, measured from the run's own
+forward times.
+
+Any ``k`` fixed before a round's drafts are drawn keeps the output law (each round is an
+exact speculative round with that row's ``k``, docs/algorithm.md §4), so the policy changes
+speed only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+PRIOR_ACCEPTANCE = 0.5
+PRIOR_ROUNDS = 2.0
+# Running mean of the measured cost ratio: weight of the newest round.
+COST_SMOOTHING = 0.2
+
+
+def expected_tokens(acceptance: torch.Tensor, num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """``E[accepted + 1]`` of a round of ``k`` drafts each accepted with probability ``alpha``.
+
+    Shape
+    -----
+    acceptance: (B, 1); num_draft_tokens: (N,) -> (B, N)
+    """
+    powers = acceptance ** (num_draft_tokens + 1).to(acceptance.dtype)
+    geometric = (1.0 - powers) / (1.0 - acceptance).clamp(min=1e-12)
+    return torch.where(acceptance >= 1.0, (num_draft_tokens + 1).to(acceptance.dtype), geometric)
+
+
+def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, cost_ratio: float, extra_draft_steps: int) -> torch.Tensor:
+    """The ``k`` in ``[1, max_draft_tokens]`` maximising expected tokens per unit round cost.
+
+    Parameters
+    ----------
+    acceptance : torch.Tensor
+        float64 per-row acceptance rates in ``[0, 1]``.
+    max_draft_tokens : int
+        Largest ``k`` (``>= 1``).
+    cost_ratio : float
+        Cost of one draft step over the cost of the verifying forward(s), ``>= 0``.
+    extra_draft_steps : int
+        Draft steps a round runs besides its ``k`` proposals.
+
+    Shape
+    -----
+    acceptance: (B,) -> (B,) int64
+    """
+    lengths = torch.arange(1, max_draft_tokens + 1, dtype=torch.int64, device=acceptance.device)
+    tokens = expected_tokens(acceptance[:, None], lengths)  # (B, max_draft_tokens)
+    cost = (lengths + extra_draft_steps).to(torch.float64) * cost_ratio + 1.0
+    # argmax picks the first maximum: the shortest k among equals
+    return lengths[torch.argmax(tokens / cost, dim=-1)]
+
+
+class DraftLengths:
+    """Draft tokens per row for each round.
+
+    Parameters
+    ----------
+    config : SamplingConfig
+        ``num_draft_tokens`` (``K``), ``draft_length_policy``, ``draft_cost_ratio``.
+    batch_size : int
+        Rows at the start of the run.
+    extra_draft_steps : int
+        Draft steps a round runs besides its proposals (1 for SSS, 0 for standard SD).
+    device : torch.device
+
+    Shape
+    -----
+    accepted, rejected: (B,) float64 counts of the active rows (prior included)
+    """
+
+    def __init__(self, config, batch_size: int, extra_draft_steps: int, device):
+        self.max_draft_tokens = config.num_draft_tokens
+        self.adaptive = config.draft_length_policy == "adaptive"
+        self.fixed_ratio = config.draft_cost_ratio
+        self.measured_ratio = None
+        self.extra_draft_steps = extra_draft_steps
+        self.accepted = torch.full((batch_size,), PRIOR_ACCEPTANCE * PRIOR_ROUNDS, dtype=torch.float64, device=device)
+        self.rejected = torch.full((batch_size,), (1.0 - PRIOR_ACCEPTANCE) * PRIOR_ROUNDS, dtype=torch.float64, device=device)
+        self._start = None
+        self._draft_seconds = 0.0
+        self._draft_steps = 0
+
+    @property
+    def acceptance(self) -> torch.Tensor:
+        """Per-row acceptance estimate. Shape: -> (B,) float64"""
+        return self.accepted / (self.accepted + self.rejected)
+
+    @property
+    def cost_ratio(self) -> float:
+        if self.fixed_ratio is not None:
+            return self.fixed_ratio
+        return self.measured_ratio if self.measured_ratio is not None else 0.0
+
+    def choose(self, remaining: torch.Tensor) -> torch.Tensor | None:
+        """Per-row draft counts of the next round, or None for ``K`` in every row (fixed policy).
+
+        Shape
+        -----
+        remaining: (B,) tokens each row may still emit -> (B,) int64 in [0, K]
+        """
+        if not self.adaptive:
+            return None
+        lengths = best_draft_lengths(self.acceptance, self.max_draft_tokens, self.cost_ratio, self.extra_draft_steps)
+        return torch.minimum(lengths, (remaining - 1).clamp(min=0))
+
+    def update(self, num_draft_tokens: torch.Tensor | None, num_accepted: torch.Tensor) -> None:
+        """Counts a round: ``num_accepted`` of ``num_draft_tokens`` drafts, a rejection when short.
+
+        Shape
+        -----
+        num_draft_tokens, num_accepted: (B,) int64
+        """
+        if num_draft_tokens is None:
+            return
+        self.accepted += num_accepted.to(torch.float64)
+        self.rejected += (num_accepted < num_draft_tokens).to(torch.float64)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the rows that stay in the batch. Shape: rows (B',) int64"""
+        self.accepted = self.accepted[rows]
+        self.rejected = self.rejected[rows]
+
+    # Cost measurement: wall time of the draft steps and of the verifying forward(s).
+    def start(self) -> None:
+        if self.adaptive and self.fixed_ratio is None:
+            self._start = time.perf_counter()
+
+    def drafted(self, steps: int) -> None:
+        if self._start is not None:
+            now = time.perf_counter()
+            self._draft_seconds, self._draft_steps, self._start = now - self._start, steps, now
+
+    def verified(self) -> None:
+        if self._start is None:
+            return
+        target_seconds = time.perf_counter() - self._start
+        self._start = None
+        if self._draft_steps == 0 or target_seconds <= 0.0:
+            return
+        ratio = (self._draft_seconds / self._draft_steps) / target_seconds
+        previous = self.measured_ratio
+        self.measured_ratio = ratio if previous is None else (1.0 - COST_SMOOTHING) * previous + COST_SMOOTHING * ratio
