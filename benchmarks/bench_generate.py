@@ -121,8 +121,8 @@ def run_cell(models, method, batch, new_tokens, args, timer, **config):
     """
     target, draft, ref = models
     prompts = prompts_for(batch, args.vocab_size, seed=batch)
-    kwargs = dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens,
-                  temperature=1.0, ignore_eos=True, **config)
+    kwargs = {**dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens,
+                     temperature=1.0, ignore_eos=True), **config}
     ref_model = ref if method == "sss" else None
     sss_ext.generate(target, draft, prompts, ref_model=ref_model, **{**kwargs, "max_new_tokens": 8}, seed=99)  # warm-up
     wall_clock = args.threads > 1

@@ -115,14 +115,14 @@ def test_unrelated_draft_drives_k_to_the_minimum(method):
 
 
 def test_measured_cost_ratio_is_used_when_none_is_given(monkeypatch):
-    ticks = iter([0.0, 0.2, 1.0, 10.0, 10.1, 10.5])  # round 1: 2 steps in 0.2 s, verify 0.8 s; round 2: 0.1 s, 0.4 s
+    ticks = iter([0.0, 0.2, 1.0, 10.0, 10.1, 10.5])  # round 1: 2 steps in 0.2 s, rest 0.8 s; round 2: 0.1 s, 0.4 s
     monkeypatch.setattr(draft_length.time, "perf_counter", lambda: next(ticks))
     lengths = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive"), 1, 1, "cpu")
     assert lengths.cost_ratio == 0.0  # nothing measured yet
     for _ in range(2):
         lengths.start()
         lengths.drafted(2)
-        lengths.verified()
+        lengths.finished()
     smoothing = draft_length.COST_SMOOTHING
     assert lengths.cost_ratio == pytest.approx((1 - smoothing) * 0.125 + smoothing * 0.125)
     fixed = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive", draft_cost_ratio=0.5), 1, 1, "cpu")

@@ -4,11 +4,12 @@ The adaptive policy keeps, per row, the accepted drafts and the rejections it ha
 (with a prior worth ``PRIOR_ROUNDS`` rounds at acceptance ``PRIOR_ACCEPTANCE``). Under a
 geometric model where each draft is accepted with the row's rate ``alpha`` until the first
 rejection, ``k`` drafts emit ``E[accepted + 1] = (1 - alpha**(k+1)) / (1 - alpha)``
-tokens; a round costs ``(k + extra) * c_draft + c_target`` (``extra``: draft steps run
-whatever ``k`` is, 1 for SSS's ``zr[k]``). The row takes the ``k`` in
-``[1, num_draft_tokens]`` with the most tokens per unit cost; ``c_draft / c_target`` is
+tokens; a round costs ``(k + extra) * c_draft + c_round`` (``extra``: draft steps run
+whatever ``k`` is, 1 for SSS's ``zr[k]``; ``c_round``: the rest of the round, the verifying
+forward(s), the op, cache rollback and bookkeeping). The row takes the ``k`` in
+``[1, num_draft_tokens]`` with the most tokens per unit cost; ``c_draft / c_round`` is
 ``SamplingConfig.draft_cost_ratio`` or, when that is None, measured from the run's own
-forward times.
+wall-clock times (a running mean over rounds).
 
 Any ``k`` fixed before a round's drafts are drawn keeps the output law (each round is an
 exact speculative round with that row's ``k``, docs/algorithm.md §4), so the policy changes
@@ -49,7 +50,7 @@ def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, cost_rat
     max_draft_tokens : int
         Largest ``k`` (``>= 1``).
     cost_ratio : float
-        Cost of one draft step over the cost of the verifying forward(s), ``>= 0``.
+        Cost of one draft step over the cost of the rest of a round, ``>= 0``.
     extra_draft_steps : int
         Draft steps a round runs besides its ``k`` proposals.
 
@@ -134,23 +135,26 @@ class DraftLengths:
         self.accepted = self.accepted[rows]
         self.rejected = self.rejected[rows]
 
-    # Cost measurement: wall time of the draft steps and of the verifying forward(s).
+    # Cost measurement: wall time of a round's draft steps and of the rest of the round.
     def start(self) -> None:
+        """The round begins (its draft steps come first)."""
         if self.adaptive and self.fixed_ratio is None:
             self._start = time.perf_counter()
 
     def drafted(self, steps: int) -> None:
+        """The round's ``steps`` draft steps are done."""
         if self._start is not None:
             now = time.perf_counter()
             self._draft_seconds, self._draft_steps, self._start = now - self._start, steps, now
 
-    def verified(self) -> None:
+    def finished(self) -> None:
+        """The round is done: update the measured cost ratio."""
         if self._start is None:
             return
-        target_seconds = time.perf_counter() - self._start
+        rest_seconds = time.perf_counter() - self._start
         self._start = None
-        if self._draft_steps == 0 or target_seconds <= 0.0:
+        if self._draft_steps == 0 or rest_seconds <= 0.0:
             return
-        ratio = (self._draft_seconds / self._draft_steps) / target_seconds
+        ratio = (self._draft_seconds / self._draft_steps) / rest_seconds
         previous = self.measured_ratio
         self.measured_ratio = ratio if previous is None else (1.0 - COST_SMOOTHING) * previous + COST_SMOOTHING * ratio

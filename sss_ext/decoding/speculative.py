@@ -139,7 +139,6 @@ class SpeculativeRun:
         # 2. one target forward (and one reference forward) over the block
         target_logits = self.target.forward(block, logits_to_keep=num_draft + 1)
         ref_logits = self.ref.forward(block, logits_to_keep=num_draft + 1) if sss else None
-        self.lengths.verified()
         if draft_logits:
             draft_stack = torch.stack(draft_logits, dim=1)
         else:
@@ -191,9 +190,10 @@ class SpeculativeRun:
             if sss:
                 logits["ref"] = ref_logits
             tracker.emit("round", self.run_index, "speculative", self.round_index, rows, row_prompts, states=self.states,
-                         draft_tokens=draft_tokens, num_draft_tokens=row_drafts, logits=logits, verify=out, tokens=out.tokens, num_emitted=kept,
-                         finished=done, carried=None if sss else carried)
+                         draft_tokens=draft_tokens, num_draft_tokens=row_drafts, logits=logits, verify=out, tokens=out.tokens,
+                         num_emitted=kept, finished=done, carried=None if sss else carried)
         self.round_index += 1
+        self.lengths.finished()
 
     def run(self) -> None:
         while self.book.num_active:
