@@ -39,13 +39,13 @@ def test_expected_tokens_is_the_geometric_mean_length():
 
 def test_best_length_spans_the_range_and_follows_acceptance():
     acceptance = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
-    lengths = best_draft_lengths(acceptance, 8, cost_ratio=0.05, extra_draft_steps=1)
+    lengths = best_draft_lengths(acceptance, 8, (0.05, 1.0, 0.0), extra_draft_steps=1)
     assert lengths[0] == 1 and lengths[-1] == 8
     assert bool((lengths[1:] >= lengths[:-1]).all())  # monotone in the acceptance rate
     # a costlier draft never asks for more drafts
-    assert bool((best_draft_lengths(acceptance, 8, 0.5, 1) <= lengths).all())
+    assert bool((best_draft_lengths(acceptance, 8, (0.5, 1.0, 0.0), 1) <= lengths).all())
     # a free draft with any acceptance > 0 takes the maximum
-    assert bool((best_draft_lengths(acceptance[1:], 8, 0.0, 0) == 8).all())
+    assert bool((best_draft_lengths(acceptance[1:], 8, (0.0, 1.0, 0.0), 0) == 8).all())
 
 
 @pytest.mark.parametrize(
@@ -114,20 +114,28 @@ def test_unrelated_draft_drives_k_to_the_minimum(method):
     assert float((fixed == 6).double().mean()) > 0.9  # the fixed policy does not adapt (negative control)
 
 
-def test_measured_cost_ratio_is_used_when_none_is_given(monkeypatch):
-    ticks = iter([0.0, 0.2, 1.0, 10.0, 10.1, 10.5])  # round 1: 2 steps in 0.2 s, rest 0.8 s; round 2: 0.1 s, 0.4 s
+def test_measured_costs_are_used_when_no_ratio_is_given(monkeypatch):
+    # round 1: 2 draft steps in 0.2 s, the rest (width 3) 0.8 s; round 2: 4 steps in 0.4 s, the rest (width 5) 1.2 s
+    ticks = iter([0.0, 0.2, 1.0, 10.0, 10.4, 11.6])
     monkeypatch.setattr(draft_length.time, "perf_counter", lambda: next(ticks))
     lengths = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive"), 1, 1, "cpu")
-    assert lengths.cost_ratio == 0.0  # nothing measured yet
-    for _ in range(2):
+    assert lengths.costs == (0.0, 1.0, 0.0)  # nothing measured yet
+    for steps in (2, 4):
         lengths.start()
-        lengths.drafted(2)
-        lengths.finished()
-    smoothing = draft_length.COST_SMOOTHING
-    assert lengths.cost_ratio == pytest.approx((1 - smoothing) * 0.125 + smoothing * 0.125)
+        lengths.drafted(steps)
+        lengths.finished(steps + 1)
+    # draft 0.1 s per step; the rest 0.2 s + 0.2 s per position
+    assert lengths.costs == pytest.approx((0.1, 0.2, 0.2))
     fixed = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive", draft_cost_ratio=0.5), 1, 1, "cpu")
     fixed.start()
-    assert fixed.cost_ratio == 0.5  # a given ratio is never measured
+    assert fixed.costs == (0.5, 1.0, 0.0)  # a given ratio is never measured
+
+
+def test_costly_positions_shorten_the_drafts():
+    acceptance = torch.full((1,), 0.8, dtype=torch.float64)
+    cheap = best_draft_lengths(acceptance, 8, (0.05, 1.0, 0.0), 1)
+    costly = best_draft_lengths(acceptance, 8, (0.05, 1.0, 0.5), 1)
+    assert int(costly) < int(cheap)
 
 
 def test_loop_records_the_counts_it_verified(models):

@@ -4,12 +4,15 @@ The adaptive policy keeps, per row, the accepted drafts and the rejections it ha
 (with a prior worth ``PRIOR_ROUNDS`` rounds at acceptance ``PRIOR_ACCEPTANCE``). Under a
 geometric model where each draft is accepted with the row's rate ``alpha`` until the first
 rejection, ``k`` drafts emit ``E[accepted + 1] = (1 - alpha**(k+1)) / (1 - alpha)``
-tokens; a round costs ``(k + extra) * c_draft + c_round`` (``extra``: draft steps run
-whatever ``k`` is, 1 for SSS's ``zr[k]``; ``c_round``: the rest of the round, the verifying
-forward(s), the op, cache rollback and bookkeeping). The row takes the ``k`` in
-``[1, num_draft_tokens]`` with the most tokens per unit cost; ``c_draft / c_round`` is
-``SamplingConfig.draft_cost_ratio`` or, when that is None, measured from the run's own
-wall-clock times (a running mean over rounds).
+tokens; a round costs ``(k + extra) * c_draft + c_round + c_position * (k + 1)``
+(``extra``: draft steps run whatever ``k`` is, 1 for SSS's ``zr[k]``; ``c_round +
+c_position * width``: the rest of the round, verifying forward(s) over ``width = k + 1``
+positions, the op, cache rollback and bookkeeping). The row takes the ``k`` in
+``[1, num_draft_tokens]`` with the most tokens per unit cost. With
+``SamplingConfig.draft_cost_ratio`` the costs are ``(ratio, 1, 0)``; when that is None they
+are measured from the run's own wall-clock times: the mean time of a draft step, and a
+least-squares line of the rest of the round against its width, both over the recent rounds
+(weights decaying by ``COST_DECAY`` per round).
 
 Any ``k`` fixed before a round's drafts are drawn keeps the output law (each round is an
 exact speculative round with that row's ``k``, docs/algorithm.md §4), so the policy changes
@@ -24,8 +27,8 @@ import torch
 
 PRIOR_ACCEPTANCE = 0.5
 PRIOR_ROUNDS = 2.0
-# Running mean of the measured cost ratio: weight of the newest round.
-COST_SMOOTHING = 0.2
+# Weight of a round's timings in the measured costs, per later round.
+COST_DECAY = 0.8
 
 
 def expected_tokens(acceptance: torch.Tensor, num_draft_tokens: torch.Tensor) -> torch.Tensor:
@@ -40,7 +43,8 @@ def expected_tokens(acceptance: torch.Tensor, num_draft_tokens: torch.Tensor) ->
     return torch.where(acceptance >= 1.0, (num_draft_tokens + 1).to(acceptance.dtype), geometric)
 
 
-def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, cost_ratio: float, extra_draft_steps: int) -> torch.Tensor:
+def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, costs: tuple[float, float, float],
+                       extra_draft_steps: int) -> torch.Tensor:
     """The ``k`` in ``[1, max_draft_tokens]`` maximising expected tokens per unit round cost.
 
     Parameters
@@ -49,8 +53,9 @@ def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, cost_rat
         float64 per-row acceptance rates in ``[0, 1]``.
     max_draft_tokens : int
         Largest ``k`` (``>= 1``).
-    cost_ratio : float
-        Cost of one draft step over the cost of the rest of a round, ``>= 0``.
+    costs : (float, float, float)
+        ``(c_draft, c_round, c_position)``, each ``>= 0`` with ``c_round + c_position > 0``:
+        a draft step, the fixed rest of a round, and each verified position.
     extra_draft_steps : int
         Draft steps a round runs besides its ``k`` proposals.
 
@@ -58,9 +63,11 @@ def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, cost_rat
     -----
     acceptance: (B,) -> (B,) int64
     """
+    draft_cost, round_cost, position_cost = costs
     lengths = torch.arange(1, max_draft_tokens + 1, dtype=torch.int64, device=acceptance.device)
     tokens = expected_tokens(acceptance[:, None], lengths)  # (B, max_draft_tokens)
-    cost = (lengths + extra_draft_steps).to(torch.float64) * cost_ratio + 1.0
+    steps = lengths.to(torch.float64)
+    cost = (steps + extra_draft_steps) * draft_cost + round_cost + (steps + 1.0) * position_cost
     # argmax picks the first maximum: the shortest k among equals
     return lengths[torch.argmax(tokens / cost, dim=-1)]
 
@@ -87,8 +94,9 @@ class DraftLengths:
         self.max_draft_tokens = config.num_draft_tokens
         self.adaptive = config.draft_length_policy == "adaptive"
         self.fixed_ratio = config.draft_cost_ratio
-        self.measured_ratio = None
         self.extra_draft_steps = extra_draft_steps
+        # decayed sums over rounds: weight, draft seconds per step, width, rest seconds, width^2, width * rest
+        self._sums = [0.0] * 6
         self.accepted = torch.full((batch_size,), PRIOR_ACCEPTANCE * PRIOR_ROUNDS, dtype=torch.float64, device=device)
         self.rejected = torch.full((batch_size,), (1.0 - PRIOR_ACCEPTANCE) * PRIOR_ROUNDS, dtype=torch.float64, device=device)
         self._start = None
@@ -101,10 +109,21 @@ class DraftLengths:
         return self.accepted / (self.accepted + self.rejected)
 
     @property
-    def cost_ratio(self) -> float:
+    def costs(self) -> tuple[float, float, float]:
+        """``(c_draft, c_round, c_position)``: given by the ratio, else measured (``(0, 1, 0)`` before any round)."""
         if self.fixed_ratio is not None:
-            return self.fixed_ratio
-        return self.measured_ratio if self.measured_ratio is not None else 0.0
+            return self.fixed_ratio, 1.0, 0.0
+        weight, draft, width, rest, width_squared, width_rest = self._sums
+        if weight == 0.0:
+            return 0.0, 1.0, 0.0
+        mean_width, mean_rest = width / weight, rest / weight
+        variance = width_squared / weight - mean_width**2
+        slope = (width_rest / weight - mean_width * mean_rest) / variance if variance > 1e-9 else 0.0
+        slope = max(slope, 0.0)
+        intercept = mean_rest - slope * mean_width
+        if intercept < 0.0:  # proportional to the width
+            intercept, slope = 0.0, width_rest / width_squared
+        return draft / weight, intercept, slope
 
     def choose(self, remaining: torch.Tensor) -> torch.Tensor | None:
         """Per-row draft counts of the next round, or None for ``K`` in every row (fixed policy).
@@ -115,7 +134,7 @@ class DraftLengths:
         """
         if not self.adaptive:
             return None
-        lengths = best_draft_lengths(self.acceptance, self.max_draft_tokens, self.cost_ratio, self.extra_draft_steps)
+        lengths = best_draft_lengths(self.acceptance, self.max_draft_tokens, self.costs, self.extra_draft_steps)
         return torch.minimum(lengths, (remaining - 1).clamp(min=0))
 
     def update(self, num_draft_tokens: torch.Tensor | None, num_accepted: torch.Tensor) -> None:
@@ -147,14 +166,14 @@ class DraftLengths:
             now = time.perf_counter()
             self._draft_seconds, self._draft_steps, self._start = now - self._start, steps, now
 
-    def finished(self) -> None:
-        """The round is done: update the measured cost ratio."""
+    def finished(self, width: int) -> None:
+        """The round, which verified ``width`` positions, is done: update the measured costs."""
         if self._start is None:
             return
         rest_seconds = time.perf_counter() - self._start
         self._start = None
-        if self._draft_steps == 0 or rest_seconds <= 0.0:
+        if self._draft_steps == 0:
             return
-        ratio = (self._draft_seconds / self._draft_steps) / rest_seconds
-        previous = self.measured_ratio
-        self.measured_ratio = ratio if previous is None else (1.0 - COST_SMOOTHING) * previous + COST_SMOOTHING * ratio
+        step_seconds = self._draft_seconds / self._draft_steps
+        new = (1.0, step_seconds, width, rest_seconds, width * width, width * rest_seconds)
+        self._sums = [COST_DECAY * old + value for old, value in zip(self._sums, new)]

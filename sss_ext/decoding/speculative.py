@@ -193,7 +193,7 @@ class SpeculativeRun:
                          draft_tokens=draft_tokens, num_draft_tokens=row_drafts, logits=logits, verify=out, tokens=out.tokens,
                          num_emitted=kept, finished=done, carried=None if sss else carried)
         self.round_index += 1
-        self.lengths.finished()
+        self.lengths.finished(num_draft + 1)
 
     def run(self) -> None:
         while self.book.num_active:
