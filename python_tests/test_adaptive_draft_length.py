@@ -9,7 +9,7 @@ import sss_ext
 from decoding_helpers import chi_square_pvalue, count_sequences, sequence_law, tilted_probs, tiny_llama, trio
 from sss_ext.decoding.config import SamplingConfig
 from sss_ext.decoding import draft_length
-from sss_ext.decoding.draft_length import DraftLengths, best_draft_lengths, expected_tokens
+from sss_ext.decoding.draft_length import DraftLengths, best_draft_length, expected_tokens
 
 VOCAB, LENGTH, ROWS, EOS = 8, 3, 24000, 0
 PROMPT = [1, 2]
@@ -37,15 +37,28 @@ def test_expected_tokens_is_the_geometric_mean_length():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+def best_per_row(acceptance, costs, extra_draft_steps):
+    return torch.tensor([best_draft_length(a[None], 8, costs, extra_draft_steps) for a in acceptance])
+
+
 def test_best_length_spans_the_range_and_follows_acceptance():
     acceptance = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
-    lengths = best_draft_lengths(acceptance, 8, (0.05, 1.0, 0.0), extra_draft_steps=1)
+    lengths = best_per_row(acceptance, (0.05, 1.0, 0.0), 1)
     assert lengths[0] == 1 and lengths[-1] == 8
     assert bool((lengths[1:] >= lengths[:-1]).all())  # monotone in the acceptance rate
     # a costlier draft never asks for more drafts
-    assert bool((best_draft_lengths(acceptance, 8, (0.5, 1.0, 0.0), 1) <= lengths).all())
+    assert bool((best_per_row(acceptance, (0.5, 1.0, 0.0), 1) <= lengths).all())
     # a free draft with any acceptance > 0 takes the maximum
-    assert bool((best_draft_lengths(acceptance[1:], 8, (0.0, 1.0, 0.0), 0) == 8).all())
+    assert bool((best_per_row(acceptance[1:], (0.0, 1.0, 0.0), 0) == 8).all())
+
+
+def test_batch_length_weighs_every_row():
+    low, high = torch.tensor([0.1], dtype=torch.float64), torch.tensor([0.95], dtype=torch.float64)
+    costs = (0.1, 1.0, 0.0)
+    assert best_draft_length(low, 8, costs, 1) == 1 and best_draft_length(high, 8, costs, 1) == 8
+    # the one confident row's tokens outweigh the cost for one other row, not for seven
+    assert best_draft_length(torch.cat([low, high]), 8, costs, 1) == 8
+    assert 1 < best_draft_length(torch.cat([low.repeat(7), high]), 8, costs, 1) < 8
 
 
 @pytest.mark.parametrize(
@@ -69,7 +82,7 @@ def test_policy_counts_rejections_only_when_short():
     torch.testing.assert_close(after, torch.tensor([5 / 6, 0.5, 1 / 3], dtype=torch.float64))
     assert after[0] > before[0] and after[2] < before[2]
     choice = lengths.choose(torch.tensor([10, 10, 2]))
-    assert choice[0] >= choice[1] >= 1 and choice[2] == 1  # capped by the remaining budget
+    assert choice[0] == choice[1] >= 1 and choice[2] == 1  # one K' for the batch, capped by the remaining budget
     assert DraftLengths(SamplingConfig(num_draft_tokens=4), 3, 1, "cpu").choose(torch.tensor([10, 10, 2])) is None
 
 
@@ -133,9 +146,9 @@ def test_measured_costs_are_used_when_no_ratio_is_given(monkeypatch):
 
 def test_costly_positions_shorten_the_drafts():
     acceptance = torch.full((1,), 0.8, dtype=torch.float64)
-    cheap = best_draft_lengths(acceptance, 8, (0.05, 1.0, 0.0), 1)
-    costly = best_draft_lengths(acceptance, 8, (0.05, 1.0, 0.5), 1)
-    assert int(costly) < int(cheap)
+    cheap = best_draft_length(acceptance, 8, (0.05, 1.0, 0.0), 1)
+    costly = best_draft_length(acceptance, 8, (0.05, 1.0, 0.5), 1)
+    assert costly < cheap
 
 
 def test_loop_records_the_counts_it_verified(models):

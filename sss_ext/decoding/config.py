@@ -44,13 +44,13 @@ class SamplingConfig:
         ``K``, draft tokens proposed per speculative round (``>= 1``); the most per row
         under the adaptive draft-length policy.
     draft_length_policy : {"fixed", "adaptive"}
-        ``"fixed"`` proposes ``K`` drafts every round; ``"adaptive"`` picks each row's count
-        in ``[1, K]`` from its running acceptance and the draft/target cost ratio
+        ``"fixed"`` proposes ``K`` drafts every round; ``"adaptive"`` picks each round's count
+        in ``[1, K]`` from the rows' running acceptance rates and the round's measured costs
         (:mod:`sss_ext.decoding.draft_length`). The output law is the same either way.
     draft_cost_ratio : float or None
-        Cost of one draft step over the cost of the verifying forward(s), ``>= 0``, for the
-        adaptive policy; None measures it from the run's forward times (then the tokens of a
-        seeded run depend on timings; a number makes runs reproducible).
+        Cost of one draft step over the cost of the rest of a round, ``>= 0``, for the
+        adaptive policy; None measures the costs from the run's wall-clock times (then the
+        tokens of a seeded run depend on timings; a number makes runs reproducible).
     temperature : float
         ``> 0`` tempers every model; ``0`` is greedy.
     top_k, top_p : int, float

@@ -4,18 +4,21 @@ The adaptive policy keeps, per row, the accepted drafts and the rejections it ha
 (with a prior worth ``PRIOR_ROUNDS`` rounds at acceptance ``PRIOR_ACCEPTANCE``). Under a
 geometric model where each draft is accepted with the row's rate ``alpha`` until the first
 rejection, ``k`` drafts emit ``E[accepted + 1] = (1 - alpha**(k+1)) / (1 - alpha)``
-tokens; a round costs ``(k + extra) * c_draft + c_round + c_position * (k + 1)``
+tokens. The batch's draft steps and verifying forwards run ``K' = max_b k_b`` positions for
+every row, so a row verifying fewer than ``K'`` would save nothing and lose tokens: the
+policy picks one ``K'`` per round, the one with the most expected tokens of all rows per
+unit round cost (for one row: that row's own best ``k``), and each row verifies
+``min(K', its remaining budget - 1)``. A round costs ``(k + extra) * c_draft + c_round + c_position * (k + 1)``
 (``extra``: draft steps run whatever ``k`` is, 1 for SSS's ``zr[k]``; ``c_round +
 c_position * width``: the rest of the round, verifying forward(s) over ``width = k + 1``
-positions, the op, cache rollback and bookkeeping). The row takes the ``k`` in
-``[1, num_draft_tokens]`` with the most tokens per unit cost. With
+positions, the op, cache rollback and bookkeeping), ``k`` in ``[1, num_draft_tokens]``. With
 ``SamplingConfig.draft_cost_ratio`` the costs are ``(ratio, 1, 0)``; when that is None they
 are measured from the run's own wall-clock times: the mean time of a draft step, and a
 least-squares line of the rest of the round against its width, both over the recent rounds
 (weights decaying by ``COST_DECAY`` per round).
 
 Any ``k`` fixed before a round's drafts are drawn keeps the output law (each round is an
-exact speculative round with that row's ``k``, docs/algorithm.md §4), so the policy changes
+exact speculative round with that row's ``k``, docs/algorithm.md §6), so the policy changes
 speed only.
 """
 
@@ -43,9 +46,9 @@ def expected_tokens(acceptance: torch.Tensor, num_draft_tokens: torch.Tensor) ->
     return torch.where(acceptance >= 1.0, (num_draft_tokens + 1).to(acceptance.dtype), geometric)
 
 
-def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, costs: tuple[float, float, float],
-                       extra_draft_steps: int) -> torch.Tensor:
-    """The ``k`` in ``[1, max_draft_tokens]`` maximising expected tokens per unit round cost.
+def best_draft_length(acceptance: torch.Tensor, max_draft_tokens: int, costs: tuple[float, float, float],
+                      extra_draft_steps: int) -> int:
+    """The ``k`` in ``[1, max_draft_tokens]`` maximising the rows' expected tokens per unit round cost.
 
     Parameters
     ----------
@@ -61,15 +64,15 @@ def best_draft_lengths(acceptance: torch.Tensor, max_draft_tokens: int, costs: t
 
     Shape
     -----
-    acceptance: (B,) -> (B,) int64
+    acceptance: (B,), B >= 1
     """
     draft_cost, round_cost, position_cost = costs
     lengths = torch.arange(1, max_draft_tokens + 1, dtype=torch.int64, device=acceptance.device)
-    tokens = expected_tokens(acceptance[:, None], lengths)  # (B, max_draft_tokens)
+    tokens = expected_tokens(acceptance[:, None], lengths).sum(dim=0)  # (max_draft_tokens,)
     steps = lengths.to(torch.float64)
     cost = (steps + extra_draft_steps) * draft_cost + round_cost + (steps + 1.0) * position_cost
     # argmax picks the first maximum: the shortest k among equals
-    return lengths[torch.argmax(tokens / cost, dim=-1)]
+    return int(lengths[torch.argmax(tokens / cost)])
 
 
 class DraftLengths:
@@ -134,8 +137,8 @@ class DraftLengths:
         """
         if not self.adaptive:
             return None
-        lengths = best_draft_lengths(self.acceptance, self.max_draft_tokens, self.costs, self.extra_draft_steps)
-        return torch.minimum(lengths, (remaining - 1).clamp(min=0))
+        length = best_draft_length(self.acceptance, self.max_draft_tokens, self.costs, self.extra_draft_steps)
+        return (remaining - 1).clamp(min=0, max=length)
 
     def update(self, num_draft_tokens: torch.Tensor | None, num_accepted: torch.Tensor) -> None:
         """Counts a round: ``num_accepted`` of ``num_draft_tokens`` drafts, a rejection when short.

@@ -13,10 +13,11 @@ past ``max_new_tokens``):
    then cropped or re-aligned, see :mod:`sss_ext.decoding.cache`); rows that emitted EOS or
    spent their budget leave the batch.
 
-Under the adaptive draft-length policy (:mod:`sss_ext.decoding.draft_length`) row ``b``
-verifies only its first ``k_b <= K'`` drafts (``num_draft_tokens`` of the op, ``K' = max
-k_b``): the draft still proposes ``K'`` tokens for every row (one batched forward per
-step) and the op ignores the rest, so every cache keeps at most ``k_b + 1`` slots.
+Under the adaptive draft-length policy (:mod:`sss_ext.decoding.draft_length`) the round's
+``K'`` comes from the rows' acceptance and the measured costs, and row ``b`` verifies only
+its first ``k_b = min(K', remaining_b - 1)`` drafts (``num_draft_tokens`` of the op): the
+draft still proposes ``K'`` tokens for every row (one batched forward per step) and the op
+ignores the rest, so every cache keeps at most ``k_b + 1`` slots.
 
 Cache invariant between rounds: the target and reference caches hold every token of the
 row except the last one (``pending``). So does the draft's under SSS. Under standard

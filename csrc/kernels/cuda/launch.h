@@ -21,9 +21,10 @@
 // - values are checked on the device, never by the host: a row with a count outside
 //   [0, num_draft], a draft id outside [0, vocab), a uniform outside (0, 1) (also at
 //   temperature 0), a NaN or +inf logit, an all -inf logits row (target positions 0..n,
-//   draft positions 0..n-1 and n when ref is given, ref 0..n), a finite logit with |logit / temperature| > kMaxScaledScore (scale 1 at
-//   temperature 0), a tilted row maximum outside [-kMaxScaledScore, kMaxScaledScore] or a
-//   tilted target without support gets num_accepted = -1, tokens all -1 and log_z NaN
+//   draft positions 0..n-1 and n when ref is given, ref 0..n), a finite logit with
+//   |logit / temperature| > kMaxScaledScore (scale 1 at temperature 0), a tilted row maximum
+//   outside [-kMaxScaledScore, kMaxScaledScore] or a tilted target without support gets
+//   num_accepted = -1, tokens all -1 and log_z NaN
 //   (sample: token -1): the rows the CPU kernels refuse. No input makes a kernel read out of
 //   bounds;
 // - a call is deterministic (fixed reduction orders, fixed vocabulary chunks): the same
