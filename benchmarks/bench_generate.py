@@ -300,8 +300,8 @@ def compare_draft_lengths(args):
         *machine_lines(args),
         f"- models as in `generate_cpu.md` (vocabulary {args.vocab_size}, output head x{args.logit_scale}, "
         f"{args.target_layers}-layer target, 1-layer self-speculative r and d); prompts of 12-20 tokens, EOS ignored, "
-        f"temperature 1, median of {args.repeats} runs; times: {clock}. The adaptive policy measures its cost ratio "
-        "from wall-clock forward times",
+        f"temperature 1, median of {args.repeats} runs; times: {clock}. The adaptive policy measures its costs "
+        "from wall-clock round times",
         "",
     ]
     with open(os.path.join(args.out, "generate_draft_length_cpu.md"), "w") as handle:
