@@ -138,20 +138,21 @@ def test_enumerated_law_with_draft_lengths_chosen_from_the_history(setting, sche
 def peeking_law(setting):
     """Law of the first HORIZON tokens when a row's length is chosen after its drafts are drawn:
     it verifies only the drafts before its first draft 0 (not predictable, so not exact)."""
-    law = {}
-    frontier = [((), 1.0)]
-    while frontier:
-        context, probability = frontier.pop()
-        if len(context) >= HORIZON:
-            law[context[:HORIZON]] = law.get(context[:HORIZON], 0.0) + probability
-            continue
+    law, pending = {}, {(): 1.0}  # contexts shorter than HORIZON, each expanded once (shortest first)
+    while pending:
+        context = min(pending, key=len)
+        probability = pending.pop(context)
         for path_probability, n, drafts, _, final in round_paths(setting, context):
             cut = drafts.index(0) if 0 in drafts else len(drafts)
             if n >= cut:  # all drafts before the cut accepted: the bonus at the cut
                 n, final = cut, setting.position(context + drafts[:cut])[0]
             for v in range(VOCAB_SIZE):
                 if final[v] > 0:
-                    frontier.append((context + drafts[:n] + (v,), probability * path_probability * float(final[v])))
+                    longer = context + drafts[:n] + (v,)
+                    mass = probability * path_probability * float(final[v])
+                    target = law if len(longer) >= HORIZON else pending
+                    key = longer[:HORIZON] if len(longer) >= HORIZON else longer
+                    target[key] = target.get(key, 0.0) + mass
     return law
 
 
