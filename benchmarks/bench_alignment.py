@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--soft-bon-n", type=int, default=8)
     ap.add_argument("--soft-bon-beta", type=float, default=10.0, help="weight of the proxy reward (VADER, in [-1, 1])")
     ap.add_argument("--k0", type=int, default=2, help="K of sd, sss-paper and the lambda sweep")
+    ap.add_argument("--adaptive-k", type=int, default=0,
+                    help="also run sd and sss (lambda=1) with the adaptive draft-length policy, K at most this (0: not)")
     ap.add_argument("--full-grid", action="store_true", help="all 9 (lambda, K) pairs instead of the two sweeps")
     ap.add_argument("--only", default="", help="comma-separated method-label prefixes to run")
     ap.add_argument("--quick", action="store_true", help="smallest configuration of every method (tests)")

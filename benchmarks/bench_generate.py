@@ -13,7 +13,13 @@ robust to other jobs on a shared machine); with more threads they are wall-clock
 
 Writes ``benchmarks/results/generate_cpu.csv`` and ``generate_cpu.md``.
 
+With ``--draft-lengths K1 K2 ...`` it compares draft-length policies instead: sd and sss at
+batch 1 and 8 with each fixed ``K`` and with the adaptive policy (``K`` at most the largest
+given), tokens/s, target calls per token, drafts per round and wall time, written to
+``generate_draft_length_cpu.csv`` / ``.md``.
+
     python benchmarks/bench_generate.py [--threads 2] [--new-tokens 64 256] [--hidden-sizes 512 256]
+    python benchmarks/bench_generate.py --draft-lengths 1 2 4 8 --new-tokens 64
 """
 
 from __future__ import annotations
@@ -108,12 +114,15 @@ def prompts_for(batch, vocab_size, seed):
     return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
-def run_cell(models, method, batch, new_tokens, args, timer):
-    """Median (by total time) of ``--repeats`` runs of one cell; times on the benchmark's clock (``timer.clock``)."""
+def run_cell(models, method, batch, new_tokens, args, timer, **config):
+    """Median (by total time) of ``--repeats`` runs of one cell; times on the benchmark's clock (``timer.clock``).
+
+    ``config``: SamplingConfig fields replacing the cell's defaults (e.g. ``num_draft_tokens``).
+    """
     target, draft, ref = models
     prompts = prompts_for(batch, args.vocab_size, seed=batch)
-    kwargs = dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens,
-                  temperature=1.0, ignore_eos=True)
+    kwargs = {**dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens,
+                     temperature=1.0, ignore_eos=True), **config}
     ref_model = ref if method == "sss" else None
     sss_ext.generate(target, draft, prompts, ref_model=ref_model, **{**kwargs, "max_new_tokens": 8}, seed=99)  # warm-up
     wall_clock = args.threads > 1
@@ -135,6 +144,7 @@ def run_cell(models, method, batch, new_tokens, args, timer):
             "target_calls": total.target_calls, "target_calls_per_token": total.target_calls / (total.new_tokens / batch),
             "acceptance_rate": total.acceptance_rate if total.proposed_drafts else float("nan"),
             "mean_accepted_length": total.mean_accepted_length if total.rounds else float("nan"),
+            "drafts_per_round": total.proposed_drafts / total.rounds if total.rounds else float("nan"),
             "forward_target_s": forward["target"], "forward_draft_s": forward["draft"], "forward_ref_s": forward["ref"],
             "sampler_ops_s": ops_seconds, "python_loop_s": python_loop,
             "sampler_ops_pct": 100.0 * ops_seconds / forward_total,
@@ -172,9 +182,13 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads; 1: times are the thread's CPU time (robust on a shared machine); "
                              "more: wall-clock times (run on a quiet machine)")
+    parser.add_argument("--draft-lengths", type=int, nargs="+", default=None,
+                        help="compare fixed K (these values) with the adaptive policy instead of the batch grid")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.draft_lengths:
+        return compare_draft_lengths(args)
     sections, all_rows = [], []
     for hidden_size in args.hidden_sizes:
         models = build_models(args.vocab_size, args.logit_scale, hidden_size, args.target_layers)
@@ -200,21 +214,13 @@ def main():
             sections.append(section_markdown(results, profile, hidden_size, new_tokens, parameters))
             all_rows += results
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "generate_cpu.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(all_rows[0].keys()))
-        writer.writeheader()
-        for row in all_rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    write_csv(os.path.join(args.out, "generate_cpu.csv"), all_rows)
     clock = ("wall-clock time (several intra-op threads; run on a quiet machine)" if args.threads > 1 else
              "CPU time of the single compute thread (`time.thread_time`), which other jobs do not inflate")
     header = [
         "# End-to-end decoding speed on CPU (`benchmarks/bench_generate.py`)",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} intra-op thread(s); load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
-        f"- command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`",
+        *machine_lines(args),
         f"- random Llama models, float32, vocabulary {args.vocab_size}, output head x{args.logit_scale}: target with "
         f"{args.target_layers} layers; draft r and reference d are self-speculative 1-layer models (the target's "
         "embeddings, first layer and head; r's layer weights perturbed, so r != d)",
@@ -228,6 +234,78 @@ def main():
     ]
     with open(os.path.join(args.out, "generate_cpu.md"), "w") as handle:
         handle.write("\n".join(header + [line for section in sections for line in section]))
+
+
+def write_csv(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def machine_lines(args):
+    """Machine, load and command lines of a results header."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return [
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} intra-op thread(s); load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+        f"- command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`",
+    ]
+
+
+def compare_draft_lengths(args):
+    """Fixed K (``args.draft_lengths``) against the adaptive policy (K at most their maximum), sd and sss."""
+    max_draft = max(args.draft_lengths)
+    policies = [(f"fixed K={k}", dict(num_draft_tokens=k)) for k in sorted(args.draft_lengths)]
+    policies.append((f"adaptive K<={max_draft}", dict(num_draft_tokens=max_draft, draft_length_policy="adaptive")))
+    lines, all_rows = [], []
+    for hidden_size in args.hidden_sizes:
+        models = build_models(args.vocab_size, args.logit_scale, hidden_size, args.target_layers)
+        timer = LoopTimer(time.perf_counter if args.threads > 1 else time.thread_time)
+        for new_tokens in args.new_tokens:
+            lines += [f"## hidden size {hidden_size}, {new_tokens} new tokens per row", "",
+                      "| method | batch | policy | tokens/s | target calls / token | acceptance | drafts / round | wall s |",
+                      "|---|---|---|---|---|---|---|---|"]
+            summary = []
+            for method in ("sd", "sss"):
+                for batch in (1, 8):
+                    cells = []
+                    with torch.no_grad():
+                        for policy, config in policies:
+                            row = {"hidden_size": hidden_size, "policy": policy,
+                                   **run_cell(models, method, batch, new_tokens, args, timer, **config)}
+                            cells.append(row)
+                            print(f"hidden {hidden_size} tokens {new_tokens} {method} batch {batch} {policy:16s}: "
+                                  f"{row['tokens_per_s']:8.1f} tok/s  target calls/token {row['target_calls_per_token']:.3f}  "
+                                  f"drafts/round {row['drafts_per_round']:.2f}", flush=True)
+                    for r in cells:
+                        lines.append(f"| {method} | {batch} | {r['policy']} | {r['tokens_per_s']:.1f} | "
+                                     f"{r['target_calls_per_token']:.3f} | {r['acceptance_rate']:.3f} | "
+                                     f"{r['drafts_per_round']:.2f} | {r['seconds']:.2f} |")
+                    best = max(cells[:-1], key=lambda r: r["tokens_per_s"])
+                    adaptive = cells[-1]
+                    summary.append(f"- {method} batch {batch}: adaptive {adaptive['tokens_per_s']:.1f} tok/s vs best fixed "
+                                   f"({best['policy']}) {best['tokens_per_s']:.1f} tok/s: "
+                                   f"{adaptive['tokens_per_s'] / best['tokens_per_s']:.2f}x; vs the slowest fixed "
+                                   f"{min(r['tokens_per_s'] for r in cells[:-1]):.1f} tok/s")
+                    all_rows += cells
+            lines += [""] + summary + [""]
+    write_csv(os.path.join(args.out, "generate_draft_length_cpu.csv"), all_rows)
+    clock = ("wall-clock time" if args.threads > 1 else "CPU time of the single compute thread (`time.thread_time`)")
+    header = [
+        "# Draft-length policies on CPU (`benchmarks/bench_generate.py --draft-lengths`)",
+        "",
+        *machine_lines(args),
+        f"- models as in `generate_cpu.md` (vocabulary {args.vocab_size}, output head x{args.logit_scale}, "
+        f"{args.target_layers}-layer target, 1-layer self-speculative r and d); prompts of 12-20 tokens, EOS ignored, "
+        f"temperature 1, median of {args.repeats} runs; times: {clock}. The adaptive policy measures its costs "
+        "from wall-clock round times",
+        "",
+    ]
+    with open(os.path.join(args.out, "generate_draft_length_cpu.md"), "w") as handle:
+        handle.write("\n".join(header + lines))
 
 
 def section_markdown(results, profile, hidden_size, new_tokens, parameters):

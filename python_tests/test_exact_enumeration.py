@@ -60,10 +60,10 @@ class Setting:
         return p_star, r_tilde, z, drafted
 
 
-def round_paths(setting, context):
+def round_paths(setting, context, num_draft_tokens=NUM_DRAFT_TOKENS):
     """Every (probability, emitted tokens, draft tokens, accept thresholds, final weights) of one round."""
-    for drafts in itertools.product(range(VOCAB_SIZE), repeat=NUM_DRAFT_TOKENS):
-        positions = [setting.position(context + drafts[:i]) for i in range(NUM_DRAFT_TOKENS + 1)]
+    for drafts in itertools.product(range(VOCAB_SIZE), repeat=num_draft_tokens):
+        positions = [setting.position(context + drafts[:i]) for i in range(num_draft_tokens + 1)]
         draft_probability = math.prod(float(positions[i][3][x]) for i, x in enumerate(drafts))
         if draft_probability == 0.0:
             continue
@@ -73,9 +73,9 @@ def round_paths(setting, context):
             m = p_star * (z if setting.mode == "paper" else 1.0)
             thresholds.append(min(1.0, float(m[x] / r_tilde[x])) if p_star[x] > 0 and r_tilde[x] > 0 else 0.0)
         reach = 1.0
-        for n in range(NUM_DRAFT_TOKENS + 1):
+        for n in range(num_draft_tokens + 1):
             p_star, r_tilde, z, _ = positions[n]
-            if n < NUM_DRAFT_TOKENS:
+            if n < num_draft_tokens:
                 stop = reach * (1.0 - thresholds[n])
                 residual = torch.clamp(p_star * (z if setting.mode == "paper" else 1.0) - r_tilde, min=0.0)
                 weights = residual if residual.sum() > 0 else p_star
@@ -83,12 +83,13 @@ def round_paths(setting, context):
                 stop, weights = reach, p_star
             if stop > 0:
                 yield draft_probability * stop, n, drafts, thresholds, weights / weights.sum()
-            if n < NUM_DRAFT_TOKENS:
+            if n < num_draft_tokens:
                 reach *= thresholds[n]
 
 
-def sequence_law(setting):
-    """Law of the first HORIZON emitted tokens, rounds chained from the empty context."""
+def sequence_law(setting, draft_length=lambda context: NUM_DRAFT_TOKENS):
+    """Law of the first HORIZON emitted tokens, rounds chained from the empty context; a round
+    after ``context`` proposes ``draft_length(context)`` drafts."""
     law = {}
     frontier = [((), 1.0)]
     while frontier:
@@ -97,7 +98,7 @@ def sequence_law(setting):
             key = context[:HORIZON]
             law[key] = law.get(key, 0.0) + probability
             continue
-        for path_probability, n, drafts, _, final in round_paths(setting, context):
+        for path_probability, n, drafts, _, final in round_paths(setting, context, draft_length(context)):
             for v in range(VOCAB_SIZE):
                 if final[v] > 0:
                     frontier.append((context + drafts[:n] + (v,), probability * path_probability * float(final[v])))
@@ -165,23 +166,33 @@ def test_paper_mode_is_biased_when_z_is_far_from_one():
     assert max_gap(sequence_law(setting), target_law(setting)) > 1e-3  # the negative control fails
 
 
-def probe_rows(setting, context):
-    """Verify inputs whose uniforms sit inside every (accept/reject path, final-token cell)."""
+def probe_rows(setting, context, num_draft_tokens=NUM_DRAFT_TOKENS):
+    """Verify inputs whose uniforms sit inside every (accept/reject path, final-token cell) of a
+    round of ``num_draft_tokens`` drafts, laid out for ``K = NUM_DRAFT_TOKENS``: past the round's
+    drafts, draft ids are -1, logits NaN and uniforms 0 (a ragged row must not read them).
+
+    Shape
+    -----
+    -> inputs of verify (B, K+1, V) ..., expected tokens (B, K+1)
+    """
     rows, expected = [], []
-    for _, n, drafts, thresholds, final in round_paths(setting, context):
+    for _, n, drafts, thresholds, final in round_paths(setting, context, num_draft_tokens):
         if any(0.0 < t < 1e-6 or 1.0 - 1e-6 < t < 1.0 for t in thresholds):
             continue  # keep probes away from rounding at the boundaries
         coins = [thresholds[i] / 2 for i in range(n)]
-        if n < NUM_DRAFT_TOKENS:
+        if n < num_draft_tokens:
             coins.append((1.0 + thresholds[n]) / 2)
-        coins += [0.5] * (NUM_DRAFT_TOKENS - len(coins))
+        coins += [0.5] * (num_draft_tokens - len(coins))
         cumulative = torch.cumsum(final, 0)
         for v in range(VOCAB_SIZE):
             low = float(cumulative[v - 1]) if v else 0.0
             if float(cumulative[v]) - low > 1e-6:
-                rows.append((drafts, coins + [(low + float(cumulative[v])) / 2]))
+                padding = NUM_DRAFT_TOKENS - num_draft_tokens
+                rows.append((drafts + (-1,) * padding, coins + [(low + float(cumulative[v])) / 2] + [0.0] * padding))
                 expected.append(list(drafts[:n]) + [v] + [-1] * (NUM_DRAFT_TOKENS - n))
-    logits = [[setting.logits(context + drafts[:i]) for i in range(NUM_DRAFT_TOKENS + 1)] for drafts, _ in rows]
+    nan_logits = (torch.full((VOCAB_SIZE,), math.nan, dtype=torch.float64),) * 3
+    logits = [[setting.logits(context + drafts[:i]) if i <= num_draft_tokens else nan_logits for i in range(NUM_DRAFT_TOKENS + 1)]
+              for drafts, _ in rows]
     stack = lambda j: torch.stack([torch.stack([pos[j] for pos in row]) for row in logits]).to(torch.float32)  # noqa: E731
     inputs = dict(
         target_logits=stack(0),

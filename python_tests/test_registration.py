@@ -14,7 +14,7 @@ from sss_ext.testing import make_verify_inputs
 def verify_args(device, with_ref=True, dtype=torch.float32, temperature=0.8, top_k=0, top_p=1.0, mode="exact", top_k_ties="keep"):
     kw = make_verify_inputs(3, 4, 33, dtype, with_ref, temperature, top_k, top_p, device=device, top_k_ties=top_k_ties)
     return (kw["target_logits"], kw["draft_logits"], kw["draft_tokens"], kw["ref_logits"], kw["uniforms"],
-            temperature, top_k, top_p, 1.0, mode, top_k_ties)
+            temperature, top_k, top_p, 1.0, mode, None, top_k_ties)
 
 
 def test_schemas_are_registered():

@@ -108,6 +108,33 @@ def check_uniforms(uniforms, shape: tuple, meaning: str, device) -> torch.Tensor
     return uniforms
 
 
+def check_num_draft_tokens_meta(num_draft_tokens, batch: int, device) -> torch.Tensor:
+    """Per-row draft counts must be an int64 ``(B,)`` tensor on ``device``; no value is read."""
+    check_tensor("num_draft_tokens", num_draft_tokens, ndim=1, dtypes=(torch.int64,))
+    check_shape("num_draft_tokens", num_draft_tokens, (batch,), "(B,)")
+    if num_draft_tokens.device != torch.device(device):
+        raise ValueError(f"num_draft_tokens must be on {device} like the logits, got {num_draft_tokens.device}")
+    return num_draft_tokens
+
+
+def check_num_draft_tokens(num_draft_tokens, batch: int, num_draft_tokens_max: int, device) -> torch.Tensor:
+    """Per-row draft counts must hold values in ``[0, K]``. Syncs on CUDA.
+
+    Shape
+    -----
+    num_draft_tokens: (B,)
+    """
+    check_num_draft_tokens_meta(num_draft_tokens, batch, device)
+    outside = (num_draft_tokens < 0) | (num_draft_tokens > num_draft_tokens_max)
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0])
+        raise ValueError(
+            f"num_draft_tokens must hold values in [0, K] = [0, {num_draft_tokens_max}], "
+            f"found {int(num_draft_tokens[row])} at row {row}"
+        )
+    return num_draft_tokens
+
+
 def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode):
     """Validate metadata of a verify call; returns (batch, num_draft_tokens, vocab_size) and scalars."""
     check_tensor("target_logits", target_logits, ndim=3, dtypes=LOGIT_DTYPES)

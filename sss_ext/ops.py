@@ -13,6 +13,7 @@ from .checks import (
     check_same_device,
     check_sample_args,
     check_top_k_ties,
+    check_num_draft_tokens_meta,
     check_uniforms_meta,
     check_verify_args,
 )
@@ -63,6 +64,7 @@ def verify(
     top_p=1.0,
     shift=1.0,
     mode="exact",
+    num_draft_tokens=None,
     uniforms=None,
     generator=None,
     validate=True,
@@ -96,9 +98,17 @@ def verify(
         ``lambda >= 0``, the strength of the reward shift ``(r/d)^lambda``.
     mode : {"exact", "paper"}
         ``"paper"`` reproduces the published rule, which omits the normaliser ``Z``.
+    num_draft_tokens : torch.Tensor, optional
+        int64 per-row draft counts ``n`` in ``[0, K]`` (the ragged layout): row ``b``
+        verifies only ``draft_tokens[b, :n[b]]`` and draws its correction/bonus token with
+        ``uniforms[b, n[b]]``, the bonus from ``p*`` at position ``n[b]``; ``n[b] = 0`` is
+        plain sampling from ``p*[b, 0]``. Nothing past position ``n[b]`` is read or
+        checked (logits, draft ids, uniforms may hold anything there); ``log_z[b, p]`` is
+        ``0`` for ``p > n[b]``. None: ``K`` for every row.
     uniforms : torch.Tensor, optional
-        float64 in (0, 1): columns ``0..K-1`` are acceptance coins, column ``K`` drives the
-        correction/bonus draw by inverse CDF. Drawn from ``generator`` when None.
+        float64 in (0, 1): columns ``0..K-1`` are acceptance coins, column ``K`` (``n[b]``
+        for ragged rows) drives the correction/bonus draw by inverse CDF. Drawn from
+        ``generator`` when None.
     generator : torch.Generator, optional
         Source of the uniforms when ``uniforms`` is None.
     validate : bool
@@ -121,19 +131,23 @@ def verify(
     Shape
     -----
     target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V); draft_tokens: (B, K);
-    ref_logits: (B, K+1, V); uniforms: (B, K+1) -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
+    ref_logits: (B, K+1, V); num_draft_tokens: (B,); uniforms: (B, K+1)
+    -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
     """
-    (batch, num_draft_tokens, _), (temperature, top_k, top_p, shift, mode) = check_verify_args(
+    (batch, num_draft_max, _), (temperature, top_k, top_p, shift, mode) = check_verify_args(
         target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
     )
     top_k_ties = check_top_k_ties(top_k_ties)
     _check_device_built("target_logits", target_logits)
-    shape = (batch, num_draft_tokens + 1)
+    if num_draft_tokens is not None:
+        check_num_draft_tokens_meta(num_draft_tokens, batch, target_logits.device)
+    shape = (batch, num_draft_max + 1)
     if uniforms is None:
         uniforms = draw_uniforms(shape, target_logits.device, generator)
     else:
         check_uniforms_meta(uniforms, shape, "(B, K+1)", target_logits.device)
-    args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode, top_k_ties)
+    args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
+            num_draft_tokens, top_k_ties)
     tokens, num_accepted, log_z = torch.ops.sss_ext.verify.default(*args)
     _validated_on_device(torch.ops.sss_ext.verify.default, args, num_accepted < 0, validate)
     return VerifyOutput(tokens, num_accepted, log_z)
@@ -186,10 +200,12 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
 
 @torch.library.register_fake("sss_ext::verify")
 def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
-                 top_k_ties="keep"):
+                 num_draft_tokens=None, top_k_ties="keep"):
     # Mixed devices would dispatch here (a meta tensor to the fake kernel): refuse them.
     check_same_device(target_logits=target_logits, draft_logits=draft_logits, draft_tokens=draft_tokens,
-                      ref_logits=ref_logits, uniforms=uniforms)
+                      ref_logits=ref_logits, uniforms=uniforms, num_draft_tokens=num_draft_tokens)
+    if num_draft_tokens is not None:
+        check_num_draft_tokens_meta(num_draft_tokens, draft_tokens.shape[0], draft_tokens.device)
     batch, num_draft_tokens = draft_tokens.shape
     tokens = draft_tokens.new_empty((batch, num_draft_tokens + 1))
     num_accepted = draft_tokens.new_empty((batch,))

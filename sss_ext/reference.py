@@ -23,11 +23,13 @@ import torch
 
 from .checks import (
     check_logit_values,
+    check_num_draft_tokens,
     check_sample_args,
     check_scaled_range,
     check_token_ids,
     check_top_k_ties,
     check_uniforms,
+    check_uniforms_meta,
     check_verify_args,
     MAX_SCALED_SCORE,
 )
@@ -134,6 +136,7 @@ def verify(
     top_p=1.0,
     shift=1.0,
     mode="exact",
+    num_draft_tokens=None,
     uniforms=None,
     generator=None,
     top_k_ties="keep",
@@ -143,7 +146,7 @@ def verify(
     Shape
     -----
     target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V) without ref;
-    draft_tokens: (B, K); ref_logits: (B, K+1, V); uniforms: (B, K+1)
+    draft_tokens: (B, K); ref_logits: (B, K+1, V); num_draft_tokens: (B,); uniforms: (B, K+1)
     -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
     """
     (batch, K, V), (tau, top_k, top_p, lam, mode) = check_verify_args(
@@ -151,6 +154,14 @@ def verify(
     )
     top_k_ties = check_top_k_ties(top_k_ties)
     device = target_logits.device
+    if num_draft_tokens is not None:
+        check_num_draft_tokens(num_draft_tokens, batch, K, device)
+        if uniforms is None:
+            uniforms = draw_uniforms((batch, K + 1), device, generator)
+        check_uniforms_meta(uniforms, (batch, K + 1), "(B, K+1)", device)
+        return _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, num_draft_tokens, uniforms,
+                              dict(temperature=tau, top_k=top_k, top_p=top_p, shift=lam, mode=mode,
+                                   top_k_ties=top_k_ties))
     check_token_ids("draft_tokens", draft_tokens, V)
     if uniforms is None:
         u = draw_uniforms((batch, K + 1), device, generator)
@@ -224,6 +235,34 @@ def verify(
     # 5. Emit accepted drafts, then the correction/bonus token.
     tokens = _emit(x, num_accepted, last)
     return VerifyOutput(tokens, num_accepted, log_z.to(torch.float32))
+
+
+def _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, num_draft_tokens, uniforms, options) -> VerifyOutput:
+    """Rows with ``n`` drafts are the uniform call on positions ``0..n`` of those rows; outputs
+    are padded with ``-1`` tokens and ``log_z = 0`` past the bonus position ``n``.
+
+    Shape
+    -----
+    as :func:`verify`; num_draft_tokens: (B,) with values in [0, K]
+    """
+    batch, K = draft_tokens.shape
+    tokens = draft_tokens.new_full((batch, K + 1), -1)
+    num_accepted = draft_tokens.new_zeros((batch,))
+    log_z = torch.zeros(batch, K + 1, dtype=torch.float32, device=target_logits.device)
+    for n in torch.unique(num_draft_tokens).tolist():
+        rows = (num_draft_tokens == n).nonzero().flatten()
+        out = verify(
+            target_logits[rows, : n + 1],
+            draft_logits[rows, : n + 1] if ref_logits is not None else draft_logits[rows, :n],
+            draft_tokens[rows, :n],
+            None if ref_logits is None else ref_logits[rows, : n + 1],
+            uniforms=uniforms[rows, : n + 1],
+            **options,
+        )
+        tokens[rows, : n + 1] = out.tokens
+        num_accepted[rows] = out.num_accepted
+        log_z[rows, : n + 1] = out.log_z
+    return VerifyOutput(tokens, num_accepted, log_z)
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None, *, top_k_ties="keep") -> torch.Tensor:

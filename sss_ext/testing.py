@@ -95,3 +95,54 @@ def make_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, tem
         top_p=top_p,
         top_k_ties=top_k_ties,
     )
+
+
+def poison_past_counts(kwargs: dict, num_draft_tokens: torch.Tensor, seed: int = 0) -> None:
+    """Write garbage, in place, wherever a ragged verify call must not read.
+
+    Logits past each row's bonus position ``n`` (and the draft's at ``n`` without a
+    reference) become NaN, +inf or all -inf, draft ids from ``n`` on leave ``[0, V)``,
+    uniforms past ``n`` become NaN, 0 or 1 (which of them: by ``seed``).
+
+    Shape
+    -----
+    kwargs as :func:`make_verify_inputs`; num_draft_tokens: (B,)
+    """
+    draft_tokens = kwargs["draft_tokens"]
+    num_draft = draft_tokens.shape[1]
+    vocab_size = kwargs["target_logits"].shape[-1]
+    position = torch.arange(num_draft + 1, device=num_draft_tokens.device)
+    past_bonus = position[None, :] > num_draft_tokens[:, None]  # (B, K+1)
+    past_drafts = position[None, :] >= num_draft_tokens[:, None]  # (B, K+1)
+    fills = [float("nan"), float("inf"), float("-inf")]
+    with_ref = kwargs["ref_logits"] is not None
+    for index, (name, mask) in enumerate((("target_logits", past_bonus), ("draft_logits", past_bonus if with_ref else past_drafts),
+                                          ("ref_logits", past_bonus))):
+        logits = kwargs[name]
+        if logits is not None:
+            logits.masked_fill_(mask[:, : logits.shape[1], None].expand_as(logits), fills[(index + seed) % 3])
+    draft_tokens.masked_fill_(past_drafts[:, :num_draft], (-7, vocab_size + 3)[seed % 2])
+    kwargs["uniforms"].masked_fill_(past_bonus, (float("nan"), 0.0, 1.0)[seed % 3])
+
+
+def make_ragged_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, temperature, top_k=0, top_p=1.0,
+                              layout="contiguous", seed=0, device="cpu", poison=True):
+    """:func:`make_verify_inputs` plus per-row draft counts in ``[0, K]`` (``num_draft_tokens``).
+
+    With two rows or more, the first row has 0 drafts and the last ``K``; with ``poison``,
+    every value a row must not read is garbage (:func:`poison_past_counts`).
+
+    Shape
+    -----
+    as :func:`make_verify_inputs`; num_draft_tokens: (B,) int64
+    """
+    kwargs = make_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, temperature, top_k, top_p, layout, seed,
+                                device)
+    generator = torch.Generator(device=device).manual_seed(seed + 7919)
+    counts = torch.randint(0, num_draft_tokens + 1, (batch,), generator=generator, device=device)
+    if batch >= 2:
+        counts[0], counts[-1] = 0, num_draft_tokens
+    if poison:
+        poison_past_counts(kwargs, counts, seed)
+    kwargs["num_draft_tokens"] = counts
+    return kwargs

@@ -29,6 +29,10 @@ def method_grid(args):
                  {"num_samples": ns, "rejection_interval": max(1, args.max_new_tokens // 4), "rejection_rate": 0.5}))
     nsoft = 2 if args.quick else args.soft_bon_n
     grid.append((f"soft-bon n={nsoft}", "soft-bon", {"num_samples": nsoft, "beta": args.soft_bon_beta}))
+    if args.adaptive_k:  # the adaptive draft-length policy, K at most adaptive_k
+        policy = {"num_draft_tokens": args.adaptive_k, "draft_length_policy": "adaptive"}
+        grid.append((f"sd K<={args.adaptive_k} adaptive", "sd", dict(policy)))
+        grid.append((f"sss l={lam0:g} K<={args.adaptive_k} adaptive", "sss", {"shift": lam0, **policy}))
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         grid = [g for g in grid if any(g[0].startswith(k) for k in keep)]

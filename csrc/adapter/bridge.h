@@ -65,6 +65,7 @@ void dispatch_logits(at::ScalarType dtype, const F& fn) {
 // A checked verify call: tensors with unit vocabulary stride, sizes and scalars.
 struct VerifyInputs {
   at::Tensor target, draft, ref, draft_tokens, uniforms;  // ref undefined: standard SD
+  at::Tensor num_draft_tokens;                             // (batch,) int64; undefined: K for every row
   int64_t batch, num_draft, vocab;
   Sampling sampling;
   double shift;
@@ -86,7 +87,8 @@ inline VerifyOutputs empty_verify_outputs(const VerifyInputs& in) {
 inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at::Tensor& draft_logits,
                                       const at::Tensor& draft_tokens, const std::optional<at::Tensor>& ref_logits,
                                       const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
-                                      double shift, c10::string_view mode, c10::string_view top_k_ties) {
+                                      double shift, c10::string_view mode,
+                                      const std::optional<at::Tensor>& num_draft_tokens, c10::string_view top_k_ties) {
   check_logits(target_logits, "target_logits", 3, "(B, K+1, V)");
   check_logits(draft_logits, "draft_logits", 3, "(B, K+1, V)");
   TORCH_CHECK_VALUE(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong,
@@ -125,11 +127,20 @@ inline VerifyInputs check_verify_args(const at::Tensor& target_logits, const at:
   TORCH_CHECK_VALUE(mode == "exact" || mode == "paper", "mode must be 'exact' or 'paper', got '", std::string(mode), "'");
   TORCH_CHECK_VALUE(mode == "exact" || has_ref, "mode='paper' needs ref_logits: the paper's rule divides by the reference draft d");
   const TopKTies ties = parse_top_k_ties(top_k_ties);
+  const bool ragged = num_draft_tokens.has_value() && num_draft_tokens->defined();
+  if (ragged) {  // values in [0, K] are checked by the kernels (kBadNumDraft)
+    TORCH_CHECK_VALUE(num_draft_tokens->scalar_type() == at::kLong && num_draft_tokens->dim() == 1 &&
+                          num_draft_tokens->size(0) == batch,
+                      "num_draft_tokens must be an int64 tensor of shape (B,) = (", batch, "), got ",
+                      num_draft_tokens->scalar_type(), " of shape ", num_draft_tokens->sizes());
+    check_same_device(target_logits, "target_logits", *num_draft_tokens, "num_draft_tokens");
+  }
   return VerifyInputs{vocab_contiguous(target_logits),
                       vocab_contiguous(draft_logits),
                       has_ref ? vocab_contiguous(*ref_logits) : at::Tensor(),
                       draft_tokens,
                       uniforms,
+                      ragged ? *num_draft_tokens : at::Tensor(),
                       batch,
                       num_draft,
                       vocab,
@@ -150,6 +161,10 @@ VerifyParams<T> verify_params(const VerifyInputs& in, const VerifyOutputs& out) 
   p.uniforms = in.uniforms.data_ptr<double>();
   p.uniforms_stride_batch = in.uniforms.stride(0);
   p.uniforms_stride_position = in.uniforms.stride(1);
+  if (in.num_draft_tokens.defined()) {
+    p.num_draft_tokens = in.num_draft_tokens.data_ptr<int64_t>();
+    p.num_draft_tokens_stride = in.num_draft_tokens.stride(0);
+  }
   p.batch = in.batch;
   p.num_draft = in.num_draft;
   p.vocab = in.vocab;
@@ -198,10 +213,14 @@ SampleParams<T> sample_params(const SampleInputs& in, const at::Tensor& tokens) 
   return p;
 }
 
-// Raises a ValueError for a kernel-reported error; returns normally when ok.
-inline void raise_if_error(const Error& e, int64_t vocab) {
+// Raises a ValueError for a kernel-reported error; returns normally when ok. num_draft: K of
+// a verify call.
+inline void raise_if_error(const Error& e, int64_t vocab, int64_t num_draft = 0) {
   switch (e.status) {
     case Status::kOk: return;
+    case Status::kBadNumDraft:
+      TORCH_CHECK_VALUE(false, "num_draft_tokens must hold values in [0, K] = [0, ", num_draft, "], found ", e.value_index,
+                        " at row ", e.batch_index);
     case Status::kBadDraftToken:
       TORCH_CHECK_VALUE(false, "draft_tokens must hold token ids in [0, ", vocab, "), found ", e.value_index, " at (", e.batch_index,
                         ", ", e.position, ")");

@@ -21,13 +21,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cpu(const at::Tensor& targ
                                                           const std::optional<at::Tensor>& ref_logits,
                                                           const at::Tensor& uniforms, double temperature, int64_t top_k,
                                                           double top_p, double shift, c10::string_view mode,
+                                                          const std::optional<at::Tensor>& num_draft_tokens,
                                                           c10::string_view top_k_ties) {
   const adapter::VerifyInputs in = adapter::check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, uniforms,
-                                                              temperature, top_k, top_p, shift, mode, top_k_ties);
+                                                              temperature, top_k, top_p, shift, mode, num_draft_tokens, top_k_ties);
   const adapter::VerifyOutputs out = adapter::empty_verify_outputs(in);
   adapter::dispatch_logits(target_logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    adapter::raise_if_error(cpu::verify(adapter::verify_params<T>(in, out), AtenParallelFor{}), in.vocab);
+    adapter::raise_if_error(cpu::verify(adapter::verify_params<T>(in, out), AtenParallelFor{}), in.vocab, in.num_draft);
   });
   return {out.tokens, out.num_accepted, out.log_z};
 }

@@ -30,10 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& tar
                                                            const std::optional<at::Tensor>& ref_logits,
                                                            const at::Tensor& uniforms, double temperature, int64_t top_k,
                                                            double top_p, double shift, c10::string_view mode,
+                                                           const std::optional<at::Tensor>& num_draft_tokens,
                                                            c10::string_view top_k_ties) {
   const c10::cuda::CUDAGuard guard(target_logits.device());
   const adapter::VerifyInputs in = adapter::check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, uniforms,
-                                                              temperature, top_k, top_p, shift, mode, top_k_ties);
+                                                              temperature, top_k, top_p, shift, mode, num_draft_tokens, top_k_ties);
   check_cuda_sizes(in.vocab);
   const adapter::VerifyOutputs out = adapter::empty_verify_outputs(in);
   if (in.batch == 0) return {out.tokens, out.num_accepted, out.log_z};

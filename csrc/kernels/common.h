@@ -61,6 +61,7 @@ enum class Status : int32_t {
   kScoreRange,      // a scaled logit (logit / temperature) or the tilted score's row maximum
                     // lies outside [-kMaxScaledScore, kMaxScaledScore] (tensor named by `which`;
                     // kNone: the tilted score)
+  kBadNumDraft,     // num_draft_tokens[b] outside [0, num_draft]
 };
 
 // Largest magnitude of a finite scaled logit z / temperature and of the row maximum of the
@@ -126,6 +127,11 @@ struct VerifyParams {
   int64_t draft_tokens_stride_batch = 0, draft_tokens_stride_position = 0;
   const double* uniforms = nullptr;  // (batch, num_draft + 1), in (0, 1)
   int64_t uniforms_stride_batch = 0, uniforms_stride_position = 0;
+  // (batch,), values in [0, num_draft]: row b verifies draft positions < num_draft_tokens[b],
+  // draws its bonus at position num_draft_tokens[b] with that position's uniform, and never
+  // reads any input past it. nullptr: every row verifies num_draft drafts.
+  const int64_t* num_draft_tokens = nullptr;
+  int64_t num_draft_tokens_stride = 0;
   int64_t batch = 0, num_draft = 0, vocab = 0;
   Sampling sampling;
   double shift = 1.0;       // lambda
@@ -134,6 +140,11 @@ struct VerifyParams {
   int64_t* num_accepted = nullptr;  // (batch,)
   float* log_z = nullptr;           // (batch, num_draft + 1), contiguous
   SSS_HOST_DEVICE bool has_ref() const { return ref.data != nullptr; }
+  // Row b's draft count as given (may be out of range: check with valid_row_draft).
+  SSS_HOST_DEVICE int64_t row_draft(int64_t b) const {
+    return num_draft_tokens != nullptr ? num_draft_tokens[b * num_draft_tokens_stride] : num_draft;
+  }
+  SSS_HOST_DEVICE bool valid_row_draft(int64_t n) const { return n >= 0 && n <= num_draft; }
 };
 
 template <typename T>

@@ -28,6 +28,7 @@ inline const char* status_name(Status status) {
     case Status::kEmptyRow: return "empty_row";
     case Status::kNoSupport: return "no_support";
     case Status::kScoreRange: return "score_range";
+    case Status::kBadNumDraft: return "bad_num_draft";
   }
   return "unknown_status";
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..checks import check_sampling, check_shift, check_top_k_ties
 
 REWARD_INPUTS = ("auto", "text", "ids")
+DRAFT_LENGTH_POLICIES = ("fixed", "adaptive")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -40,7 +41,16 @@ class SamplingConfig:
     max_new_tokens : int
         Tokens generated per prompt at most (``>= 1``).
     num_draft_tokens : int
-        ``K``, draft tokens proposed per speculative round (``>= 1``).
+        ``K``, draft tokens proposed per speculative round (``>= 1``); the most per row
+        under the adaptive draft-length policy.
+    draft_length_policy : {"fixed", "adaptive"}
+        ``"fixed"`` proposes ``K`` drafts every round; ``"adaptive"`` picks each round's count
+        in ``[1, K]`` from the rows' running acceptance rates and the round's measured costs
+        (:mod:`sss_ext.decoding.draft_length`). The output law is the same either way.
+    draft_cost_ratio : float or None
+        Cost of one draft step over the cost of the rest of a round, ``>= 0``, for the
+        adaptive policy; None measures the costs from the run's wall-clock times (then the
+        tokens of a seeded run depend on timings; a number makes runs reproducible).
     temperature : float
         ``> 0`` tempers every model; ``0`` is greedy.
     top_k, top_p : int, float
@@ -79,6 +89,8 @@ class SamplingConfig:
 
     max_new_tokens: int = 128
     num_draft_tokens: int = 4
+    draft_length_policy: str = "fixed"
+    draft_cost_ratio: float | None = None
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -99,6 +111,10 @@ class SamplingConfig:
     def __post_init__(self):
         _check_int("max_new_tokens", self.max_new_tokens, 1)
         _check_int("num_draft_tokens", self.num_draft_tokens, 1)
+        if self.draft_length_policy not in DRAFT_LENGTH_POLICIES:
+            raise ValueError(f"draft_length_policy must be one of {DRAFT_LENGTH_POLICIES}, got {self.draft_length_policy!r}")
+        if self.draft_cost_ratio is not None:
+            _check_float("draft_cost_ratio", self.draft_cost_ratio, 0.0, math.inf, high_open=True)
         try:
             check_sampling(self.temperature, self.top_k, self.top_p)
             check_top_k_ties(self.top_k_ties)

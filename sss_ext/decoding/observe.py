@@ -98,6 +98,9 @@ class RoundRecord:
         Time inside ``sss_ext.sample`` / ``sss_ext.verify`` (observer clock), None when untimed.
     draft_tokens : torch.Tensor or None
         Speculative rounds: the proposed drafts.
+    num_draft_tokens : torch.Tensor or None
+        Speculative rounds under the adaptive draft-length policy: the drafts each row
+        verified (``num_draft_tokens`` of ``sss_ext.verify``); None: all ``K'``.
     logits : dict of str to torch.Tensor
         Inputs of the sampler op: a round's ``target`` / ``draft`` / ``ref`` logits exactly as
         given to ``sss_ext.verify``; a step's logits of the sampling model (key: its role).
@@ -133,6 +136,7 @@ class RoundRecord:
     forwards: dict[str, ForwardCount] = field(default_factory=dict)
     op_seconds: float | None = None
     draft_tokens: torch.Tensor | None = None
+    num_draft_tokens: torch.Tensor | None = None
     logits: dict[str, torch.Tensor] | None = None
     verify: object | None = None
     tokens: torch.Tensor | None = None

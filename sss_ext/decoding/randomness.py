@@ -118,7 +118,8 @@ class RowStreams:
     def __len__(self) -> int:
         return int(self.keys.numel())
 
-    def draw(self, rows: torch.Tensor, count: int, where: torch.Tensor | None = None) -> torch.Tensor:
+    def draw(self, rows: torch.Tensor, count: int, where: torch.Tensor | None = None,
+             used: torch.Tensor | None = None) -> torch.Tensor:
         """The next ``count`` uniforms of each row of ``rows``; their counters advance by ``count``.
 
         Parameters
@@ -130,17 +131,22 @@ class RowStreams:
         where : torch.Tensor, optional
             bool, the rows that consume their draws; the others get the same values but their
             counters stay (their draws are placeholders the caller ignores). Default: all.
+        used : torch.Tensor, optional
+            int64 in ``[0, count]``, the draws each row consumes (its first ``used[b]``; the
+            rest are placeholders the caller ignores). Exclusive with ``where``.
 
         Shape
         -----
-        rows: (B,); where: (B,) -> (B, count) float64 in (0, 1)
+        rows: (B,); where, used: (B,) -> (B, count) float64 in (0, 1)
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"count must be an int >= 0, got {count!r}")
         rows = rows.to(self.keys.device)
         steps = torch.arange(1, count + 1, dtype=torch.int64, device=self.keys.device)
         position = self.counters[rows][:, None] + steps  # (B, count)
-        self.counters[rows] += count if where is None else count * where.to(torch.int64)
+        if where is not None:
+            used = count * where.to(torch.int64)
+        self.counters[rows] += count if used is None else used
         return uniforms_from_bits(mix64(self.keys[rows][:, None] + position * _GAMMA))
 
 

@@ -14,6 +14,12 @@ drafts, so its tokens do not depend on the other rows of the batch):
    then cropped or re-aligned, see :mod:`sss_ext.decoding.cache`); rows that emitted EOS or
    spent their budget leave the batch.
 
+Under the adaptive draft-length policy (:mod:`sss_ext.decoding.draft_length`) the round's
+``K'`` comes from the rows' acceptance and the measured costs, and row ``b`` verifies only
+its first ``k_b = min(K', remaining_b - 1)`` drafts (``num_draft_tokens`` of the op): the
+draft still proposes ``K'`` tokens for every row (one batched forward per step) and the op
+ignores the rest, so every cache keeps at most ``k_b + 1`` slots.
+
 Cache invariant between rounds: the target and reference caches hold every token of the
 row except the last one (``pending``). So does the draft's under SSS. Under standard
 speculative sampling the draft runs only ``K'`` steps, so after a round where all drafts
@@ -27,9 +33,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..outputs import VerifyOutput
 from .cache import KVState
 from .context import MethodResult, RunContext
+from .draft_length import DraftLengths
 from .rows import RowBook, left_pad
 
 
@@ -86,6 +92,7 @@ class SpeculativeRun:
         # standard SD only: the draft has not seen carry_token yet (all drafts accepted last round)
         self.carry = torch.zeros(batch, dtype=torch.bool, device=device)
         self.carry_token = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.lengths = DraftLengths(config, batch, 1 if use_ref else 0, device)
         if self.tracker is not None:
             self.tracker.emit("prefill", self.run_index, "speculative", -1, self.book.active.cpu(),
                               self.book.active_prompts.clone(), states=self.states)
@@ -115,9 +122,8 @@ class SpeculativeRun:
         tracker = self.tracker
         temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
         remaining = self.book.remaining()
-        longest, shortest = torch.stack([remaining.max(), remaining.min()]).tolist()
-        num_draft = min(config.num_draft_tokens, longest - 1)
-        row_draft = torch.clamp(remaining - 1, max=config.num_draft_tokens)  # (B,) K'_b of every row
+        row_draft = self.lengths.choose(remaining)  # (B,) K'_b of every row: its own budget, the policy's K
+        num_draft, shortest = torch.stack([row_draft.max(), row_draft.min()]).tolist()
         sss = self.ref is not None
         if tracker is not None:
             rows, row_prompts, carried = self.book.active.cpu(), self.book.active_prompts.clone(), self.carry.clone()
@@ -125,6 +131,7 @@ class SpeculativeRun:
             state.begin_round()
 
         # 1. draft proposals x_0..x_{K'-1}, drawn from warp(r); SSS also needs zr[K']
+        self.lengths.start()
         draft_logits, drafts = [], []
         for step in range(num_draft + 1 if sss else num_draft):
             logits = self._draft_step(step == 0, drafts[-1] if drafts else None)
@@ -141,6 +148,7 @@ class SpeculativeRun:
         batch = self.pending.shape[0]
         draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
+        self.lengths.drafted(len(draft_logits))
 
         # 2. one target forward (and one reference forward) over the block
         target_logits = self.target.forward(block, logits_to_keep=num_draft + 1)
@@ -155,12 +163,10 @@ class SpeculativeRun:
         target_logits, draft_stack, ref_logits = _common_dtype(target_logits, draft_stack, ref_logits)
 
         # 3. verification
-        if min(config.num_draft_tokens, shortest - 1) == num_draft:
-            out = self._verify(self.book.active, target_logits, draft_stack, draft_tokens, ref_logits)
-        else:
-            out = self._verify_per_row(row_draft, num_draft, target_logits, draft_stack, draft_tokens, ref_logits)
+        out = self._verify(target_logits, draft_stack, draft_tokens, ref_logits, row_draft if shortest < num_draft else None)
         accepted = out.num_accepted
         keep = accepted + 1
+        self.lengths.update(row_draft, accepted)
 
         # 4. per-row rollback of every cache
         self.target.rollback(keep)
@@ -187,51 +193,35 @@ class SpeculativeRun:
             self.pending = self.pending[stay]
             self.carry = self.carry[stay]
             self.carry_token = self.carry_token[stay]
+            self.lengths.select_rows(stay)
         if tracker is not None:
             logits = {"target": target_logits, "draft": draft_stack}
             if sss:
                 logits["ref"] = ref_logits
             tracker.emit("round", self.run_index, "speculative", self.round_index, rows, row_prompts, states=self.states,
-                         draft_tokens=draft_tokens, logits=logits, verify=out, tokens=out.tokens, num_emitted=kept,
-                         finished=done, carried=None if sss else carried)
+                         draft_tokens=draft_tokens, num_draft_tokens=row_draft, logits=logits, verify=out, tokens=out.tokens,
+                         num_emitted=kept, finished=done, carried=None if sss else carried)
         self.round_index += 1
+        self.lengths.finished(num_draft + 1)
 
-    def _verify(self, rows: torch.Tensor, target_logits, draft_logits, draft_tokens, ref_logits):
-        """``sss_ext.verify`` of the batch ``rows`` with their next uniforms.
+    def _verify(self, target_logits, draft_logits, draft_tokens, ref_logits, row_draft):
+        """``sss_ext.verify`` of the active rows with their next uniforms; row ``b`` verifies its first
+        ``row_draft[b]`` drafts (every draft when ``row_draft`` is None) and consumes that many plus one.
 
         Shape
         -----
-        rows: (B,); target_logits: (B, K+1, V); draft_tokens: (B, K) -> VerifyOutput with (B, K+1) tokens
+        target_logits: (B, K'+1, V); draft_tokens: (B, K'); row_draft: (B,) in [0, K'] or None
+        -> VerifyOutput with (B, K'+1) tokens
         """
         config = self.config
+        width = draft_tokens.shape[1] + 1
+        uniforms = self.streams.draw(self.book.active, width, used=None if row_draft is None else row_draft + 1)
         kwargs = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, top_k_ties=config.top_k_ties,
-                      shift=config.shift,
-                      mode=self.mode if self.ref is not None else "exact",
-                      uniforms=self.streams.draw(rows, draft_tokens.shape[1] + 1))
+                      shift=config.shift, mode=self.mode if self.ref is not None else "exact", num_draft_tokens=row_draft,
+                      uniforms=uniforms)
         if self.tracker is None:
             return ops.verify(target_logits, draft_logits, draft_tokens, ref_logits, **kwargs)
         return self.tracker.timed_op(ops.verify, target_logits, draft_logits, draft_tokens, ref_logits, **kwargs)
-
-    def _verify_per_row(self, row_draft, num_draft, target_logits, draft_logits, draft_tokens, ref_logits) -> VerifyOutput:
-        """Verify every row on its own first ``row_draft[b]`` drafts (one call per distinct count).
-
-        Shape
-        -----
-        row_draft: (B,) in [0, K']; target_logits: (B, K'+1, V) -> VerifyOutput padded to (B, K'+1)
-        """
-        batch, width = target_logits.shape[0], num_draft + 1
-        extra = draft_logits.shape[1] - num_draft  # SSS also holds zr[K']
-        tokens = torch.full((batch, width), -1, dtype=torch.int64, device=target_logits.device)
-        num_accepted = torch.zeros(batch, dtype=torch.int64, device=target_logits.device)
-        log_z = torch.zeros((batch, width), dtype=torch.float32, device=target_logits.device)
-        for count in torch.unique(row_draft).tolist():
-            rows = torch.nonzero(row_draft == count).squeeze(1)
-            part = self._verify(self.book.active[rows], target_logits[rows, :count + 1], draft_logits[rows, :count + extra],
-                                draft_tokens[rows, :count], ref_logits[rows, :count + 1] if ref_logits is not None else None)
-            tokens[rows, :count + 1] = part.tokens
-            num_accepted[rows] = part.num_accepted
-            log_z[rows, :count + 1] = part.log_z
-        return VerifyOutput(tokens, num_accepted, log_z)
 
     def run(self) -> None:
         while self.book.num_active:

@@ -15,7 +15,7 @@ namespace sss_ext::cpu {
 template <typename T, bool kTilt>
 struct PositionScores {
   const T* target;  // (vocab,)
-  const T* draft;   // (vocab,), nullptr at position num_draft without a reference
+  const T* draft;   // (vocab,), nullptr at the row's bonus position without a reference
   const T* ref;     // (vocab,), nullptr without a reference
   double inverse_temperature;
   double shift;
@@ -48,7 +48,7 @@ inline double uniform(const VerifyParams<T>& p, int64_t b, int64_t i) {
 // What verification needs to know about one (row, position).
 struct PositionStats {
   LogNormalizer p_star;    // warp(softmax(s))
-  LogNormalizer proposal;  // warp(softmax(zr / tau)), positions < num_draft
+  LogNormalizer proposal;  // warp(softmax(zr / tau)), positions < the row's draft count
   double log_z = 0.0;      // log sum_v q (r/d)^lambda, untruncated
   int64_t greedy_token = -1;
   bool accept = false;
@@ -88,10 +88,11 @@ SSS_FORCE_INLINE double log_normaliser_z(double m_s, double l_s, double m_q, dou
   return (m_s - m_q - shift * (m_r - m_d)) + (l_s - l_q - shift * (l_r - l_d));
 }
 
+// Position i <= num_draft of row b, which verifies num_draft drafts.
 template <typename T, bool kTilt>
-SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, Scratch& scratch) {
+SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, int64_t num_draft, Scratch& scratch) {
   PositionStats out;
-  const bool has_proposal = i < p.num_draft;
+  const bool has_proposal = i < num_draft;
   const bool has_ref = p.has_ref();
   const bool greedy = p.sampling.greedy();
   const PositionScores<T, kTilt> scores{p.target.row(b, i), (has_proposal || has_ref) ? p.draft.row(b, i) : nullptr,
@@ -177,15 +178,17 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
   return out;
 }
 
-// The correction (first rejection j < num_draft) or bonus (j == num_draft) token.
+// The correction (first rejection j < num_draft) or bonus (j == num_draft) token of row b,
+// which verifies num_draft drafts; driven by the uniform at position num_draft.
 template <typename T, bool kTilt>
-SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b, int64_t j, const PositionStats& stats, Scratch& scratch) {
+SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b, int64_t j, int64_t num_draft, const PositionStats& stats,
+                                             Scratch& scratch) {
   if (p.sampling.greedy()) return stats.greedy_token;
-  const PositionScores<T, kTilt> scores{p.target.row(b, j), (j < p.num_draft || p.has_ref()) ? p.draft.row(b, j) : nullptr,
+  const PositionScores<T, kTilt> scores{p.target.row(b, j), (j < num_draft || p.has_ref()) ? p.draft.row(b, j) : nullptr,
                                         p.has_ref() ? p.ref.row(b, j) : nullptr, 1.0 / p.sampling.temperature, p.shift};
-  const double u = uniform(p, b, p.num_draft);
+  const double u = uniform(p, b, num_draft);
   const auto p_star = [&](int64_t v) { return stats.p_star.prob(scores.tilted(v), v); };
-  if (j < p.num_draft && p.paper_mode) {
+  if (j < num_draft && p.paper_mode) {
     // (Z p* - r~)+ / Z = (p* - exp(log r~ - log Z))+: the same law, no overflow for any log Z.
     const double log_z = stats.log_z;
     const auto residual = [&](int64_t v) {
@@ -194,7 +197,7 @@ SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b
     };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
-  } else if (j < p.num_draft) {
+  } else if (j < num_draft) {
     const auto residual = [&](int64_t v) { return residual_weight(p_star(v), stats.proposal.prob(scores.proposal(v), v)); };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
@@ -202,15 +205,18 @@ SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b
   return inverse_cdf(p_star, p.vocab, u, scratch);
 }
 
-// Validates the small inputs; the logits are checked row by row inside the kernel.
+// Validates the small inputs a row reads (draft counts, draft ids and uniforms up to its
+// bonus position); the logits are checked row by row inside the kernel.
 template <typename T>
 Error check_tokens_and_uniforms(const VerifyParams<T>& p) {
   for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t i = 0; i < p.num_draft; ++i) {
+    const int64_t num_draft = p.row_draft(b);
+    if (!p.valid_row_draft(num_draft)) return Error{Status::kBadNumDraft, Which::kNone, b, -1, num_draft};
+    for (int64_t i = 0; i < num_draft; ++i) {
       const int64_t x = draft_token(p, b, i);
       if (x < 0 || x >= p.vocab) return Error{Status::kBadDraftToken, Which::kNone, b, i, x};
     }
-    for (int64_t i = 0; i <= p.num_draft; ++i) {
+    for (int64_t i = 0; i <= num_draft; ++i) {
       const double u = uniform(p, b, i);
       if (!(u > 0.0 && u < 1.0)) return Error{Status::kBadUniform, Which::kNone, b, i, -1};
     }
@@ -225,8 +231,10 @@ Error verify_impl(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
   parallel_for(int64_t(0), p.batch * positions, grain, [&](int64_t begin, int64_t end) {
     Scratch scratch;
-    for (int64_t item = begin; item < end; ++item)
-      stats[item] = position_stats<T, kTilt>(p, item / positions, item % positions, scratch);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / positions, i = item % positions, num_draft = p.row_draft(b);
+      if (i <= num_draft) stats[item] = position_stats<T, kTilt>(p, b, i, num_draft, scratch);  // past it: never read
+    }
   });
   for (const PositionStats& s : stats)
     if (!s.error.ok()) return s.error;
@@ -235,14 +243,15 @@ Error verify_impl(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
     Scratch scratch;
     for (int64_t b = begin; b < end; ++b) {
       const PositionStats* row = &stats[b * positions];
+      const int64_t num_draft = p.row_draft(b);
       int64_t accepted = 0;
-      while (accepted < p.num_draft && row[accepted].accept) ++accepted;
+      while (accepted < num_draft && row[accepted].accept) ++accepted;
       int64_t* tokens = p.tokens + b * positions;
       for (int64_t i = 0; i < positions; ++i) {
         tokens[i] = i < accepted ? draft_token(p, b, i) : -1;
-        p.log_z[b * positions + i] = static_cast<float>(row[i].log_z);
+        p.log_z[b * positions + i] = static_cast<float>(row[i].log_z);  // 0 past the bonus position
       }
-      tokens[accepted] = draw_last_token<T, kTilt>(p, b, accepted, row[accepted], scratch);
+      tokens[accepted] = draw_last_token<T, kTilt>(p, b, accepted, num_draft, row[accepted], scratch);
       p.num_accepted[b] = accepted;
     }
   });

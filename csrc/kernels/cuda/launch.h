@@ -15,12 +15,16 @@
 //   position), 37 MB at batch 32, num_draft 4, whether or not the call truncates;
 // - logits rows need unit vocabulary stride, any alignment (each row is read with 16-byte
 //   loads after its own misalignment); draft_tokens and uniforms may be strided; vocab < 2^31;
-// - values are checked on the device, never by the host: a row with a draft id outside
-//   [0, vocab), a uniform outside (0, 1) (also at temperature 0), a NaN or +inf logit, an
-//   all -inf logits row (target positions 0..K, draft positions 0..K-1 and K when ref is
-//   given, ref 0..K), a finite logit with |logit / temperature| > kMaxScaledScore (scale 1 at
-//   temperature 0), a tilted row maximum outside [-kMaxScaledScore, kMaxScaledScore] or a
-//   tilted target without support gets num_accepted = -1, tokens all -1 and log_z NaN
+// - ragged rows (VerifyParams::num_draft_tokens): row b reads positions 0..n only (n =
+//   num_draft_tokens[b], its bonus position): logits, draft ids and uniforms past n are
+//   neither read nor checked, log_z past n is 0, tokens past the emitted ones are -1;
+// - values are checked on the device, never by the host: a row with a count outside
+//   [0, num_draft], a draft id outside [0, vocab), a uniform outside (0, 1) (also at
+//   temperature 0), a NaN or +inf logit, an all -inf logits row (target positions 0..n,
+//   draft positions 0..n-1 and n when ref is given, ref 0..n), a finite logit with
+//   |logit / temperature| > kMaxScaledScore (scale 1 at temperature 0), a tilted row maximum
+//   outside [-kMaxScaledScore, kMaxScaledScore] or a tilted target without support gets
+//   num_accepted = -1, tokens all -1 and log_z NaN
 //   (sample: token -1): the rows the CPU kernels refuse. No input makes a kernel read out of
 //   bounds;
 // - a call is deterministic (fixed reduction orders, fixed vocabulary chunks): the same

@@ -26,7 +26,9 @@
 // Greedy calls stop after the decisions (the token is the argmax). Every reduction has a
 // fixed order, so a call is deterministic run to run.
 //
-// Invalid inputs never cause an out-of-bounds read: a row with a draft id outside [0, V), a
+// A ragged row (num_draft_tokens[b] = n < num_draft) skips every block of positions past n.
+// Invalid inputs never cause an out-of-bounds read: a row with a count outside [0, num_draft],
+// a draft id outside [0, V), a
 // uniform outside (0, 1), a NaN/+inf logit, an all -inf logits row, a scaled logit or tilted
 // row maximum outside [-kMaxScaledScore, kMaxScaledScore], or no tilted support gets
 // num_accepted = -1, tokens all -1 and log_z NaN (the CPU kernels raise instead).
@@ -160,10 +162,16 @@ struct Problem {
   Candidate* candidates = nullptr;    // (batch, num_draft + 1, 2, 2 groups, kTruncCandidates)
 
   __device__ __forceinline__ int64_t positions() const { return p.num_draft + 1; }
+  // Row b's draft count n: positions 0..n are its only ones (n is the bonus position), nothing
+  // past it is read. An out-of-range count reads as 0 and decide_row marks the row invalid.
+  __device__ __forceinline__ int64_t num_draft(int64_t b) const {
+    const int64_t n = p.row_draft(b);
+    return p.valid_row_draft(n) ? n : 0;
+  }
   __device__ __forceinline__ const T* target_row(int64_t b, int64_t i) const { return p.target.row(b, i); }
-  // The draft row exists at positions < num_draft, and at num_draft when a ref is given.
+  // The draft row exists at the row's draft positions, and at its bonus position when a ref is given.
   __device__ __forceinline__ const T* draft_row(int64_t b, int64_t i) const {
-    return (i < p.num_draft || p.has_ref()) ? p.draft.row(b, i) : nullptr;
+    return (i < num_draft(b) || p.has_ref()) ? p.draft.row(b, i) : nullptr;
   }
   // The ref row is read whenever it is given (its values are checked even at shift 0).
   __device__ __forceinline__ const T* ref_row(int64_t b, int64_t i) const { return p.has_ref() ? p.ref.row(b, i) : nullptr; }
@@ -279,12 +287,14 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocks) stats_kernel(c
   const int split = static_cast<int>(blockIdx.x % pr.splits);
   const int64_t row_position = blockIdx.x / pr.splits;
   const int64_t b = row_position / pr.positions(), i = row_position % pr.positions();
+  const int64_t num_draft = pr.num_draft(b);
+  if (i > num_draft) return;  // past the row's bonus position: never read
   const int64_t vocab = pr.p.vocab;
   const T* q = pr.target_row(b, i);  // (vocab,) each
   const T* r = pr.draft_row(b, i);
   const T* d = pr.ref_row(b, i);
   const int skew_q = row_skew(q), skew_r = row_skew(r), skew_d = row_skew(d);
-  const bool proposal_stream = r != nullptr && (i < pr.p.num_draft || kTilt);
+  const bool proposal_stream = r != nullptr && (i < num_draft || kTilt);
   const int64_t begin = split * kSplitVectors, end = min(num_vectors<T>(vocab), begin + kSplitVectors);
   const ScoreParams sp = pr.score;
 
@@ -807,13 +817,14 @@ __device__ __forceinline__ RowScore<T> row_score(const Problem<T>& pr, int64_t r
 }
 
 // (row, position, stream) of a block of a grid (row, position, stream[, chunk]); false when the
-// stream does not exist (no proposal at the bonus position).
+// stream does not exist (no proposal at the bonus position, nothing past it).
 template <typename T>
 __device__ __forceinline__ bool truncation_block(const Problem<T>& pr, int per_stream, int64_t& rs, int& chunk) {
   chunk = static_cast<int>(blockIdx.x % per_stream);
   rs = blockIdx.x / per_stream;
-  const int64_t i = (rs / 2) % pr.positions();
-  return !(rs % 2 == 1 && i >= pr.p.num_draft);
+  const int64_t b = (rs / 2) / pr.positions(), i = (rs / 2) % pr.positions();
+  const int64_t num_draft = pr.num_draft(b);
+  return i <= num_draft && !(rs % 2 == 1 && i == num_draft);
 }
 
 // Block-local histograms live in shared memory as a TruncHist: cleared, filled with integer
@@ -1547,7 +1558,7 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
   const VerifyParams<T>& p = pr.p;
   PositionInfo out{true, false, 0.0, 0.0, 0.0, 0.0, 0.0, KeptSet::all(), KeptSet::all(), -1};
   const int64_t row_position = b * pr.positions() + i;
-  const bool has_proposal = i < p.num_draft;
+  const bool has_proposal = i < pr.num_draft(b);
   const T* q = pr.target_row(b, i);
   const T* r = pr.draft_row(b, i);
   const T* d = pr.ref_row(b, i);
@@ -1615,26 +1626,31 @@ struct RowDecision {
   PositionInfo at_j;
 };
 
-// Derives the row's decisions (one warp per position); when `write` is set, also writes
-// num_accepted, log_z and the tokens except the one drawn at j (accepted drafts, the greedy
-// token, -1 after; all -1 for an invalid row).
+// Derives the row's decisions (one warp per position up to the row's bonus position n); when
+// `write` is set, also writes num_accepted, log_z (0 past n) and the tokens except the one
+// drawn at j (accepted drafts, the greedy token, -1 after; all -1 for an invalid row).
 template <typename T, int kThreads>
 __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecision& out, const ExpTable& table) {
   constexpr int kWarps = kThreads / kWarp;
   const VerifyParams<T>& p = pr.p;
   const int64_t positions = pr.positions();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t num_draft = pr.num_draft(b);
   if (threadIdx.x == 0) {
-    out.first_rejection = static_cast<int>(p.num_draft);
-    out.invalid = 0;
+    out.first_rejection = static_cast<int>(num_draft);
+    out.invalid = !p.valid_row_draft(p.row_draft(b));
   }
   __syncthreads();
   for (int64_t i = warp; i < positions; i += kWarps) {
+    if (i > num_draft) {  // warp-uniform: never read
+      if (write && lane == 0) p.log_z[b * positions + i] = 0.0f;
+      continue;
+    }
     const Combined combined = combine_partials(pr, b * positions + i, table);
     if (lane != 0) continue;
     const PositionInfo info = position_info(pr, b, i, combined);
     if (!info.valid) atomicOr(&out.invalid, 1);
-    if (i < p.num_draft && !info.accept) atomicMin(&out.first_rejection, static_cast<int>(i));
+    if (i < num_draft && !info.accept) atomicMin(&out.first_rejection, static_cast<int>(i));
     if (write) p.log_z[b * positions + i] = static_cast<float>(info.log_z);
   }
   __syncthreads();
@@ -1670,12 +1686,12 @@ struct DrawRow {
   int skew_q, skew_r, skew_d;
   int64_t vocab;
   ScoreParams sp;
-  bool residual;  // j < num_draft
+  bool residual;  // j < the row's draft count
   double log_z;   // paper mode: log Z; exact mode: 0
   PositionInfo info;
 
   __device__ __forceinline__ DrawRow(const Problem<T>& pr, int64_t b, int64_t j, const PositionInfo& at_j) {
-    residual = j < pr.p.num_draft;
+    residual = j < pr.num_draft(b);
     q = pr.target_row(b, j);
     r = (pr.tilt || residual) ? pr.draft_row(b, j) : nullptr;
     d = pr.tilt ? pr.ref_row(b, j) : nullptr;
@@ -1787,7 +1803,7 @@ __device__ void draw_token(const Problem<T>& pr, int64_t b, const DrawRow<T>& ro
     const int kind = residual_total > 0.0 ? 0 : 1;
     double total = 0.0;
     for (int c = 0; c < pr.draw_splits; ++c) total += __ldcg(&chunks[c].total[kind]);
-    const double u = pr.uniform(b, p.num_draft);
+    const double u = pr.uniform(b, pr.num_draft(b));
     const double threshold = __dmul_rn(u, total);
     double prefix = 0.0;
     int selected = -1;

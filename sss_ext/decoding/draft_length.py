@@ -1,0 +1,183 @@
+"""Per-row draft lengths for speculative rounds: the fixed ``K`` or an adaptive choice.
+
+The adaptive policy keeps, per row, the accepted drafts and the rejections it has seen
+(with a prior worth ``PRIOR_ROUNDS`` rounds at acceptance ``PRIOR_ACCEPTANCE``). Under a
+geometric model where each draft is accepted with the row's rate ``alpha`` until the first
+rejection, ``k`` drafts emit ``E[accepted + 1] = (1 - alpha**(k+1)) / (1 - alpha)``
+tokens. The batch's draft steps and verifying forwards run ``K' = max_b k_b`` positions for
+every row, so a row verifying fewer than ``K'`` would save nothing and lose tokens: the
+policy picks one ``K'`` per round, the one with the most expected tokens of all rows per
+unit round cost (for one row: that row's own best ``k``), and each row verifies
+``min(K', its remaining budget - 1)``. A round costs ``(k + extra) * c_draft + c_round + c_position * (k + 1)``
+(``extra``: draft steps run whatever ``k`` is, 1 for SSS's ``zr[k]``; ``c_round +
+c_position * width``: the rest of the round, verifying forward(s) over ``width = k + 1``
+positions, the op, cache rollback and bookkeeping), ``k`` in ``[1, num_draft_tokens]``. With
+``SamplingConfig.draft_cost_ratio`` the costs are ``(ratio, 1, 0)``; when that is None they
+are measured from the run's own wall-clock times: the mean time of a draft step, and a
+least-squares line of the rest of the round against its width, both over the recent rounds
+(weights decaying by ``COST_DECAY`` per round).
+
+Any ``k`` fixed before a round's drafts are drawn keeps the output law (each round is an
+exact speculative round with that row's ``k``, docs/algorithm.md §6), so the policy changes
+speed only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+PRIOR_ACCEPTANCE = 0.5
+PRIOR_ROUNDS = 2.0
+# Weight of a round's timings in the measured costs, per later round.
+COST_DECAY = 0.8
+
+
+def expected_tokens(acceptance: torch.Tensor, num_draft_tokens: torch.Tensor) -> torch.Tensor:
+    """``E[accepted + 1]`` of a round of ``k`` drafts each accepted with probability ``alpha``.
+
+    Shape
+    -----
+    acceptance: (B, 1); num_draft_tokens: (N,) -> (B, N)
+    """
+    powers = acceptance ** (num_draft_tokens + 1).to(acceptance.dtype)
+    geometric = (1.0 - powers) / (1.0 - acceptance).clamp(min=1e-12)
+    return torch.where(acceptance >= 1.0, (num_draft_tokens + 1).to(acceptance.dtype), geometric)
+
+
+def best_draft_length(acceptance: torch.Tensor, max_draft_tokens: int, costs: tuple[float, float, float],
+                      extra_draft_steps: int) -> int:
+    """The ``k`` in ``[1, max_draft_tokens]`` maximising the rows' expected tokens per unit round cost.
+
+    Parameters
+    ----------
+    acceptance : torch.Tensor
+        float64 per-row acceptance rates in ``[0, 1]``.
+    max_draft_tokens : int
+        Largest ``k`` (``>= 1``).
+    costs : (float, float, float)
+        ``(c_draft, c_round, c_position)``, each ``>= 0`` with ``c_round + c_position > 0``:
+        a draft step, the fixed rest of a round, and each verified position.
+    extra_draft_steps : int
+        Draft steps a round runs besides its ``k`` proposals.
+
+    Shape
+    -----
+    acceptance: (B,), B >= 1
+    """
+    draft_cost, round_cost, position_cost = costs
+    lengths = torch.arange(1, max_draft_tokens + 1, dtype=torch.int64, device=acceptance.device)
+    tokens = expected_tokens(acceptance[:, None], lengths).sum(dim=0)  # (max_draft_tokens,)
+    steps = lengths.to(torch.float64)
+    cost = (steps + extra_draft_steps) * draft_cost + round_cost + (steps + 1.0) * position_cost
+    # argmax picks the first maximum: the shortest k among equals
+    return int(lengths[torch.argmax(tokens / cost)])
+
+
+class DraftLengths:
+    """Draft tokens per row for each round.
+
+    Parameters
+    ----------
+    config : SamplingConfig
+        ``num_draft_tokens`` (``K``), ``draft_length_policy``, ``draft_cost_ratio``.
+    batch_size : int
+        Rows at the start of the run.
+    extra_draft_steps : int
+        Draft steps a round runs besides its proposals (1 for SSS, 0 for standard SD).
+    device : torch.device
+
+    Shape
+    -----
+    accepted, rejected: (B,) float64 counts of the active rows (prior included)
+    """
+
+    def __init__(self, config, batch_size: int, extra_draft_steps: int, device):
+        self.max_draft_tokens = config.num_draft_tokens
+        self.adaptive = config.draft_length_policy == "adaptive"
+        self.fixed_ratio = config.draft_cost_ratio
+        self.extra_draft_steps = extra_draft_steps
+        # decayed sums over rounds: weight, draft seconds per step, width, rest seconds, width^2, width * rest
+        self._sums = [0.0] * 6
+        self.accepted = torch.full((batch_size,), PRIOR_ACCEPTANCE * PRIOR_ROUNDS, dtype=torch.float64, device=device)
+        self.rejected = torch.full((batch_size,), (1.0 - PRIOR_ACCEPTANCE) * PRIOR_ROUNDS, dtype=torch.float64, device=device)
+        self._start = None
+        self._draft_seconds = 0.0
+        self._draft_steps = 0
+
+    @property
+    def acceptance(self) -> torch.Tensor:
+        """Per-row acceptance estimate. Shape: -> (B,) float64"""
+        return self.accepted / (self.accepted + self.rejected)
+
+    @property
+    def costs(self) -> tuple[float, float, float]:
+        """``(c_draft, c_round, c_position)``: given by the ratio, else measured (``(0, 1, 0)`` before any round)."""
+        if self.fixed_ratio is not None:
+            return self.fixed_ratio, 1.0, 0.0
+        weight, draft, width, rest, width_squared, width_rest = self._sums
+        if weight == 0.0:
+            return 0.0, 1.0, 0.0
+        mean_width, mean_rest = width / weight, rest / weight
+        variance = width_squared / weight - mean_width**2
+        slope = (width_rest / weight - mean_width * mean_rest) / variance if variance > 1e-9 else 0.0
+        slope = max(slope, 0.0)
+        intercept = mean_rest - slope * mean_width
+        if intercept < 0.0:  # proportional to the width
+            intercept, slope = 0.0, width_rest / width_squared
+        return draft / weight, intercept, slope
+
+    def choose(self, remaining: torch.Tensor) -> torch.Tensor:
+        """Per-row draft counts of the next round: ``min(K', remaining - 1)`` with ``K' = K`` (fixed
+        policy) or the adaptive choice, so no row drafts past its own budget.
+
+        Shape
+        -----
+        remaining: (B,) tokens each row may still emit -> (B,) int64 in [0, K]
+        """
+        length = self.max_draft_tokens
+        if self.adaptive:
+            length = best_draft_length(self.acceptance, self.max_draft_tokens, self.costs, self.extra_draft_steps)
+        return (remaining - 1).clamp(min=0, max=length)
+
+    def update(self, num_draft_tokens: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """Counts a round: ``num_accepted`` of ``num_draft_tokens`` drafts, a rejection when short.
+
+        Shape
+        -----
+        num_draft_tokens, num_accepted: (B,) int64
+        """
+        if not self.adaptive:
+            return
+        self.accepted += num_accepted.to(torch.float64)
+        self.rejected += (num_accepted < num_draft_tokens).to(torch.float64)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the rows that stay in the batch. Shape: rows (B',) int64"""
+        self.accepted = self.accepted[rows]
+        self.rejected = self.rejected[rows]
+
+    # Cost measurement: wall time of a round's draft steps and of the rest of the round.
+    def start(self) -> None:
+        """The round begins (its draft steps come first)."""
+        if self.adaptive and self.fixed_ratio is None:
+            self._start = time.perf_counter()
+
+    def drafted(self, steps: int) -> None:
+        """The round's ``steps`` draft steps are done."""
+        if self._start is not None:
+            now = time.perf_counter()
+            self._draft_seconds, self._draft_steps, self._start = now - self._start, steps, now
+
+    def finished(self, width: int) -> None:
+        """The round, which verified ``width`` positions, is done: update the measured costs."""
+        if self._start is None:
+            return
+        rest_seconds = time.perf_counter() - self._start
+        self._start = None
+        if self._draft_steps == 0:
+            return
+        step_seconds = self._draft_seconds / self._draft_steps
+        new = (1.0, step_seconds, width, rest_seconds, width * width, width * rest_seconds)
+        self._sums = [COST_DECAY * old + value for old, value in zip(self._sums, new)]
