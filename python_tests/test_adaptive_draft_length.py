@@ -83,7 +83,8 @@ def test_policy_counts_rejections_only_when_short():
     assert after[0] > before[0] and after[2] < before[2]
     choice = lengths.choose(torch.tensor([10, 10, 2]))
     assert choice[0] == choice[1] >= 1 and choice[2] == 1  # one K' for the batch, capped by the remaining budget
-    assert DraftLengths(SamplingConfig(num_draft_tokens=4), 3, 1, "cpu").choose(torch.tensor([10, 10, 2])) is None
+    fixed = DraftLengths(SamplingConfig(num_draft_tokens=4), 3, 1, "cpu")
+    assert fixed.choose(torch.tensor([10, 10, 2])).tolist() == [4, 4, 1]  # K, capped by each row's budget
 
 
 def mean_drafts_per_round(out) -> float:

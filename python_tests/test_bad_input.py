@@ -92,7 +92,7 @@ def test_registered_op_checks_in_cpp(case_id, mutate, pattern):
     k = bad_kwargs(mutate)
     with pytest.raises((ValueError, RuntimeError), match=pattern):
         torch.ops.sss_ext.verify(k["target_logits"], k["draft_logits"], k["draft_tokens"], k["ref_logits"], k["uniforms"],
-                                 k["temperature"], k["top_k"], k["top_p"], k["shift"], k["mode"], k["top_k_ties"])
+                                 k["temperature"], k["top_k"], k["top_p"], k["shift"], k["mode"], top_k_ties=k["top_k_ties"])
 
 
 def test_disjoint_masks_leave_no_tilted_support():

@@ -313,4 +313,5 @@ def summed_stats(records: Sequence[dict]) -> dict:
     return total
 
 
-_COUNTERS = tuple(field.name for field in fields(GenerationStats))
+#: the summable fields of GenerationStats (the importance-weight summaries of sss-sir are per prompt, not sums)
+_COUNTERS = tuple(field.name for field in fields(GenerationStats) if field.default is not None)
