@@ -161,3 +161,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def save_tiny_models(root) -> dict:
+    """The tiny target / draft / reference (vocabulary 12, EOS 1) and a word tokenizer saved under
+    ``root``: ``{"target", "draft", "ref"}`` -> directory, as the command line loads them."""
+    tokenizer = word_tokenizer(12)
+    paths = {}
+    for name, model in zip(("target", "draft", "ref"), trio(12)):
+        model.config.eos_token_id = 1
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sss_ext
-from decoding_helpers import chi_square_pvalue, count_sequences, sequence_law, tilted_probs, tiny_llama, trio
+from decoding_helpers import chi_square_pvalue, count_sequences, one_thread, sequence_law, tilted_probs, tiny_llama, trio  # noqa: F401
 from sss_ext.decoding.config import SamplingConfig
 from sss_ext.decoding import draft_length
 from sss_ext.decoding.draft_length import DraftLengths, best_draft_length, expected_tokens
@@ -15,14 +15,6 @@ VOCAB, LENGTH, ROWS, EOS = 8, 3, 24000, 0
 PROMPT = [1, 2]
 ALPHA = 0.01
 ADAPTIVE = dict(draft_length_policy="adaptive", draft_cost_ratio=0.1)  # a fixed ratio: reproducible runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

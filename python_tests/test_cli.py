@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from sss_ext import cli
-from decoding_helpers import trio, word_tokenizer
+from decoding_helpers import save_tiny_models, trio, word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = word_tokenizer(12)
-    paths = {}
-    for name, model in zip(("target", "draft", "ref"), trio(12)):
-        model.config.eos_token_id = 1
-        path = root / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = str(path)
-    return paths
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

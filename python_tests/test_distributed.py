@@ -12,7 +12,7 @@ import sss_ext
 from sss_ext import cli
 from sss_ext.distributed import (DistributedGenerationError, DistributedSession, gather_results, generate_sharded,
                                  shard_indices, summed_stats)
-from decoding_helpers import trio, word_tokenizer
+from decoding_helpers import save_tiny_models, trio
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["w2 w3 w4", "w5", "w6 w7", "w8 w9 w10 w2", "w3", "w4 w4", "w11 w5", "w7", "w9 w2 w3"]
@@ -21,15 +21,7 @@ TORCHRUN_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = word_tokenizer(12)
-    paths = {}
-    for name, model in zip(("target", "draft", "ref"), trio(12)):
-        model.config.eos_token_id = 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        paths[name] = str(root / name)
-    return paths
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def _prompts_file(path: Path, lines) -> Path:
