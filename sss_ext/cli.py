@@ -36,7 +36,7 @@ import re
 import sys
 
 from .checks import TOP_K_TIES
-from .decoding.config import SamplingConfig
+from .decoding.config import DRAFT_LENGTH_POLICIES, SamplingConfig
 from .decoding.methods import METHODS, get_method
 from .distributed import DistributedGenerationError, DistributedSession, generate_sharded
 
@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--method", default="sss", choices=tuple(METHODS), help="decoding method")
     sampling.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens generated per prompt at most")
     sampling.add_argument("--num-draft-tokens", type=int, default=defaults.num_draft_tokens, help="K, draft tokens per speculative round")
+    sampling.add_argument("--draft-length-policy", default=defaults.draft_length_policy, choices=DRAFT_LENGTH_POLICIES,
+                          help="fixed: K drafts every round; adaptive: K' in [1, K] from the rows' acceptance and the costs")
+    sampling.add_argument("--draft-cost-ratio", type=float, default=defaults.draft_cost_ratio, metavar="RATIO",
+                          help="adaptive policy: cost of a draft step / a target round; default: measured")
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 is greedy")
     sampling.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 disables")
     sampling.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 disables")
