@@ -63,12 +63,13 @@ def test_aligned_draft_beats_reference_on_proxy_reward():
 
     m = load_default(gold=False)
     rows = [json.loads(line)["prompt"] for line in open(PROMPTS_DIR / "train.jsonl")]
-    prompts = rows[-48:]  # the DPO script's held-out tail
+    held_out, copies = rows[-48:], 4  # the DPO script's held-out tail, 4 samples of each prompt
+    prompts = held_out * copies
     cfg = sss_ext.SamplingConfig(max_new_tokens=16, temperature=1.0, seed=123, ignore_eos=True)
     scores = {}
     for name, model in (("d", m.ref_draft), ("r", m.draft)):
         out = sss_ext.generate(None, model, prompts, tokenizer=m.tokenizer, method="draft", config=cfg)
         scores[name] = m.proxy_reward([p + t for p, t in zip(prompts, out.texts)])
-    gain = scores["r"] - scores["d"]
+    gain = (scores["r"] - scores["d"]).view(copies, len(held_out)).mean(0)  # (48,) per-prompt mean gain
     se = float(gain.std() / math.sqrt(len(gain)))
     assert float(gain.mean()) > 2 * se, (float(gain.mean()), se)
