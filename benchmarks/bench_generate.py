@@ -114,45 +114,57 @@ def prompts_for(batch, vocab_size, seed):
     return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
-def run_cell(models, method, batch, new_tokens, args, timer, **config):
-    """Median (by total time) of ``--repeats`` runs of one cell; times on the benchmark's clock (``timer.clock``).
+def cell_options(models, method, new_tokens, args, **config):
+    """``generate`` keyword arguments of one cell; ``config``: SamplingConfig fields replacing the defaults."""
+    options = dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens, temperature=1.0,
+                   ignore_eos=True, ref_model=models[2] if method == "sss" else None)
+    return {**options, **config}
 
-    ``config``: SamplingConfig fields replacing the cell's defaults (e.g. ``num_draft_tokens``).
-    """
-    target, draft, ref = models
+
+def warm_up(models, method, batch, args, **config):
+    options = {**cell_options(models, method, 8, args, **config), "seed": 99}
+    sss_ext.generate(models[0], models[1], prompts_for(batch, args.vocab_size, seed=batch), **options)
+
+
+def run_once(models, method, batch, new_tokens, args, timer, seed, **config):
+    """One timed ``generate`` of a cell; times on the benchmark's clock (``timer.clock``)."""
     prompts = prompts_for(batch, args.vocab_size, seed=batch)
-    kwargs = {**dict(method=method, max_new_tokens=new_tokens, num_draft_tokens=args.num_draft_tokens,
-                     temperature=1.0, ignore_eos=True), **config}
-    ref_model = ref if method == "sss" else None
-    sss_ext.generate(target, draft, prompts, ref_model=ref_model, **{**kwargs, "max_new_tokens": 8}, seed=99)  # warm-up
-    wall_clock = args.threads > 1
-    rows = []
-    for repeat in range(args.repeats):
-        timer.reset()
-        start = timer.clock()
-        out = sss_ext.generate(target, draft, prompts, ref_model=ref_model, seed=repeat, observer=timer, **kwargs)
-        seconds = timer.clock() - start
-        forward = timer.forward_seconds
-        forward_total = sum(forward.values())
-        ops_seconds = timer.op_seconds
-        python_loop = seconds - forward_total - ops_seconds
-        total = out.stats.total
-        rows.append({
-            "method": method, "batch_size": batch, "new_tokens_per_row": new_tokens, "threads": args.threads,
-            "clock": "wall" if wall_clock else "thread_cpu", "seconds": seconds,
-            "tokens_per_s": total.new_tokens / seconds,
-            "target_calls": total.target_calls, "target_calls_per_token": total.target_calls / (total.new_tokens / batch),
-            "acceptance_rate": total.acceptance_rate if total.proposed_drafts else float("nan"),
-            "mean_accepted_length": total.mean_accepted_length if total.rounds else float("nan"),
-            "drafts_per_round": total.proposed_drafts / total.rounds if total.rounds else float("nan"),
-            "forward_target_s": forward["target"], "forward_draft_s": forward["draft"], "forward_ref_s": forward["ref"],
-            "sampler_ops_s": ops_seconds, "python_loop_s": python_loop,
-            "sampler_ops_pct": 100.0 * ops_seconds / forward_total,
-            "python_loop_pct": 100.0 * python_loop / forward_total,
-            "overhead_pct": 100.0 * (seconds - forward_total) / forward_total,
-        })
-    rows.sort(key=lambda r: r["seconds"])
-    return rows[len(rows) // 2]
+    timer.reset()
+    start = timer.clock()
+    out = sss_ext.generate(models[0], models[1], prompts, seed=seed, observer=timer,
+                           **cell_options(models, method, new_tokens, args, **config))
+    seconds = timer.clock() - start
+    forward = timer.forward_seconds
+    forward_total = sum(forward.values())
+    ops_seconds = timer.op_seconds
+    python_loop = seconds - forward_total - ops_seconds
+    total = out.stats.total
+    return {
+        "method": method, "batch_size": batch, "new_tokens_per_row": new_tokens, "threads": args.threads,
+        "clock": "wall" if args.threads > 1 else "thread_cpu", "seconds": seconds,
+        "tokens_per_s": total.new_tokens / seconds,
+        "target_calls": total.target_calls, "target_calls_per_token": total.target_calls / (total.new_tokens / batch),
+        "acceptance_rate": total.acceptance_rate if total.proposed_drafts else float("nan"),
+        "mean_accepted_length": total.mean_accepted_length if total.rounds else float("nan"),
+        "drafts_per_round": total.proposed_drafts / total.rounds if total.rounds else float("nan"),
+        "forward_target_s": forward["target"], "forward_draft_s": forward["draft"], "forward_ref_s": forward["ref"],
+        "sampler_ops_s": ops_seconds, "python_loop_s": python_loop,
+        "sampler_ops_pct": 100.0 * ops_seconds / forward_total,
+        "python_loop_pct": 100.0 * python_loop / forward_total,
+        "overhead_pct": 100.0 * (seconds - forward_total) / forward_total,
+    }
+
+
+def median_run(rows):
+    """The run of median total time."""
+    return sorted(rows, key=lambda r: r["seconds"])[len(rows) // 2]
+
+
+def run_cell(models, method, batch, new_tokens, args, timer, **config):
+    """Median (by total time) of ``--repeats`` runs of one cell."""
+    warm_up(models, method, batch, args, **config)
+    return median_run([run_once(models, method, batch, new_tokens, args, timer, repeat, **config)
+                       for repeat in range(args.repeats)])
 
 
 def profile_cell(models, method, batch, new_tokens, args) -> str:
@@ -251,12 +263,29 @@ def machine_lines(args):
     return [
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} intra-op thread(s); load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
-        f"- command: `python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python {os.path.relpath(sys.argv[0])} {' '.join(sys.argv[1:])}`",
     ]
 
 
+def paired_summary(method, batch, cells, runs):
+    """A line comparing the adaptive policy (the last cell) with the best fixed K, repeat by repeat."""
+    best, adaptive = max(cells[:-1], key=lambda r: r["tokens_per_s"]), cells[-1]
+    ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[adaptive["policy"]], runs[best["policy"]]))
+    median = ratios[len(ratios) // 2]
+    verdict = ("ahead beyond noise" if ratios[0] > 1.0 else "behind beyond noise" if ratios[-1] < 1.0 else "within noise")
+    return (f"- {method} batch {batch}: adaptive {adaptive['tokens_per_s']:.1f} tok/s vs best fixed ({best['policy']}) "
+            f"{best['tokens_per_s']:.1f} tok/s; paired ratio per repeat median {median:.2f}x, range "
+            f"{ratios[0]:.2f}-{ratios[-1]:.2f}x ({verdict}); the slowest fixed "
+            f"{min(r['tokens_per_s'] for r in cells[:-1]):.1f} tok/s")
+
+
 def compare_draft_lengths(args):
-    """Fixed K (``args.draft_lengths``) against the adaptive policy (K at most their maximum), sd and sss."""
+    """Fixed K (``args.draft_lengths``) against the adaptive policy (K at most their maximum), sd and sss.
+
+    The policies of a cell run interleaved, one run of each per repeat (in a rotated order), so a
+    change of the machine's load between runs hits them alike; a repeat's adaptive run is paired
+    with the same repeat's run of the best fixed K (best by median tokens/s).
+    """
     max_draft = max(args.draft_lengths)
     policies = [(f"fixed K={k}", dict(num_draft_tokens=k)) for k in sorted(args.draft_lengths)]
     policies.append((f"adaptive K<={max_draft}", dict(num_draft_tokens=max_draft, draft_length_policy="adaptive")))
@@ -266,30 +295,35 @@ def compare_draft_lengths(args):
         timer = LoopTimer(time.perf_counter if args.threads > 1 else time.thread_time)
         for new_tokens in args.new_tokens:
             lines += [f"## hidden size {hidden_size}, {new_tokens} new tokens per row", "",
-                      "| method | batch | policy | tokens/s | target calls / token | acceptance | drafts / round | wall s |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| method | batch | policy | tokens/s (median) | tokens/s (range) | target calls / token | "
+                      "acceptance | drafts / round | wall s |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             summary = []
             for method in ("sd", "sss"):
                 for batch in (1, 8):
-                    cells = []
+                    runs = {name: [] for name, _ in policies}
                     with torch.no_grad():
-                        for policy, config in policies:
-                            row = {"hidden_size": hidden_size, "policy": policy,
-                                   **run_cell(models, method, batch, new_tokens, args, timer, **config)}
-                            cells.append(row)
-                            print(f"hidden {hidden_size} tokens {new_tokens} {method} batch {batch} {policy:16s}: "
-                                  f"{row['tokens_per_s']:8.1f} tok/s  target calls/token {row['target_calls_per_token']:.3f}  "
-                                  f"drafts/round {row['drafts_per_round']:.2f}", flush=True)
-                    for r in cells:
-                        lines.append(f"| {method} | {batch} | {r['policy']} | {r['tokens_per_s']:.1f} | "
-                                     f"{r['target_calls_per_token']:.3f} | {r['acceptance_rate']:.3f} | "
-                                     f"{r['drafts_per_round']:.2f} | {r['seconds']:.2f} |")
-                    best = max(cells[:-1], key=lambda r: r["tokens_per_s"])
-                    adaptive = cells[-1]
-                    summary.append(f"- {method} batch {batch}: adaptive {adaptive['tokens_per_s']:.1f} tok/s vs best fixed "
-                                   f"({best['policy']}) {best['tokens_per_s']:.1f} tok/s: "
-                                   f"{adaptive['tokens_per_s'] / best['tokens_per_s']:.2f}x; vs the slowest fixed "
-                                   f"{min(r['tokens_per_s'] for r in cells[:-1]):.1f} tok/s")
+                        for name, config in policies:
+                            warm_up(models, method, batch, args, **config)
+                        for repeat in range(args.repeats):
+                            shift = repeat % len(policies)
+                            for name, config in policies[shift:] + policies[:shift]:
+                                runs[name].append(run_once(models, method, batch, new_tokens, args, timer, repeat, **config))
+                    cells = []
+                    for name, _ in policies:
+                        row = {"hidden_size": hidden_size, "policy": name, **median_run(runs[name]),
+                               "tokens_per_s_min": min(r["tokens_per_s"] for r in runs[name]),
+                               "tokens_per_s_max": max(r["tokens_per_s"] for r in runs[name])}
+                        cells.append(row)
+                        print(f"hidden {hidden_size} tokens {new_tokens} {method} batch {batch} {name:16s}: "
+                              f"{row['tokens_per_s']:8.1f} tok/s ({row['tokens_per_s_min']:.1f}-{row['tokens_per_s_max']:.1f})  "
+                              f"target calls/token {row['target_calls_per_token']:.3f}  "
+                              f"drafts/round {row['drafts_per_round']:.2f}", flush=True)
+                        lines.append(f"| {method} | {batch} | {name} | {row['tokens_per_s']:.1f} | "
+                                     f"{row['tokens_per_s_min']:.1f}-{row['tokens_per_s_max']:.1f} | "
+                                     f"{row['target_calls_per_token']:.3f} | {row['acceptance_rate']:.3f} | "
+                                     f"{row['drafts_per_round']:.2f} | {row['seconds']:.2f} |")
+                    summary.append(paired_summary(method, batch, cells, runs))
                     all_rows += cells
             lines += [""] + summary + [""]
     write_csv(os.path.join(args.out, "generate_draft_length_cpu.csv"), all_rows)
@@ -300,8 +334,10 @@ def compare_draft_lengths(args):
         *machine_lines(args),
         f"- models as in `generate_cpu.md` (vocabulary {args.vocab_size}, output head x{args.logit_scale}, "
         f"{args.target_layers}-layer target, 1-layer self-speculative r and d); prompts of 12-20 tokens, EOS ignored, "
-        f"temperature 1, median of {args.repeats} runs; times: {clock}. The adaptive policy measures its costs "
-        "from wall-clock round times",
+        f"temperature 1; {args.repeats} runs of each policy, interleaved (one of each per repeat, rotated order); "
+        f"tokens/s: median and range of the runs; times: {clock}. The adaptive policy measures its costs "
+        "from wall-clock round times. Paired ratio: a repeat's adaptive run over the same repeat's run of the "
+        "best fixed K; 'within noise' when the paired ratios straddle 1",
         "",
     ]
     with open(os.path.join(args.out, "generate_draft_length_cpu.md"), "w") as handle:

@@ -137,6 +137,61 @@ def test_measured_costs_are_used_when_no_ratio_is_given(monkeypatch):
     assert fixed.costs == (0.5, 1.0, 0.0)  # a given ratio is never measured
 
 
+class DeferredClock:
+    """Marks that complete only when released, like CUDA events before the stream reaches them."""
+
+    def __init__(self, times):
+        self.times, self.marks = iter(times), []
+
+    def mark(self):
+        self.marks.append({"time": next(self.times), "done": False})
+        return self.marks[-1]
+
+    def ready(self, mark):
+        return mark["done"]
+
+    def seconds(self, begin, end):
+        return end["time"] - begin["time"]
+
+    def release(self):
+        for mark in self.marks:
+            mark["done"] = True
+
+
+def test_costs_are_read_only_once_the_marks_complete():
+    lengths = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive"), 1, 1, "cpu")
+    lengths._clock = clock = DeferredClock([0.0, 0.2, 1.0, 10.0, 10.4, 11.6, 20.0])
+    lengths.start()
+    lengths.drafted(2)
+    lengths.finished(3)
+    assert lengths.costs == (0.0, 1.0, 0.0)  # not completed: nothing read, nothing waited for
+    clock.release()
+    lengths.start()  # the next round reads the completed one
+    assert lengths.costs == pytest.approx((0.1, 0.8, 0.0))
+    lengths.drafted(4)
+    lengths.finished(5)
+    assert lengths.costs == pytest.approx((0.1, 0.8, 0.0))
+    clock.release()
+    lengths.start()
+    assert lengths.costs[0] == pytest.approx(0.1) and lengths.costs[2] > 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (torch.cuda.is_available() is False)")
+def test_cuda_rounds_are_timed_with_events():
+    lengths = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive"), 1, 1, "cuda")
+    matrix = torch.randn(2048, 2048, device="cuda")
+    lengths.start()
+    matrix @ matrix
+    lengths.drafted(2)
+    for _ in range(4):
+        matrix @ matrix
+    lengths.finished(3)
+    torch.cuda.synchronize()
+    lengths.start()  # reads the completed round
+    draft, rest, _ = lengths.costs
+    assert draft > 0.0 and rest > draft  # four products after the marks, one before
+
+
 def test_costly_positions_shorten_the_drafts():
     acceptance = torch.full((1,), 0.8, dtype=torch.float64)
     cheap = best_draft_length(acceptance, 8, (0.05, 1.0, 0.0), 1)

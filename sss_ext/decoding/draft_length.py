@@ -15,7 +15,9 @@ positions, the op, cache rollback and bookkeeping), ``k`` in ``[1, num_draft_tok
 ``SamplingConfig.draft_cost_ratio`` the costs are ``(ratio, 1, 0)``; when that is None they
 are measured from the run's own wall-clock times: the mean time of a draft step, and a
 least-squares line of the rest of the round against its width, both over the recent rounds
-(weights decaying by ``COST_DECAY`` per round).
+(weights decaying by ``COST_DECAY`` per round). On CUDA the times are CUDA events on the
+current stream, read once a later round's host sync has completed them (the policy adds no
+sync of its own); on CPU they are ``time.perf_counter``.
 
 Any ``k`` fixed before a round's drafts are drawn keeps the output law (each round is an
 exact speculative round with that row's ``k``, docs/algorithm.md §6), so the policy changes
@@ -102,9 +104,10 @@ class DraftLengths:
         self._sums = [0.0] * 6
         self.accepted = torch.full((batch_size,), PRIOR_ACCEPTANCE * PRIOR_ROUNDS, dtype=torch.float64, device=device)
         self.rejected = torch.full((batch_size,), (1.0 - PRIOR_ACCEPTANCE) * PRIOR_ROUNDS, dtype=torch.float64, device=device)
-        self._start = None
-        self._draft_seconds = 0.0
-        self._draft_steps = 0
+        measuring = self.adaptive and self.fixed_ratio is None
+        self._clock = (CudaClock(device) if torch.device(device).type == "cuda" else WallClock()) if measuring else None
+        self._marks = None  # (start, drafted, steps) of the round in progress
+        self._pending = []  # (start, drafted, end, steps, width) of rounds not yet read
 
     @property
     def acceptance(self) -> torch.Tensor:
@@ -158,26 +161,64 @@ class DraftLengths:
         self.accepted = self.accepted[rows]
         self.rejected = self.rejected[rows]
 
-    # Cost measurement: wall time of a round's draft steps and of the rest of the round.
+    # Cost measurement: times of a round's draft steps and of the rest of the round.
     def start(self) -> None:
         """The round begins (its draft steps come first)."""
-        if self.adaptive and self.fixed_ratio is None:
-            self._start = time.perf_counter()
+        if self._clock is not None:
+            self._read_finished_rounds()
+            self._marks = (self._clock.mark(),)
 
     def drafted(self, steps: int) -> None:
         """The round's ``steps`` draft steps are done."""
-        if self._start is not None:
-            now = time.perf_counter()
-            self._draft_seconds, self._draft_steps, self._start = now - self._start, steps, now
+        if self._marks is not None:
+            self._marks = (self._marks[0], self._clock.mark(), steps)
 
     def finished(self, width: int) -> None:
-        """The round, which verified ``width`` positions, is done: update the measured costs."""
-        if self._start is None:
+        """The round, which verified ``width`` positions, is done."""
+        if self._marks is None:
             return
-        rest_seconds = time.perf_counter() - self._start
-        self._start = None
-        if self._draft_steps == 0:
-            return
-        step_seconds = self._draft_seconds / self._draft_steps
-        new = (1.0, step_seconds, width, rest_seconds, width * width, width * rest_seconds)
-        self._sums = [COST_DECAY * old + value for old, value in zip(self._sums, new)]
+        start, drafted, steps = self._marks
+        self._marks = None
+        if steps > 0:
+            self._pending.append((start, drafted, self._clock.mark(), steps, width))
+            self._read_finished_rounds()
+
+    def _read_finished_rounds(self) -> None:
+        """Adds the rounds whose marks have completed to the measured costs."""
+        while self._pending and self._clock.ready(self._pending[0][2]):
+            start, drafted, end, steps, width = self._pending.pop(0)
+            step_seconds = self._clock.seconds(start, drafted) / steps
+            rest_seconds = self._clock.seconds(drafted, end)
+            new = (1.0, step_seconds, width, rest_seconds, width * width, width * rest_seconds)
+            self._sums = [COST_DECAY * old + value for old, value in zip(self._sums, new)]
+
+
+class WallClock:
+    """Host time marks (CPU rounds run synchronously)."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def ready(self, mark: float) -> bool:
+        return True
+
+    def seconds(self, begin: float, end: float) -> float:
+        return end - begin
+
+
+class CudaClock:
+    """CUDA events on the device's current stream: marks cost no sync, and are read once completed."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def ready(self, mark: torch.cuda.Event) -> bool:
+        return mark.query()
+
+    def seconds(self, begin: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        return begin.elapsed_time(end) / 1000.0
