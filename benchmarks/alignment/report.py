@@ -18,14 +18,23 @@ COLUMNS = [
     ("target_tokens_per_prompt", "target tokens", "{:.0f}"),
     ("draft_calls_per_prompt", "draft calls", "{:.1f}"), ("ref_calls_per_prompt", "ref calls", "{:.1f}"),
     ("reward_sequences_per_prompt", "reward seqs", "{:.1f}"), ("wall_s_per_prompt", "wall s", "{:.2f}"),
+    ("target_row_calls_per_token", "target fwd / token", "{:.2f}"), ("tokens_per_s", "tokens/s", "{:.1f}"),
     ("acceptance_rate", "accept", "{:.2f}"), ("mean_abs_z_minus_1", "mean abs(Z-1)", "{:.3f}"),
     ("mean_ess", "mean ESS", "{:.2f}"),
 ]
 
 
+# Columns derived from the per-prompt figures: key -> (numerator, denominator)
+RATIOS = {"target_row_calls_per_token": ("target_row_calls_per_prompt", "new_tokens_per_prompt"),
+          "tokens_per_s": ("new_tokens_per_prompt", "wall_s_per_prompt")}
+
+
 def fmt(row, key, spec):
     if key == "gold_ci":
         return f"[{row['gold_ci95_lo']:.3f}, {row['gold_ci95_hi']:.3f}]"
+    if key in RATIOS:
+        numerator, denominator = (row.get(k) for k in RATIOS[key])
+        return spec.format(numerator / denominator) if numerator is not None and denominator else "–"
     v = row.get(key)
     if v is None:
         return "–"
@@ -53,7 +62,8 @@ def write_outputs(rows, samples, meta, out, no_plots=False):
         w.writerows(rows)
     md = [f"# Alignment benchmark ({n} eval prompts, {length} new tokens, T={temp})", "",
           "Costs are per prompt. `target fwd (rows)`: target forward passes counted per sequence (a batched call over "
-          "N rows counts N); `target calls (batched)`: as `sss_ext.generate` counts them (one batched call = 1). "
+          "N rows counts N); `target calls (batched)`: as `sss_ext.generate` counts them (one batched call = 1); "
+          "`target fwd / token` and `tokens/s` per generated token of a prompt (wall time per prompt). "
           "Gold = MiniLM + logistic head P(positive) (never seen by any sampler); proxy = VADER compound. "
           f"Machine: {meta['machine']} (shared; wall times are noisy).", "", markdown_table(rows), ""]
     (Path(str(out) + ".md")).write_text("\n".join(md))

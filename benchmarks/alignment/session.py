@@ -40,6 +40,9 @@ def report_only(args) -> None:
     meta = dict(st, top_k=0, top_p=1.0, ignore_eos=True, proxy_reward="proxy-vader", gold_reward="gold-minilm-logistic",
                 machine=machine(), models={k: read_manifest().get(k, {}).get(m) for k, m in MODEL_FIGURES},
                 methods_measured=state.get("done", []))
+    written = Path(str(args.out) + ".json")
+    if written.exists():  # the measuring run's machine, load, command and wall time
+        meta = {**meta, **json.loads(written.read_text())["meta"], "methods_measured": meta["methods_measured"]}
     write_outputs(sort_rows(state["rows"]), state.get("samples", {}), meta, args.out, args.no_plots)
 
 
