@@ -85,8 +85,15 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "sss_ext's compiled ops (registered with torch.ops.sss_ext on import).", -1,
-                      methods};
+PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                      "_C",
+                      "sss_ext's compiled ops (registered with torch.ops.sss_ext on import).",
+                      -1,
+                      methods,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr};
 
 }  // namespace
 

@@ -115,9 +115,32 @@ T* output_data(const Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
-// A new uninitialised tensor on the device of `like`.
-inline Tensor empty_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes, ScalarType dtype) {
-  return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
+// A new uninitialised contiguous tensor of 1 or 2 dimensions on the device of `like`. Through
+// the stable C shim's aoti_torch_empty_strided (at::empty_strided) rather than
+// torch::stable::empty, which looks aten::empty up in the dispatcher and calls it boxed on
+// every call (about 5000 more instructions per output, README "ABI").
+// The adapter's output dtypes: int64 ids and counts, float32 log_z, uint8 workspace.
+enum class OutputDtype { kInt64, kFloat32, kUInt8 };
+
+inline int32_t shim_dtype(OutputDtype dtype) {
+  switch (dtype) {
+    case OutputDtype::kInt64: return aoti_torch_dtype_int64();
+    case OutputDtype::kFloat32: return aoti_torch_dtype_float32();
+    case OutputDtype::kUInt8: return aoti_torch_dtype_uint8();
+  }
+  return aoti_torch_dtype_uint8();
+}
+
+inline Tensor empty_on(const Tensor& like, torch::headeronly::IntHeaderOnlyArrayRef sizes, OutputDtype dtype) {
+  STD_TORCH_CHECK(sizes.size() == 1 || sizes.size() == 2, "empty_on: 1 or 2 dimensions, got ", sizes.size());
+  const int64_t strides[] = {sizes.size() == 2 ? sizes[1] : 1, 1};
+  int32_t device_type = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.data(), strides + 2 - sizes.size(),
+      shim_dtype(dtype), device_type, like.get_device_index(), &handle));
+  return Tensor(handle);
 }
 
 template <typename T>
@@ -163,8 +186,8 @@ struct VerifyOutputs {
 inline VerifyOutputs empty_verify_outputs(const VerifyInputs& in) {
   const int64_t rows_positions[] = {in.batch, in.num_draft + 1};
   const int64_t rows[] = {in.batch};
-  return VerifyOutputs{empty_on(in.target, rows_positions, ScalarType::Long), empty_on(in.target, rows, ScalarType::Long),
-                       empty_on(in.target, rows_positions, ScalarType::Float)};
+  return VerifyOutputs{empty_on(in.target, rows_positions, OutputDtype::kInt64),
+                       empty_on(in.target, rows, OutputDtype::kInt64), empty_on(in.target, rows_positions, OutputDtype::kFloat32)};
 }
 
 inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor& draft_logits, const Tensor& draft_tokens,
@@ -286,7 +309,7 @@ inline SampleInputs check_sample_args(const Tensor& logits, const Tensor& unifor
 // (batch,) int64
 inline Tensor empty_sample_tokens(const SampleInputs& in) {
   const int64_t rows[] = {in.batch};
-  return empty_on(in.logits, rows, ScalarType::Long);
+  return empty_on(in.logits, rows, OutputDtype::kInt64);
 }
 
 template <typename T>

@@ -1,5 +1,5 @@
 // CUDA adapter: checks the arguments (bridge.h), guards the device, allocates outputs and
-// workspace with torch::stable::empty and launches the framework-free kernels
+// workspace (bridge.h's empty_on) and launches the framework-free kernels
 // (csrc/kernels/cuda/launch.h) on the current stream, taken from the stable C shim
 // (aoti_torch_get_current_cuda_stream, declared under USE_CUDA, which setup.py defines for
 // the CUDA build). No value checks and no host sync here: invalid rows come back as -1 rows
@@ -37,7 +37,7 @@ void check_launch(cudaError_t status, const char* op) {
 // (max(bytes, 1),) uint8 on the device of `like`
 Tensor workspace(size_t bytes, const Tensor& like) {
   const int64_t size[] = {static_cast<int64_t>(std::max<size_t>(bytes, 1))};
-  return adapter::empty_on(like, size, adapter::ScalarType::Byte);
+  return adapter::empty_on(like, size, adapter::OutputDtype::kUInt8);
 }
 
 // Returns tokens (B, K+1) int64, num_accepted (B,) int64, log_z (B, K+1) float32.
