@@ -41,7 +41,8 @@ copy_sources() {  # the tracked and untracked, not ignored, files of the checkou
 
 # The stable ABI (README "ABI"): the checkout's CPU build, copied as it is next to the
 # sources, must load under this torch and pass registration/opcheck, bad input, ragged verify
-# and the exactness tests against the reference.
+# and the exactness tests against the reference (the float32 sweep at one temperature: every
+# mode, truncation and layout).
 CPU_BUILD=$(ls "$ROOT"/sss_ext/_C*.so 2>/dev/null | head -1 || true)
 [ -n "$CPU_BUILD" ] || { echo "cuda: no CPU build sss_ext/_C*.so in the checkout (stage 1 builds it)" >&2; exit 1; }
 STABLE=$ROOT/build/stable-abi
@@ -52,7 +53,7 @@ cp "$CPU_BUILD" "$STABLE/sss_ext/"
 and not info['cuda'] and info['torch_version'] != torch.__version__, (sss_ext._C.__file__, info)" \
   && "$PY" -m pytest -q -p no:cacheprovider python_tests/test_abi.py python_tests/test_registration.py \
   python_tests/test_bad_input.py python_tests/test_ragged_verify.py python_tests/test_verify_matches_reference.py \
-  -k "(not sweep and not largest) or float32") \
+  -k "not largest and (not sweep or (float32 and 0.7-))") \
   || { echo "cuda: the CPU build of the checkout failed under torch $CUDA_TORCH" >&2; exit 1; }
 
 copy_sources "$WORK"
