@@ -73,3 +73,39 @@ def test_info_names_the_abi():
     assert f"LibTorch stable ABI, serves torch >= {TARGET_TORCH}" in output, output
     assert f"CPython limited API (abi3), Python >= {LIMITED_PYTHON}" in output, output
     assert f"running torch {torch.__version__}" in output, output
+
+
+def _verify_op(target=None, draft=None, tokens=None, uniforms=None, **overrides):
+    batch, num_draft, vocab = 2, 2, 4
+    target = torch.zeros(batch, num_draft + 1, vocab) if target is None else target
+    args = dict(target_logits=target, draft_logits=target if draft is None else draft,
+                draft_tokens=torch.zeros(batch, num_draft, dtype=torch.long) if tokens is None else tokens, ref_logits=None,
+                uniforms=torch.full((batch, num_draft + 1), 0.5, dtype=torch.float64) if uniforms is None else uniforms,
+                temperature=1.0, top_k=0, top_p=1.0, shift=1.0, mode="exact")
+    args.update(overrides)
+    return torch.ops.sss_ext.verify.default(**args)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: _verify_op(target=torch.zeros(3, 4)), "target_logits must be 3-D (B, K+1, V), got shape [3, 4]"),
+        (lambda: _verify_op(target=torch.zeros(2, 3, 4, dtype=torch.float64)),
+         "target_logits must have dtype float32, bfloat16 or float16, got Double"),
+        (lambda: _verify_op(draft=torch.zeros(2, 3, 4, dtype=torch.bfloat16)),
+         "draft_logits must have the dtype of target_logits (Float), got BFloat16"),
+        (lambda: _verify_op(tokens=torch.zeros(2, 2, dtype=torch.int32)), "draft_tokens must be a 2-D int64 tensor (B, K), got Int of shape [2, 2]"),
+        (lambda: _verify_op(ref_logits=torch.zeros(2, 2, 4)), "ref_logits must have shape (B, K+1, V) = [2, 3, 4], got [2, 2, 4]"),
+        (lambda: _verify_op(uniforms=torch.full((2, 3), 0.5, dtype=torch.float16)),
+         "uniforms must be a float64 tensor of shape (B, K+1) = (2, 3), got Half of shape [2, 3]"),
+        (lambda: _verify_op(top_k_ties="most"), "top_k_ties must be 'keep' or 'exact-k', got 'most'"),
+        (lambda: _verify_op(temperature=float("nan")), "temperature must be a finite float >= 0, got nan"),
+        (lambda: _verify_op(tokens=torch.tensor([[0, 9], [0, 0]])), "draft_tokens must hold token ids in [0, 4), found 9 at (0, 1)"),
+    ],
+    ids=["rank", "dtype", "dtype-mismatch", "draft-tokens", "ref-shape", "uniforms", "ties", "temperature", "kernel-error"],
+)
+def test_errors_keep_their_text(call, message):
+    """The stable-ABI adapter formats sizes, dtypes and numbers as the ATen adapter did (ValueError, exact text)."""
+    with pytest.raises(ValueError) as raised:
+        call()
+    assert str(raised.value) == message
