@@ -6,8 +6,9 @@ visible GPU. Override with ``SSS_EXT_CUDA=0`` (never) or ``SSS_EXT_CUDA=1`` (req
 if impossible). The decision is printed and recorded in ``sss_ext._C.build_info()``.
 
 ``_C`` targets the LibTorch stable ABI (``torch/csrc/stable``, ``TORCH_TARGET_VERSION``
-= ``STABLE_ABI_TARGET``) and the CPython limited API (abi3): one build serves every torch from
-the target on and every CPython from the one torch's ``BuildExtension`` sets (README "ABI").
+from ``STABLE_ABI_TARGET``) and the CPython limited API (abi3, ``Py_LIMITED_API`` as torch's
+``BuildExtension`` sets it): one build serves every torch from the target on and every
+CPython from the limited API's version on (README "ABI").
 
 The C++ standard is the installed torch's own (``BuildExtension`` picks it: C++17 up to
 torch 2.13, C++20 from 2.14). CUDA architectures come from ``TORCH_CUDA_ARCH_LIST``; when it
@@ -20,6 +21,7 @@ import os
 
 import torch
 from setuptools import find_packages, setup
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -57,8 +59,9 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 # (major << 56 | minor << 48). Everything the adapter uses exists from 2.10 on.
 STABLE_ABI_TARGET = (2, 10)
 TORCH_TARGET_VERSION = hex(STABLE_ABI_TARGET[0] << 56 | STABLE_ABI_TARGET[1] << 48)
-# The oldest CPython of the abi3 build, as torch's BuildExtension sets Py_LIMITED_API for it.
-PY_LIMITED_API_TAG = "cp310"
+# The oldest CPython of the abi3 build: torch's BuildExtension defines Py_LIMITED_API as
+# min_supported_cpython (0x030A0000: 3.10) for a py_limited_api extension; the wheel tag follows.
+PY_LIMITED_API_TAG = f"cp3{int(cpp_extension.min_supported_cpython[4:6], 16)}"
 
 
 def cuda_archs():
@@ -108,8 +111,8 @@ if with_cuda:
         py_limited_api=True,
     )
 else:
-    extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"] + sanitize_link,
-                             py_limited_api=True)
+    extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags,
+                             extra_link_args=["-fopenmp"] + sanitize_link, py_limited_api=True)
 
 # Metadata, dependencies and package data: pyproject.toml.
 setup(
