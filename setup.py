@@ -5,6 +5,11 @@ build (``torch.version.cuda``) and a toolkit is found (``CUDA_HOME``), never bas
 visible GPU. Override with ``SSS_EXT_CUDA=0`` (never) or ``SSS_EXT_CUDA=1`` (required: fail
 if impossible). The decision is printed and recorded in ``sss_ext._C.build_info()``.
 
+``_C`` targets the LibTorch stable ABI (``torch/csrc/stable``, ``TORCH_TARGET_VERSION``
+from ``STABLE_ABI_TARGET``) and the CPython limited API (abi3, ``Py_LIMITED_API`` as torch's
+``BuildExtension`` sets it): one build serves every torch from the target on and every
+CPython from the limited API's version on (README "ABI").
+
 The C++ standard is the installed torch's own (``BuildExtension`` picks it: C++17 up to
 torch 2.13, C++20 from 2.14). CUDA architectures come from ``TORCH_CUDA_ARCH_LIST``; when it
 is unset, the visible GPUs decide (torch's rule) and with none visible the build targets
@@ -16,6 +21,7 @@ import os
 
 import torch
 from setuptools import find_packages, setup
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +55,14 @@ def kernel_files(suffixes):
 
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
+# The oldest torch the stable-ABI build serves: TORCH_TARGET_VERSION as the headers encode it
+# (major << 56 | minor << 48). Everything the adapter uses exists from 2.10 on.
+STABLE_ABI_TARGET = (2, 10)
+TORCH_TARGET_VERSION = hex(STABLE_ABI_TARGET[0] << 56 | STABLE_ABI_TARGET[1] << 48)
+# The oldest CPython of the abi3 build: torch's BuildExtension defines Py_LIMITED_API as
+# min_supported_cpython (0x030A0000: 3.10) for a py_limited_api extension; the wheel tag follows.
+PY_LIMITED_API_TAG = f"cp3{int(cpp_extension.min_supported_cpython[4:6], 16)}"
+
 
 def cuda_archs():
     """TORCH_CUDA_ARCH_LIST if set, else the visible GPUs', else DEFAULT_CUDA_ARCHS; sets the variable."""
@@ -73,16 +87,20 @@ print(f"sss_ext: building CPU kernels{' and CUDA kernels' if with_cuda else ' on
 if with_cuda:
     print(f"sss_ext: CUDA architectures: {cuda_archs()}")
     CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
+print(f"sss_ext: ABI: LibTorch stable ABI, TORCH_TARGET_VERSION={TORCH_TARGET_VERSION} (torch >= "
+      f"{STABLE_ABI_TARGET[0]}.{STABLE_ABI_TARGET[1]}), CPython limited API (abi3, {PY_LIMITED_API_TAG}+)")
 sanitize_compile, sanitize_link = sanitize_flags()
 if sanitize_compile:
     print(f"sss_ext: sanitizers on: {' '.join(sanitize_compile)}")
 
-cxx_flags = sanitize_compile + ["-O3", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
-macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+# -fvisibility=hidden: the stable headers hide their namespaces; _C exports PyInit__C only.
+cxx_flags = sanitize_compile + ["-O3", "-fvisibility=hidden", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
+macros = [("SSS_EXT_TORCH_VERSION", f'"{torch.__version__}"'), ("TORCH_TARGET_VERSION", TORCH_TARGET_VERSION)]
 ext_sources = sources("csrc/ops.cpp") + sources("csrc/adapter/ops_cpu.cpp")
 if with_cuda:
     ext_sources += sources("csrc/adapter/ops_cuda.cpp") + kernel_files(".cu")
-    macros += [("SSS_EXT_WITH_CUDA", None), ("SSS_EXT_CUDA_VERSION", f'"{torch.version.cuda}"'),
+    # USE_CUDA: the stable C shim declares aoti_torch_get_current_cuda_stream under it.
+    macros += [("USE_CUDA", None), ("SSS_EXT_WITH_CUDA", None), ("SSS_EXT_CUDA_VERSION", f'"{torch.version.cuda}"'),
                ("SSS_EXT_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
     extension = CUDAExtension(
         "sss_ext._C",
@@ -90,13 +108,16 @@ if with_cuda:
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false", "-lineinfo"]},
         extra_link_args=["-fopenmp"] + sanitize_link,
+        py_limited_api=True,
     )
 else:
-    extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"] + sanitize_link)
+    extension = CppExtension("sss_ext._C", ext_sources, define_macros=macros, extra_compile_args=cxx_flags,
+                             extra_link_args=["-fopenmp"] + sanitize_link, py_limited_api=True)
 
 # Metadata, dependencies and package data: pyproject.toml.
 setup(
     packages=find_packages(include=["sss_ext", "sss_ext.*"]),
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API_TAG}},
 )

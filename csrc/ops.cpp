@@ -1,9 +1,13 @@
-// Schemas of the sss_ext op family (one TORCH_LIBRARY block) and the Python module that
-// loads them. Device implementations: csrc/adapter/ops_cpu.cpp, csrc/adapter/ops_cuda.cpp.
-#include <torch/extension.h>
-#include <torch/library.h>
+// Schemas of the sss_ext op family (one STABLE_TORCH_LIBRARY block) and the Python module that
+// loads them: a CPython limited-API (abi3) module whose one function, build_info(), reports
+// what the build was compiled with. Device implementations: csrc/adapter/ops_cpu.cpp,
+// csrc/adapter/ops_cuda.cpp.
+#include <Python.h>
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(sss_ext, m) {
+#include <string>
+
+STABLE_TORCH_LIBRARY(sss_ext, m) {
   // One SSS verification round. logits: (B, K+1, V); draft_tokens: (B, K); uniforms: (B, K+1);
   // num_draft_tokens: (B,) in [0, K], None for K in every row (ragged layout: README "Ragged drafts").
   // Returns tokens (B, K+1), num_accepted (B,), log_z (B, K+1).
@@ -15,22 +19,82 @@ TORCH_LIBRARY(sss_ext, m) {
   m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, str top_k_ties=\"keep\") -> Tensor");
 }
 
-PYBIND11_MODULE(_C, m) {
-  m.def("build_info", [] {
-    pybind11::dict info;
-#ifdef SSS_EXT_WITH_CUDA
-    info["cuda"] = true;
-    info["cuda_version"] = SSS_EXT_CUDA_VERSION;
-    info["cuda_archs"] = SSS_EXT_CUDA_ARCHS;
-    info["cuda_kernels"] = pybind11::make_tuple("verify", "sample");
-#else
-    info["cuda"] = false;
-    info["cuda_version"] = pybind11::none();
-    info["cuda_archs"] = pybind11::none();
-    info["cuda_kernels"] = pybind11::make_tuple();
-#endif
-    info["torch_version"] = SSS_EXT_TORCH_VERSION;
-    info["cpu_kernels"] = pybind11::make_tuple("verify", "sample");
-    return info;
-  });
+namespace {
+
+// "major.minor" of a version macro whose top bytes hold major and minor (TORCH_TARGET_VERSION:
+// byte 7 and 6; Py_LIMITED_API: byte 3 and 2).
+std::string major_minor(unsigned long long version, int major_shift) {
+  return std::to_string((version >> major_shift) & 0xff) + "." + std::to_string((version >> (major_shift - 8)) & 0xff);
 }
+
+// Adds key: value to dict, taking the reference to value; false (Python error set) on failure.
+bool set_item(PyObject* dict, const char* key, PyObject* value) {
+  if (value == nullptr) return false;
+  const int status = PyDict_SetItemString(dict, key, value);
+  Py_DECREF(value);
+  return status == 0;
+}
+
+PyObject* string_or_none(const char* value) {
+  if (value == nullptr) Py_RETURN_NONE;
+  return PyUnicode_FromString(value);
+}
+
+PyObject* kernel_names(bool built) { return built ? Py_BuildValue("(ss)", "verify", "sample") : PyTuple_New(0); }
+
+PyObject* build_info(PyObject* /*module*/, PyObject* /*args*/) {
+#ifdef SSS_EXT_WITH_CUDA
+  const bool cuda = true;
+  const char* cuda_version = SSS_EXT_CUDA_VERSION;
+  const char* cuda_archs = SSS_EXT_CUDA_ARCHS;
+#else
+  const bool cuda = false;
+  const char* cuda_version = nullptr;
+  const char* cuda_archs = nullptr;
+#endif
+#ifdef TORCH_TARGET_VERSION
+  const std::string torch_target = major_minor(TORCH_TARGET_VERSION, 56);
+  const char* torch_target_version = torch_target.c_str();
+#else
+  const char* torch_target_version = nullptr;
+#endif
+#ifdef Py_LIMITED_API
+  const std::string limited = major_minor(Py_LIMITED_API, 24);
+  const char* python_limited_api = limited.c_str();
+#else
+  const char* python_limited_api = nullptr;
+#endif
+  PyObject* info = PyDict_New();
+  if (info == nullptr) return nullptr;
+  const bool ok = set_item(info, "cuda", PyBool_FromLong(cuda)) && set_item(info, "cuda_version", string_or_none(cuda_version)) &&
+                  set_item(info, "cuda_archs", string_or_none(cuda_archs)) && set_item(info, "cuda_kernels", kernel_names(cuda)) &&
+                  set_item(info, "torch_version", PyUnicode_FromString(SSS_EXT_TORCH_VERSION)) &&
+                  set_item(info, "torch_target_version", string_or_none(torch_target_version)) &&
+                  set_item(info, "python_limited_api", string_or_none(python_limited_api)) &&
+                  set_item(info, "cpu_kernels", kernel_names(true));
+  if (!ok) {
+    Py_DECREF(info);
+    return nullptr;
+  }
+  return info;
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "What this build was compiled with: CUDA kernels, torch version, stable-ABI target, Python limited API."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                      "_C",
+                      "sss_ext's compiled ops (registered with torch.ops.sss_ext on import).",
+                      -1,
+                      methods,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

@@ -5,6 +5,8 @@
 # visible, reports its CUDA kernels and passes the CPU op tests; the GPU tests skip naming
 # the missing device; benchmarks/gpu_check.sh --dry-run exercises the GPU script's plumbing.
 # CMake builds the kernels without torch (sss_ext::kernels_cuda and the C++ examples).
+# First, one build for several torch releases: the CPU extension of the checkout (built by
+# stage 1 with the torch of .venv) runs the CPU op tests under this venv's torch, unrebuilt.
 #
 #   bash scripts/cuda_build_check.sh     # knobs: CUDA_TORCH (default 2.14.1), TORCH_CUDA_ARCH_LIST (default 9.0)
 set -euo pipefail
@@ -30,16 +32,37 @@ grep -v '^torch==' requirements.txt > "$VENV/requirements-no-torch.txt"
 PY=$VENV/bin/python
 echo "cuda: torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)'), CUDA_HOME=$CUDA_HOME"
 
-rm -rf "$WORK" && mkdir -p "$WORK"
-git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-  [ -e "$f" ] && cp --parents "$f" "$WORK"
-done
+copy_sources() {  # the tracked and untracked, not ignored, files of the checkout into $1
+  rm -rf "$1" && mkdir -p "$1"
+  (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+    [ -e "$f" ] && cp --parents "$f" "$1"
+  done)
+}
+
+# The stable ABI (README "ABI"): the checkout's CPU build, copied as it is next to the
+# sources, must load under this torch and pass registration/opcheck, bad input, ragged verify
+# and the exactness tests against the reference (the float32 sweep at one temperature: every
+# mode, truncation and layout).
+CPU_BUILD=$(ls "$ROOT"/sss_ext/_C*.so 2>/dev/null | head -1 || true)
+[ -n "$CPU_BUILD" ] || { echo "cuda: no CPU build sss_ext/_C*.so in the checkout (stage 1 builds it)" >&2; exit 1; }
+STABLE=$ROOT/build/stable-abi
+copy_sources "$STABLE"
+cp "$CPU_BUILD" "$STABLE/sss_ext/"
+(cd "$STABLE" && "$PY" -m sss_ext.info \
+  && "$PY" -c "import sss_ext, torch; info = sss_ext.BUILD_INFO; assert sss_ext._C.__file__.startswith('$STABLE') \
+and not info['cuda'] and info['torch_version'] != torch.__version__, (sss_ext._C.__file__, info)" \
+  && "$PY" -m pytest -q -p no:cacheprovider python_tests/test_abi.py python_tests/test_registration.py \
+  python_tests/test_bad_input.py python_tests/test_ragged_verify.py python_tests/test_verify_matches_reference.py \
+  -k "not largest and (not sweep or (float32 and 0.7-))") \
+  || { echo "cuda: the CPU build of the checkout failed under torch $CUDA_TORCH" >&2; exit 1; }
+
+copy_sources "$WORK"
 cd "$WORK"
 began=$SECONDS
 if ! "$PY" setup.py build_ext --inplace > build.log 2>&1; then
   tail -40 build.log; echo "cuda: build failed" >&2; exit 1
 fi
-grep -m2 "sss_ext:" build.log
+grep -m3 "sss_ext:" build.log
 if grep -n "warning" build.log; then echo "cuda: the build printed warnings" >&2; exit 1; fi
 echo "cuda: built and linked in $((SECONDS - began)) s"
 

@@ -21,7 +21,7 @@ echo "sanitize: building in $WORK"
 if ! SSS_EXT_SANITIZE=1 SSS_EXT_CUDA=0 "$PY" setup.py build_ext --inplace > build.log 2>&1; then
   tail -30 build.log; echo "sanitize: build failed" >&2; exit 1
 fi
-grep -m1 "sanitizers on" build.log
+grep -m1 "sss_ext: ABI" build.log && grep -m1 "sanitizers on" build.log
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1

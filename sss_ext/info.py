@@ -10,6 +10,8 @@ from .ops import BUILD_INFO
 def describe() -> str:
     lines = [
         f"sss_ext built against torch {BUILD_INFO['torch_version']} (running torch {torch.__version__})",
+        f"ABI: LibTorch stable ABI, serves torch >= {BUILD_INFO['torch_target_version']}; CPython limited API (abi3), "
+        f"Python >= {BUILD_INFO['python_limited_api']}",
         f"CPU kernels: {', '.join(BUILD_INFO['cpu_kernels'])}",
         "CUDA kernels: " + (
             f"{', '.join(BUILD_INFO['cuda_kernels'])} (CUDA {BUILD_INFO['cuda_version']}, architectures "

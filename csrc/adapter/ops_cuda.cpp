@@ -1,13 +1,12 @@
 // CUDA adapter: checks the arguments (bridge.h), guards the device, allocates outputs and
-// workspace with ATen and launches the framework-free kernels (csrc/kernels/cuda/launch.h)
-// on the current stream. No value checks and no host sync here: invalid rows come back as
-// -1 rows (see launch.h), which the Python wrapper turns into the CPU kernels' named error
-// when validate=True. The stream comes from c10/cuda/CUDAStream.h (what
-// at::cuda::getCurrentCUDAStream forwards to) so the adapter needs no cuBLAS/cuSPARSE headers.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// workspace (bridge.h's empty_on) and launches the framework-free kernels
+// (csrc/kernels/cuda/launch.h) on the current stream, taken from the stable C shim
+// (aoti_torch_get_current_cuda_stream, declared under USE_CUDA, which setup.py defines for
+// the CUDA build). No value checks and no host sync here: invalid rows come back as -1 rows
+// (see launch.h), which the Python wrapper turns into the CPU kernels' named error when
+// validate=True. A failed launch raises RuntimeError.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <algorithm>
 
@@ -17,61 +16,76 @@
 namespace sss_ext {
 namespace {
 
+using adapter::Tensor;
+
 void check_cuda_sizes(int64_t vocab) {
-  TORCH_CHECK_VALUE(vocab < (int64_t(1) << 31), "the CUDA kernels need a vocabulary of fewer than 2^31 tokens, got ", vocab);
+  SSS_CHECK_VALUE(vocab < (int64_t(1) << 31), "the CUDA kernels need a vocabulary of fewer than 2^31 tokens, got ", vocab);
 }
 
-at::Tensor workspace(size_t bytes, const at::Tensor& like) {
-  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
+cudaStream_t current_stream(const Tensor& on) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(on.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+                  "sss_ext: could not get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits, const at::Tensor& draft_logits,
-                                                           const at::Tensor& draft_tokens,
-                                                           const std::optional<at::Tensor>& ref_logits,
-                                                           const at::Tensor& uniforms, double temperature, int64_t top_k,
-                                                           double top_p, double shift, c10::string_view mode,
-                                                           const std::optional<at::Tensor>& num_draft_tokens,
-                                                           c10::string_view top_k_ties) {
-  const c10::cuda::CUDAGuard guard(target_logits.device());
+void check_launch(cudaError_t status, const char* op) {
+  STD_TORCH_CHECK(status == cudaSuccess, "sss_ext.", op, ": CUDA launch failed: ", cudaGetErrorName(status), ": ",
+                  cudaGetErrorString(status));
+}
+
+// (max(bytes, 1),) uint8 on the device of `like`
+Tensor workspace(size_t bytes, const Tensor& like) {
+  const int64_t size[] = {static_cast<int64_t>(std::max<size_t>(bytes, 1))};
+  return adapter::empty_on(like, size, adapter::OutputDtype::kUInt8);
+}
+
+// Returns tokens (B, K+1) int64, num_accepted (B,) int64, log_z (B, K+1) float32.
+std::tuple<Tensor, Tensor, Tensor> verify_cuda(const Tensor& target_logits, const Tensor& draft_logits, const Tensor& draft_tokens,
+                                               const std::optional<Tensor>& ref_logits, const Tensor& uniforms, double temperature,
+                                               int64_t top_k, double top_p, double shift, const std::string& mode,
+                                               const std::optional<Tensor>& num_draft_tokens, const std::string& top_k_ties) {
+  const torch::stable::accelerator::DeviceGuard guard(target_logits.get_device_index());
   const adapter::VerifyInputs in = adapter::check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, uniforms,
                                                               temperature, top_k, top_p, shift, mode, num_draft_tokens, top_k_ties);
   check_cuda_sizes(in.vocab);
   const adapter::VerifyOutputs out = adapter::empty_verify_outputs(in);
   if (in.batch == 0) return {out.tokens, out.num_accepted, out.log_z};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // = at::cuda::getCurrentCUDAStream()
-  adapter::dispatch_logits(target_logits.scalar_type(), [&](auto tag) {
+  const cudaStream_t stream = current_stream(in.target);
+  adapter::dispatch_logits(in.dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto params = adapter::verify_params<T>(in, out);
     const size_t bytes = cuda::verify_workspace_bytes(params);
-    const at::Tensor scratch = workspace(bytes, target_logits);
-    C10_CUDA_CHECK(cuda::launch_verify(params, scratch.data_ptr(), bytes, stream));
+    const Tensor scratch = workspace(bytes, in.target);
+    check_launch(cuda::launch_verify(params, scratch.data_ptr(), bytes, stream), "verify");
   });
   return {out.tokens, out.num_accepted, out.log_z};
 }
 
-at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k, double top_p,
-                       c10::string_view top_k_ties) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+// Returns tokens (B,) int64.
+Tensor sample_cuda(const Tensor& logits, const Tensor& uniforms, double temperature, int64_t top_k, double top_p,
+                   const std::string& top_k_ties) {
+  const torch::stable::accelerator::DeviceGuard guard(logits.get_device_index());
   const adapter::SampleInputs in = adapter::check_sample_args(logits, uniforms, temperature, top_k, top_p, top_k_ties);
   check_cuda_sizes(in.vocab);
-  const at::Tensor tokens = adapter::empty_sample_tokens(in);
+  const Tensor tokens = adapter::empty_sample_tokens(in);
   if (in.batch == 0) return tokens;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // = at::cuda::getCurrentCUDAStream()
-  adapter::dispatch_logits(logits.scalar_type(), [&](auto tag) {
+  const cudaStream_t stream = current_stream(in.logits);
+  adapter::dispatch_logits(in.dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto params = adapter::sample_params<T>(in, tokens);
     const size_t bytes = cuda::sample_workspace_bytes(params);
-    const at::Tensor scratch = workspace(bytes, logits);
-    C10_CUDA_CHECK(cuda::launch_sample(params, scratch.data_ptr(), bytes, stream));
+    const Tensor scratch = workspace(bytes, in.logits);
+    check_launch(cuda::launch_sample(params, scratch.data_ptr(), bytes, stream), "sample");
   });
   return tokens;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sss_ext, CUDA, m) {
-  m.impl("verify", &verify_cuda);
-  m.impl("sample", &sample_cuda);
+STABLE_TORCH_LIBRARY_IMPL(sss_ext, CUDA, m) {
+  m.impl("verify", TORCH_BOX(&verify_cuda));
+  m.impl("sample", TORCH_BOX(&sample_cuda));
 }
 
 }  // namespace sss_ext
