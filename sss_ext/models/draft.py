@@ -9,6 +9,7 @@ construction). Only the decoder layers and the final norm are trained and shippe
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,7 +91,9 @@ def apply_adapter(draft, adapter_dir: Path | None = None):
     adapter_dir = Path(adapter_dir or WEIGHTS_DIR / ADAPTER_DIR)
     layer_ids = tuple(range(draft.config.num_hidden_layers))
     aligned = build_draft(_Shell(draft), layer_ids)
-    peft_model = PeftModel.from_pretrained(aligned, str(adapter_dir), is_trainable=False)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing to act on here
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(aligned, str(adapter_dir), is_trainable=False)
     merged = peft_model.merge_and_unload()
     # merge_and_unload keeps the shared modules: re-point them explicitly to be sure
     merged.model.embed_tokens = draft.model.embed_tokens
