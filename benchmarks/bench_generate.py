@@ -267,10 +267,15 @@ def machine_lines(args):
     ]
 
 
+def paired_ratios(runs, baseline_runs):
+    """Sorted tokens/s ratios of each run over the baseline's run of the same repeat."""
+    return sorted(run["tokens_per_s"] / base["tokens_per_s"] for run, base in zip(runs, baseline_runs))
+
+
 def paired_summary(method, batch, cells, runs):
     """A line comparing the adaptive policy (the last cell) with the best fixed K, repeat by repeat."""
     best, adaptive = max(cells[:-1], key=lambda r: r["tokens_per_s"]), cells[-1]
-    ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[adaptive["policy"]], runs[best["policy"]]))
+    ratios = paired_ratios(runs[adaptive["policy"]], runs[best["policy"]])
     median = ratios[len(ratios) // 2]
     verdict = ("ahead beyond noise" if ratios[0] > 1.0 else "behind beyond noise" if ratios[-1] < 1.0 else "within noise")
     return (f"- {method} batch {batch}: adaptive {adaptive['tokens_per_s']:.1f} tok/s vs best fixed ({best['policy']}) "

@@ -33,11 +33,9 @@ def per_row_choice(self, remaining):
     """Each row's own best count: ``argmax_k E_b[accepted + 1] / cost(k)`` with its own acceptance."""
     if not self.adaptive:
         return BATCH_CHOICE(self, remaining)
-    draft_cost, round_cost, position_cost = self.costs
     lengths = torch.arange(1, self.max_draft_tokens + 1, dtype=torch.int64, device=remaining.device)
     tokens = draft_length.expected_tokens(self.acceptance[:, None], lengths)  # (B, max_draft_tokens)
-    steps = lengths.to(torch.float64)
-    cost = (steps + self.extra_draft_steps) * draft_cost + round_cost + (steps + 1.0) * position_cost
+    cost = draft_length.round_costs(lengths, self.costs, self.extra_draft_steps)
     return torch.minimum((remaining - 1).clamp(min=0), lengths[torch.argmax(tokens / cost, dim=1)])
 
 
@@ -75,7 +73,7 @@ def main():
                 speeds = [r["tokens_per_s"] for r in runs[name]]
                 lines.append(f"| {hidden_size} | {method} | {name} | {row['tokens_per_s']:.1f} | {min(speeds):.1f}-{max(speeds):.1f} | "
                              f"{row['target_calls_per_token']:.3f} | {row['drafts_per_round']:.2f} |")
-            ratios = sorted(b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(*runs.values()))
+            ratios = bench.paired_ratios(runs[choices[1][0]], runs[choices[0][0]])
             ratios_text.append(f"- hidden {hidden_size}, {method}: per-row / per-round tokens/s, paired by repeat: median "
                                f"{ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x")
             print(lines[-2], lines[-1], ratios_text[-1], sep="\n", flush=True)
@@ -84,6 +82,7 @@ def main():
               f"- random models of `bench_generate.py`, batch {args.batch}, {args.new_tokens} new tokens per row, EOS "
               f"ignored, K <= {args.max_draft_tokens}, measured costs; {args.repeats} runs of each choice, interleaved; "
               "times: CPU time of the compute thread", ""]
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "per_row_draft_length_cpu.md"), "w") as handle:
         handle.write("\n".join(header + lines + [""] + ratios_text) + "\n")
 

@@ -27,6 +27,7 @@ speed only.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -46,6 +47,18 @@ def expected_tokens(acceptance: torch.Tensor, num_draft_tokens: torch.Tensor) ->
     powers = acceptance ** (num_draft_tokens + 1).to(acceptance.dtype)
     geometric = (1.0 - powers) / (1.0 - acceptance).clamp(min=1e-12)
     return torch.where(acceptance >= 1.0, (num_draft_tokens + 1).to(acceptance.dtype), geometric)
+
+
+def round_costs(num_draft_tokens: torch.Tensor, costs: tuple[float, float, float], extra_draft_steps: int) -> torch.Tensor:
+    """Cost of a round of ``k`` drafts: ``(k + extra) * c_draft + c_round + (k + 1) * c_position``.
+
+    Shape
+    -----
+    num_draft_tokens: (N,) int64 -> (N,) float64
+    """
+    draft_cost, round_cost, position_cost = costs
+    steps = num_draft_tokens.to(torch.float64)
+    return (steps + extra_draft_steps) * draft_cost + round_cost + (steps + 1.0) * position_cost
 
 
 def best_draft_length(acceptance: torch.Tensor, max_draft_tokens: int, costs: tuple[float, float, float],
@@ -68,13 +81,10 @@ def best_draft_length(acceptance: torch.Tensor, max_draft_tokens: int, costs: tu
     -----
     acceptance: (B,), B >= 1
     """
-    draft_cost, round_cost, position_cost = costs
     lengths = torch.arange(1, max_draft_tokens + 1, dtype=torch.int64, device=acceptance.device)
     tokens = expected_tokens(acceptance[:, None], lengths).sum(dim=0)  # (max_draft_tokens,)
-    steps = lengths.to(torch.float64)
-    cost = (steps + extra_draft_steps) * draft_cost + round_cost + (steps + 1.0) * position_cost
     # argmax picks the first maximum: the shortest k among equals
-    return int(lengths[torch.argmax(tokens / cost)])
+    return int(lengths[torch.argmax(tokens / round_costs(lengths, costs, extra_draft_steps))])
 
 
 class DraftLengths:
@@ -107,7 +117,7 @@ class DraftLengths:
         measuring = self.adaptive and self.fixed_ratio is None
         self._clock = (CudaClock(device) if torch.device(device).type == "cuda" else WallClock()) if measuring else None
         self._marks = None  # (start, drafted, steps) of the round in progress
-        self._pending = []  # (start, drafted, end, steps, width) of rounds not yet read
+        self._pending = deque()  # (start, drafted, end, steps, width) of rounds not yet read
 
     @property
     def acceptance(self) -> torch.Tensor:
@@ -186,7 +196,7 @@ class DraftLengths:
     def _read_finished_rounds(self) -> None:
         """Adds the rounds whose marks have completed to the measured costs."""
         while self._pending and self._clock.ready(self._pending[0][2]):
-            start, drafted, end, steps, width = self._pending.pop(0)
+            start, drafted, end, steps, width = self._pending.popleft()
             step_seconds = self._clock.seconds(start, drafted) / steps
             rest_seconds = self._clock.seconds(drafted, end)
             new = (1.0, step_seconds, width, rest_seconds, width * width, width * rest_seconds)
