@@ -15,8 +15,9 @@
 
 // Hot row loops are compiled twice, for AVX2 and for the baseline ISA, and picked at run
 // time (GCC/Clang function multi-versioning); helpers they call are forced inline so they
-// are vectorised inside each clone.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+// are vectorised inside each clone. SSS_CPU_NO_MULTIVERSION turns the clones off (one
+// baseline build; ThreadSanitizer cannot run target_clones resolvers).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && !defined(SSS_CPU_NO_MULTIVERSION)
 #define SSS_CPU_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define SSS_CPU_MULTIVERSION

@@ -11,6 +11,12 @@
 #include "launch.h"
 #include "verify.cuh"
 
+// The one launch statement of the kernels. The CUDA-on-CPU test harness (csrc/testing/)
+// defines it first to run the same kernels on host threads.
+#ifndef SSS_EXT_LAUNCH
+#define SSS_EXT_LAUNCH(kernel, grid, threads, stream, ...) kernel<<<grid, threads, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace sss_ext::cuda {
 namespace detail {
 
@@ -71,7 +77,7 @@ Layout layout(int64_t batch, int64_t num_draft, int64_t vocab) {
 // kernel<<<grid, threads, 0, stream>>>(problem); returns the launch error.
 template <typename T>
 cudaError_t launch_kernel(void (*kernel)(Problem<T>), int64_t grid, int threads, cudaStream_t stream, const Problem<T>& problem) {
-  kernel<<<static_cast<unsigned int>(grid), threads, 0, stream>>>(problem);
+  SSS_EXT_LAUNCH(kernel, static_cast<unsigned int>(grid), threads, stream, problem);
   return cudaGetLastError();
 }
 

@@ -1332,14 +1332,18 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_resolve_kernel(
   const int stream = static_cast<int>(rs % 2);
   const TruncPlan plan = pr.plans[rs];
   init_exp_table(table);
+  // Branches that contain barriers test the plan (the same in every thread), never use_radix:
+  // thread 0 sets use_radix inside them, and a thread that read it afterwards would skip the
+  // branch and wait at another barrier. use_radix is read only after a barrier.
+  const bool ties = plan.mode == kTies || plan.mode == kTiesCounted;
   if (threadIdx.x == 0) {
-    use_radix = plan.mode != kCollect && plan.mode != kTies && plan.mode != kTiesCounted;
+    use_radix = plan.mode != kCollect && !ties;
     tie_chunk = -1;
     tie_index = -1;
   }
   const double max_score = stream_max(pr, row_position, stream, scratch);  // barriers
   const TruncChunk* parts = pr.trunc_parts + rs * pr.trunc_chunks;
-  if (!use_radix && plan.mode == kCollect) {
+  if (plan.mode == kCollect) {
     CandidateShared& c = sh.cand;
     const Candidate* candidates = pr.candidates + rs * 2 * kTruncCandidates;
     const int n_k = static_cast<int>(min(plan.members_k, static_cast<unsigned long long>(kTruncCandidates)));
@@ -1380,7 +1384,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_resolve_kernel(
         }
       }
     }
-  } else if (!use_radix) {  // kTies, kTiesCounted
+  } else if (ties) {
     if (threadIdx.x == 0) {
       double above = 0.0, mid = 0.0;
       unsigned long long key_min = ~0ull, key_max = 0, members = 0;
