@@ -152,6 +152,8 @@ def build_driver(kind: str, kernels: Path = KERNELS, tag: str = "") -> Path:
     driver = out / "driver"
     if driver.exists():
         return driver
+    for stale in BUILD.glob(f"{kind}{tag}-*"):  # earlier builds of this variant
+        shutil.rmtree(stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     include = out / "include"  # kernels/ laid out as csrc/ has it, so "kernels/..." resolves to this copy
     include.mkdir(exist_ok=True)

@@ -9,10 +9,11 @@
 //   first launch error;
 // - the workspace needs no initialisation (buffers that must start at zero are zeroed by a
 //   kernel of the launch sequence) and must stay untouched until the launches have run; its
-//   size depends only on (batch, num_draft, vocab, T): per (row, position) the stats partials,
-//   and for the top-k / top-p selection two 24 KiB integer histograms, a plan, per-chunk sums
-//   and 2 x 2048 candidate slots (16 B) per stream {p*, r~} -- about 224 KiB per (row,
-//   position), 37 MB at batch 32, num_draft 4, whether or not the call truncates;
+//   size depends only on (batch, num_draft, vocab, T) and on whether the call truncates (top-k
+//   or top-p cutting some token at temperature > 0): per (row, position) the stats partials,
+//   and only for a truncating call the top-k / top-p selection's two 24 KiB integer
+//   histograms, a plan, per-chunk sums and 2 x 2048 candidate slots (16 B) per stream {p*, r~}
+//   -- about 224 KiB per (row, position), 37 MB at batch 32, num_draft 4; a few KiB otherwise;
 // - logits rows need unit vocabulary stride, any alignment (each row is read with 16-byte
 //   loads after its own misalignment); draft_tokens and uniforms may be strided; vocab < 2^31;
 // - ragged rows (VerifyParams::num_draft_tokens): row b reads positions 0..n only (n =
@@ -27,8 +28,10 @@
 //   num_accepted = -1, tokens all -1 and log_z NaN
 //   (sample: token -1): the rows the CPU kernels refuse. No input makes a kernel read out of
 //   bounds;
-// - a call is deterministic (fixed reduction orders, fixed vocabulary chunks): the same
-//   inputs give the same outputs on every run and every GPU.
+// - a call is deterministic (fixed reduction orders, fixed vocabulary chunks): the same inputs
+//   give the same outputs on every run on the same GPU. Across GPU architectures the float32
+//   exponentials (ex2.approx) may round differently, so there the exactness rule below is what
+//   holds.
 //
 // Exactness rule: CUDA tokens equal the float64 reference's (sss_ext.reference) on every row
 // except where a uniform lies within float32 rounding of a decision boundary (an acceptance

@@ -43,9 +43,10 @@ struct NvtxRange {
 
 constexpr size_t align_bytes(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Workspace layout and grid sizes: functions of (batch, num_draft, vocab, T) only, never of
-// the device, so the same uniforms give the same tokens on every GPU and nothing is queried
-// from the driver at launch (safe inside a CUDA-graph capture from the first call).
+// Workspace layout and grid sizes: functions of (batch, num_draft, vocab, T) and of whether
+// the call truncates, never of the device, so the same uniforms give the same tokens on a
+// given GPU and nothing is queried from the driver at launch (safe inside a CUDA-graph
+// capture from the first call). A call that does not truncate gets no truncation buffers.
 struct Layout {
   int64_t splits = 1;       // stats blocks per (row, position): chunks of kSplitVectors vectors
   int64_t draw_splits = 1;  // draw chunks per row
@@ -53,10 +54,14 @@ struct Layout {
   size_t partials = 0, truncations = 0, chunks = 0, done = 0, hist = 0, plans = 0, trunc_parts = 0, candidates = 0, total = 0;
 };
 
+// Top-k / top-p selection runs: sampled (not greedy) and some token is cut.
+inline bool truncates(const Sampling& sampling, int64_t vocab) { return !sampling.greedy() && sampling.truncates(vocab); }
+
 template <typename T>
-Layout layout(int64_t batch, int64_t num_draft, int64_t vocab) {
+Layout layout(int64_t batch, int64_t num_draft, int64_t vocab, bool truncated) {
   const int64_t rows = batch * (num_draft + 1);
   const int64_t vectors = num_vectors<T>(vocab);
+  const int64_t selection_rows = truncated ? rows : 0;  // (row, position)s with selection buffers
   Layout out;
   out.splits = std::max<int64_t>(1, (vectors + kSplitVectors - 1) / kSplitVectors);
   out.draw_splits = std::clamp<int64_t>((vectors + 2 * kDrawThreads - 1) / (2 * kDrawThreads), 1, kMaxDrawSplits);
@@ -67,10 +72,10 @@ Layout layout(int64_t batch, int64_t num_draft, int64_t vocab) {
   // Bucketed top-k / top-p selection: per (row, position, stream).
   out.trunc_chunks = std::max<int64_t>(1, (vectors + kTruncChunkVectors - 1) / kTruncChunkVectors);
   out.hist = out.done + align_bytes(sizeof(unsigned int) * batch);
-  out.plans = out.hist + align_bytes(sizeof(TruncHist) * rows * 2 * 2);  // levels 1 and 2
-  out.trunc_parts = out.plans + align_bytes(sizeof(TruncPlan) * rows * 2);
-  out.candidates = out.trunc_parts + align_bytes(sizeof(TruncChunk) * rows * 2 * out.trunc_chunks);
-  out.total = out.candidates + align_bytes(sizeof(Candidate) * rows * 2 * 2 * kTruncCandidates);  // two groups
+  out.plans = out.hist + align_bytes(sizeof(TruncHist) * selection_rows * 2 * 2);  // levels 1 and 2
+  out.trunc_parts = out.plans + align_bytes(sizeof(TruncPlan) * selection_rows * 2);
+  out.candidates = out.trunc_parts + align_bytes(sizeof(TruncChunk) * selection_rows * 2 * out.trunc_chunks);
+  out.total = out.candidates + align_bytes(sizeof(Candidate) * selection_rows * 2 * 2 * kTruncCandidates);  // two groups
   return out;
 }
 
@@ -92,7 +97,7 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   if (params.batch == 0) return cudaSuccess;
   if (params.shift == 0.0) params.ref = LogitsView<T>{};  // no tilt (p* = warp(q), Z = 1): never read d
   if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.num_draft < 0) return cudaErrorInvalidValue;
-  const Layout lay = layout<T>(params.batch, params.num_draft, params.vocab);
+  const Layout lay = layout<T>(params.batch, params.num_draft, params.vocab, truncates(params.sampling, params.vocab));
   if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
   const int64_t rows = params.batch * (params.num_draft + 1);
   if (rows * std::max<int64_t>(lay.splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31) ||
@@ -103,7 +108,7 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   pr.p = params;
   pr.greedy = params.sampling.greedy();
   pr.tilt = params.has_ref() && params.shift != 0.0;
-  pr.truncated = !pr.greedy && params.sampling.truncates(params.vocab);
+  pr.truncated = truncates(params.sampling, params.vocab);
   pr.score.inverse_temperature = pr.greedy ? 1.0 : 1.0 / params.sampling.temperature;
   pr.score.shift = params.shift;
   pr.score.tilt = pr.tilt;
@@ -155,7 +160,7 @@ SampleLayout sample_layout(const SampleParams<T>& params) {
   SampleLayout out;
   out.log_z = align_bytes(sizeof(int64_t) * params.batch);
   out.verify = out.log_z + align_bytes(sizeof(float) * params.batch);
-  out.total = out.verify + layout<T>(params.batch, 0, params.vocab).total;
+  out.total = out.verify + layout<T>(params.batch, 0, params.vocab, truncates(params.sampling, params.vocab)).total;
   return out;
 }
 
@@ -163,7 +168,7 @@ SampleLayout sample_layout(const SampleParams<T>& params) {
 
 template <typename T>
 size_t verify_workspace_bytes(const VerifyParams<T>& params) {
-  return detail::layout<T>(params.batch, params.num_draft, params.vocab).total;
+  return detail::layout<T>(params.batch, params.num_draft, params.vocab, detail::truncates(params.sampling, params.vocab)).total;
 }
 
 template <typename T>

@@ -173,7 +173,8 @@ struct Problem {
   __device__ __forceinline__ const T* draft_row(int64_t b, int64_t i) const {
     return (i < num_draft(b) || p.has_ref()) ? p.draft.row(b, i) : nullptr;
   }
-  // The ref row is read whenever it is given (its values are checked even at shift 0).
+  // The ref row, whenever the launch keeps it: at shift 0 the launcher drops the ref (p* = warp(q),
+  // Z = 1), so it is neither read nor checked.
   __device__ __forceinline__ const T* ref_row(int64_t b, int64_t i) const { return p.has_ref() ? p.ref.row(b, i) : nullptr; }
   __device__ __forceinline__ double uniform(int64_t b, int64_t i) const {
     return p.uniforms[b * p.uniforms_stride_batch + i * p.uniforms_stride_position];
@@ -1099,6 +1100,19 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_plan2_kernel(co
   pr.plans[rs] = plan;
 }
 
+// The fields of a plan that say which bucket a token falls in, without `filled` / `filled_k`,
+// which other collect blocks of the stream increment concurrently.
+__device__ __forceinline__ TruncPlan bucket_plan(const TruncPlan& plan) {
+  TruncPlan out{};
+  out.mode = plan.mode;
+  out.level = plan.level;
+  out.refined = plan.refined;
+  out.p_lo = plan.p_lo;
+  out.p_hi = plan.p_hi;
+  out.kb = plan.kb;
+  return out;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kTruncationThreads) truncation_collect_kernel(const Problem<T> pr) {
   constexpr int kVec = Storage<T>::kVec;
@@ -1107,7 +1121,7 @@ __global__ void __launch_bounds__(kTruncationThreads) truncation_collect_kernel(
   int64_t rs;
   int chunk;
   if (!truncation_block(pr, pr.trunc_chunks, rs, chunk)) return;
-  const TruncPlan plan = pr.plans[rs];
+  const TruncPlan plan = bucket_plan(pr.plans[rs]);
   if (plan.mode != kCollect && plan.mode != kTies) return;
   init_exp_table(table);
   const double max_score = stream_max(pr, rs / 2, static_cast<int>(rs % 2), scratch);

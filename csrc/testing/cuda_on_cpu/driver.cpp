@@ -153,7 +153,7 @@ struct Paths {
 template <typename T>
 void plan_paths(const sss_ext::VerifyParams<T>& p, const std::vector<int64_t>& counts, const unsigned char* workspace, Paths& paths) {
   using namespace sss_ext::cuda;
-  const auto lay = detail::layout<T>(p.batch, p.num_draft, p.vocab);
+  const auto lay = detail::layout<T>(p.batch, p.num_draft, p.vocab, true);
   const auto* plans = reinterpret_cast<const TruncPlan*>(workspace + lay.plans);
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t n = counts[static_cast<size_t>(b)];
