@@ -237,6 +237,38 @@ def test_the_resolve_race_case_reaches_the_radix_fallback(plain_run):
         assert "ties_level2" in line and "radix_blocks" in line, line
 
 
+# Each truncation-path case's plan and whether the radix descent runs (census keys); float32
+# close scores overflow a level-2 bucket with several scores, in bfloat16 they round to one.
+EXPECTED_PLANS = {"collect": ({"collect"}, False), "refine": ({"collect_level2"}, False),
+                  "constant": ({"ties_counted"}, False), "minus-inf": ({"collect", "minus_inf_kb"}, False),
+                  "radix": ({"radix_plan"}, True), "close-f32": ({"ties_level2"}, True), "close-bf16": ({"ties_counted"}, False)}
+
+
+def expected_plan(name: str):
+    kind = name.split("-")[1]
+    if kind == "close":
+        return EXPECTED_PLANS[f"close-{name.split('-')[3]}"]
+    return EXPECTED_PLANS["minus-inf" if kind == "minus" else kind]
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("trunc-")])
+def test_each_truncation_case_takes_its_path(plain_run, name):
+    """The bucketed selection settles each case by its planned path: the radix descent runs
+    only where the plan calls for it (a worse plan still gives the right tokens, through the
+    fallback, so only the census shows it)."""
+    line = plain_run.results[name]
+    paths = set(re.search(r"paths=(\S+)", line).group(1).replace(",", " ").replace(":", " ").split()[::2])
+    plans, radix = expected_plan(name)
+    assert plans <= paths and ("radix_blocks" in paths) == radix, (plans, radix, line)
+
+
+def test_truncating_sweep_rows_need_no_radix_descent(plain_run):
+    """Random rows (test_cuda.py's sweep) resolve among the collected candidates."""
+    lines = [plain_run.results[n] for n, k in CASES.items() if n.startswith("sweep-") and k["temp"] > 0
+             and (k["top_k"] > 0 or k["top_p"] < 1.0)]
+    assert lines and not [line for line in lines if "radix_blocks" in line], lines
+
+
 @pytest.mark.slow
 def test_under_address_and_undefined_behaviour_sanitizers():
     run = run_driver(build_driver("asan"), CASES)
