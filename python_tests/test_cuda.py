@@ -15,13 +15,7 @@ import torch
 import sss_ext
 from sss_ext.testing import LAYOUTS, make_verify_inputs
 
-EXACTNESS_RULE = (
-    "CUDA tokens equal the float64 reference's (sss_ext.reference) on every row except where a "
-    "uniform lies within float32 rounding of a decision boundary (an acceptance test "
-    "log u < log p*(x) - log r~(x), or a running sum of the inverse-CDF draw against u * total). "
-    "Tests assert >= 99.99% of rows equal over the sweep, report the mismatch count, and check "
-    "that every mismatching row has a small decision margin."
-)
+EXACTNESS_RULE = "the CUDA exactness rule (docs/algorithm.md §8, CUDA kernels) does not hold"
 MIN_EQUAL_FRACTION = 0.9999
 MAX_MISMATCH_MARGIN = 1e-4  # relative decision margin below which float32 rounding may flip a decision
 
@@ -235,7 +229,7 @@ def test_sample_matches_reference():
 
 def truncation_rows(case: str, vocab: int, g: torch.Generator) -> torch.Tensor:
     """One float32 logits row that drives one path of the bucketed top-k / top-p selection
-    (verify.cuh section 2b; emulated in test_cuda_emulation.py)."""
+    (bucket_select.cuh; run on the CPU by python_tests/cuda/test_cuda_on_cpu.py)."""
     z = torch.randn(vocab, generator=g, device=DEVICE)
     if case == "logits":  # typical: a few thousand tokens per bucket at most -> collect
         return 2.5 * z + 8.0 * (torch.rand(vocab, generator=g, device=DEVICE) < 1e-3)

@@ -95,9 +95,9 @@ grep -q "CUDA kernels: verify, sample" info.txt || { echo "cuda: sss_ext.info do
 # A representative subset of the CPU suite on the CUDA build: registration, bad input,
 # robustness, edge cases, exact enumeration, the float32 exactness sweep; the decoding and
 # model tests run the same CPU kernels in the CPU stage. The CUDA tests skip, naming the
-# missing device; the NumPy emulation of the CUDA arithmetic runs.
+# missing device (the kernels' source runs on the CPU in stage 1: test_cuda_on_cpu.py).
 "$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_registration.py python_tests/test_bad_input.py \
   python_tests/test_robustness.py python_tests/test_edge_cases.py python_tests/test_exact_enumeration.py \
-  python_tests/test_verify_matches_reference.py python_tests/test_cuda.py python_tests/test_cuda_emulation.py \
+  python_tests/test_verify_matches_reference.py python_tests/test_cuda.py \
   -k "(not sweep and not largest) or float32"
 PYTHON=$PY bash benchmarks/gpu_check.sh --dry-run

@@ -207,7 +207,7 @@ def census(run: Run) -> dict[str, int]:
 
 
 # Planted defects (each in a copy of csrc/kernels/).
-RACE = ("cuda/verify.cuh", "  } else if (ties) {", "  } else if (!use_radix) {")  # the tie branch as it was
+RACE = ("cuda/bucket_select.cuh", "  } else if (ties) {", "  } else if (!use_radix) {")  # the tie branch as it was
 MISSING_BARRIER = ("cuda/device_utils.cuh", "  if (lane == 0) scratch[warp] = value;\n  __syncthreads();",
                    "  if (lane == 0) scratch[warp] = value;")
 READ_PAST_ROW = ("cuda/device_utils.cuh", "words[w] = v < vocab ? element_bits(row, v)", "words[w] = v <= vocab ? element_bits(row, v)")

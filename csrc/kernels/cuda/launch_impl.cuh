@@ -135,7 +135,7 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
     error = pr.tilt ? launch_stats<T, false, true, false>(pr, rows, stream) : launch_stats<T, false, false, false>(pr, rows, stream);
   if (error != cudaSuccess) return error;
 
-  if (pr.truncated) {  // bucketed selection (verify.cuh section 2b): at most 3 passes over the logits
+  if (pr.truncated) {  // bucketed selection (bucket_select.cuh): at most 3 passes over the logits
     const NvtxRange range("sss_ext::truncation");
     const int64_t streams = rows * 2, blocks = streams * lay.trunc_chunks;
     if ((error = launch_kernel(truncation_zero_kernel<T>, streams * 2, kTruncationThreads, stream, pr)) != cudaSuccess) return error;

@@ -1,0 +1,416 @@
+// Stages 3-4 of a verify call: each row's accept/reject decisions from the stats partials and
+// the correction / bonus token by a chunked inverse-CDF draw (verify.cuh has the overview).
+#pragma once
+
+#include "bucket_select.cuh"
+
+namespace sss_ext::cuda {
+
+// ---------------------------------------------------------------------------------------
+// 3-4. decisions and the correction/bonus draw
+//
+// Probabilities keep the row maximum and the log of the sum apart, never adding them:
+// log p*(v) = (s_v - s_max) - log sum_kept exp(s - s_max), likewise log r~, so a huge scaled
+// logit cannot absorb log(total). log Z = [s_max - q_max - lambda (r_max - d_max)]
+// + [ls_s - ls_q - lambda (ls_r - ls_d)] over the untruncated rows (ls_x: log of the sum).
+
+// What one (row, position) contributes to the row's decisions.
+struct PositionInfo {
+  bool valid;
+  bool accept;
+  double log_z;
+  double max_s, log_sum_s;  // p*: row maximum, log sum of kept exp(s - max) (truncated when truncating)
+  double max_r, log_sum_r;  // r~ likewise
+  KeptSet kept_s, kept_r;
+  int64_t greedy_token;
+};
+
+// The splits' partials of one (row, position) combined; called by a whole warp, the result
+// is the same in every lane.
+struct Combined {
+  double max[kNumStreams];      // row maximum of each stream, untruncated
+  double log_sum[kNumStreams];  // log sum exp(score - max)
+  uint32_t flags;
+  double best;
+  int64_t best_index;
+};
+
+template <typename T>
+__device__ Combined combine_partials(const Problem<T>& pr, int64_t row_position, const ExpTable& table) {
+  const Partial* parts = pr.partials + row_position * pr.splits;
+  Combined out;
+  double sum[kNumStreams];
+  for (int s = 0; s < kNumStreams; ++s) {
+    out.max[s] = -kInfD;
+    sum[s] = 0.0;
+  }
+  out.flags = 0;
+  out.best = -kInfD;
+  out.best_index = INT64_MAX;
+  const auto merge = [&table](double& max, double& sum, double other_max, double other_sum) {
+    const double m = fmax(max, other_max);
+    if (m == -kInfD) return;
+    const double own = max == -kInfD ? 0.0 : __dmul_rn(sum, fast_exp(__dsub_rn(max, m), table));
+    const double other = other_max == -kInfD ? 0.0 : __dmul_rn(other_sum, fast_exp(__dsub_rn(other_max, m), table));
+    sum = __dadd_rn(own, other);
+    max = m;
+  };
+  for (int k = threadIdx.x % kWarp; k < pr.splits; k += kWarp) {  // fixed order: lane, then split
+    const Partial& part = parts[k];
+    out.flags |= part.flags;
+    if (part.best > out.best || (part.best == out.best && part.best_index < out.best_index)) {
+      out.best = part.best;
+      out.best_index = part.best_index;
+    }
+    for (int s = 0; s < kNumStreams; ++s) merge(out.max[s], sum[s], part.max[s], part.sum[s]);
+  }
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    out.flags |= __shfl_xor_sync(0xffffffffu, out.flags, offset);
+    const double other_best = __shfl_xor_sync(0xffffffffu, out.best, offset);
+    const int64_t other_index = __shfl_xor_sync(0xffffffffu, out.best_index, offset);
+    if (other_best > out.best || (other_best == out.best && other_index < out.best_index)) {
+      out.best = other_best;
+      out.best_index = other_index;
+    }
+#pragma unroll
+    for (int s = 0; s < kNumStreams; ++s) {
+      const double other_max = __shfl_xor_sync(0xffffffffu, out.max[s], offset);
+      const double other_sum = __shfl_xor_sync(0xffffffffu, sum[s], offset);
+      merge(out.max[s], sum[s], other_max, other_sum);  // commutative: every lane gets the same bits
+    }
+  }
+  for (int s = 0; s < kNumStreams; ++s) out.log_sum[s] = out.max[s] == -kInfD ? -kInfD : log(sum[s]);
+  return out;
+}
+
+template <typename T>
+__device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i, const Combined& c) {
+  const VerifyParams<T>& p = pr.p;
+  PositionInfo out{true, false, 0.0, 0.0, 0.0, 0.0, 0.0, KeptSet::all(), KeptSet::all(), -1};
+  const int64_t row_position = b * pr.positions() + i;
+  const bool has_proposal = i < pr.num_draft(b);
+  const T* q = pr.target_row(b, i);
+  const T* r = pr.draft_row(b, i);
+  const T* d = pr.ref_row(b, i);
+  const uint32_t flags = c.flags;
+
+  // Value checks (csrc/kernels/cpu/verify.h: checked_row_max, kScoreRange, kNoSupport,
+  // check_tokens_and_uniforms).
+  out.valid = !(flags & (kBadTarget | kRangeTarget)) && (flags & kSeenTarget);
+  if (r != nullptr) out.valid &= !(flags & (kBadDraft | kRangeDraft)) && (flags & kSeenDraft);
+  if (d != nullptr) out.valid &= !(flags & (kBadRef | kRangeRef)) && (flags & kSeenRef);
+  const double tilted_max = pr.greedy ? c.best : c.max[kTilted];
+  out.valid &= !(flags & kRangeTilted) && tilted_max > -kInfD && tilted_max >= -kMaxScaledScore;
+  const double u = pr.uniform(b, i);
+  out.valid &= u > 0.0 && u < 1.0;
+  int64_t x = -1;
+  if (has_proposal) {
+    x = pr.draft_token(b, i);
+    out.valid &= x >= 0 && x < p.vocab;
+  }
+  if (!out.valid) return out;
+
+  if (pr.greedy) {
+    out.greedy_token = c.best_index;
+    out.accept = has_proposal && x == c.best_index;
+    return out;
+  }
+  if (pr.tilt) {
+    const double lambda = p.shift;
+    const double maxima = c.max[kTilted] - c.max[kTargetStream] - lambda * (c.max[kProposal] - c.max[kRefStream]);
+    const double sums = c.log_sum[kTilted] - c.log_sum[kTargetStream] - lambda * (c.log_sum[kProposal] - c.log_sum[kRefStream]);
+    out.log_z = maxima + sums;
+  }
+  if (pr.truncated) {
+    const Truncation* t = pr.truncations + row_position * 2;
+    out.kept_s = t[0].kept;
+    out.max_s = t[0].max;
+    out.log_sum_s = t[0].log_sum;
+    if (has_proposal) {
+      out.kept_r = t[1].kept;
+      out.max_r = t[1].max;
+      out.log_sum_r = t[1].log_sum;
+    }
+  } else {
+    out.max_s = c.max[kTilted];
+    out.log_sum_s = c.log_sum[kTilted];
+    out.max_r = c.max[kProposal];
+    out.log_sum_r = c.log_sum[kProposal];
+  }
+  if (has_proposal) {
+    const double zr = load_double(r, x);
+    const double sx = tilted_score(load_double(q, x), zr, d != nullptr ? load_double(d, x) : -kInfD, pr.score);
+    const double rx = temper(zr, pr.score);
+    const double log_p = out.kept_s.contains(sx, x) ? (sx - out.max_s) - out.log_sum_s : -kInfD;
+    const double log_r = out.kept_r.contains(rx, x) ? (rx - out.max_r) - out.log_sum_r : -kInfD;
+    const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
+    out.accept = log_p > -kInfD && log_r > -kInfD && log(u) < log_m - log_r;
+  }
+  return out;
+}
+
+// The row's outcome, identical in every block that derives it.
+struct RowDecision {
+  int first_rejection;  // position j of the correction/bonus token
+  int invalid;
+  PositionInfo at_j;
+};
+
+// Derives the row's decisions (one warp per position up to the row's bonus position n); when
+// `write` is set, also writes num_accepted, log_z (0 past n) and the tokens except the one
+// drawn at j (accepted drafts, the greedy token, -1 after; all -1 for an invalid row).
+template <typename T, int kThreads>
+__device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecision& out, const ExpTable& table) {
+  constexpr int kWarps = kThreads / kWarp;
+  const VerifyParams<T>& p = pr.p;
+  const int64_t positions = pr.positions();
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t num_draft = pr.num_draft(b);
+  if (threadIdx.x == 0) {
+    out.first_rejection = static_cast<int>(num_draft);
+    out.invalid = !p.valid_row_draft(p.row_draft(b));
+  }
+  __syncthreads();
+  for (int64_t i = warp; i < positions; i += kWarps) {
+    if (i > num_draft) {  // warp-uniform: never read
+      if (write && lane == 0) p.log_z[b * positions + i] = 0.0f;
+      continue;
+    }
+    const Combined combined = combine_partials(pr, b * positions + i, table);
+    if (lane != 0) continue;
+    const PositionInfo info = position_info(pr, b, i, combined);
+    if (!info.valid) atomicOr(&out.invalid, 1);
+    if (i < num_draft && !info.accept) atomicMin(&out.first_rejection, static_cast<int>(i));
+    if (write) p.log_z[b * positions + i] = static_cast<float>(info.log_z);
+  }
+  __syncthreads();
+  const int64_t j = out.first_rejection;
+  if (warp == 0 && !out.invalid) {
+    const Combined combined = combine_partials(pr, b * positions + j, table);
+    if (lane == 0) out.at_j = position_info(pr, b, j, combined);
+  }
+  __syncthreads();
+  if (!write) return;
+  for (int64_t i = threadIdx.x; i < positions; i += kThreads) {
+    if (!out.invalid && i == j && !pr.greedy) continue;  // the drawn token: written by draw_token alone
+    int64_t token = -1;
+    if (!out.invalid && i < j) token = pr.draft_token(b, i);
+    if (!out.invalid && i == j) token = out.at_j.greedy_token;
+    p.tokens[b * positions + i] = token;
+  }
+  // log_z of position i was written by lane 0 of warp i % kWarps: overwrite from that thread.
+  for (int64_t i = warp; out.invalid && i < positions; i += kWarps)
+    if (lane == 0) p.log_z[b * positions + i] = __int_as_float(0x7fc00000);  // NaN
+  if (threadIdx.x == 0) p.num_accepted[b] = out.invalid ? -1 : j;
+}
+
+// Weights of the correction/bonus distribution at (row b, position j), float64:
+// p*(v) = exp((s_v - s_max) - log_sum_s) on kept tokens; at a rejection the residual
+// (p* - r~)+ (exact mode) or (p* - exp(log r~ - log Z))+ (paper mode: proportional to
+// (Z p* - r~)+ without overflowing).
+template <typename T>
+struct DrawRow {
+  const T* q;
+  const T* r;
+  const T* d;
+  int skew_q, skew_r, skew_d;
+  int64_t vocab;
+  ScoreParams sp;
+  bool residual;  // j < the row's draft count
+  double log_z;   // paper mode: log Z; exact mode: 0
+  PositionInfo info;
+
+  __device__ __forceinline__ DrawRow(const Problem<T>& pr, int64_t b, int64_t j, const PositionInfo& at_j) {
+    residual = j < pr.num_draft(b);
+    q = pr.target_row(b, j);
+    r = (pr.tilt || residual) ? pr.draft_row(b, j) : nullptr;
+    d = pr.tilt ? pr.ref_row(b, j) : nullptr;
+    skew_q = row_skew(q);
+    skew_r = row_skew(r);
+    skew_d = row_skew(d);
+    vocab = pr.p.vocab;
+    sp = pr.score;
+    log_z = pr.p.paper_mode ? at_j.log_z : 0.0;
+    info = at_j;
+  }
+
+  template <int kVec>
+  __device__ __forceinline__ void weights(int64_t k, double (&w_p)[kVec], double (&w_res)[kVec], const ExpTable& table) const {
+    const int64_t v0 = k * kVec;
+    const uint4 raw_q = load_vector(q, skew_q, v0, vocab);
+    const uint4 raw_r = r != nullptr ? load_vector(r, skew_r, v0, vocab) : uint4{};
+    const uint4 raw_d = d != nullptr ? load_vector(d, skew_d, v0, vocab) : uint4{};
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int64_t v = v0 + e;
+      const double zq = unpack<T>(raw_q, e);
+      const double zr = r != nullptr ? static_cast<double>(unpack<T>(raw_r, e)) : -kInfD;
+      const double zd = d != nullptr ? static_cast<double>(unpack<T>(raw_d, e)) : -kInfD;
+      const double s = tilted_score(zq, zr, zd, sp);
+      w_p[e] = info.kept_s.contains(s, v) ? fast_exp(__dsub_rn(__dsub_rn(s, info.max_s), info.log_sum_s), table) : 0.0;
+      w_res[e] = 0.0;
+      if (residual) {
+        const double rs = temper(zr, sp);
+        // exp(log r~(v) - log Z); an argument >= 0 gives a weight >= 1 >= p*(v): residual 0.
+        const double log_r = __dsub_rn(__dsub_rn(__dsub_rn(rs, info.max_r), info.log_sum_r), log_z);
+        const double w_r = info.kept_r.contains(rs, v) ? fast_exp(fmin(log_r, 0.0), table) : 0.0;
+        w_res[e] = residual_weight(w_p[e], w_r, kResidualToleranceFloat32);
+      }
+    }
+  }
+};
+
+// Vectors [begin, end) of the row form draw chunk `chunk`.
+__device__ __forceinline__ void chunk_range(int64_t num_vectors, int draw_splits, int chunk, int64_t& begin, int64_t& end) {
+  const int64_t per_chunk = (num_vectors + draw_splits - 1) / draw_splits;
+  begin = min(num_vectors, chunk * per_chunk);
+  end = min(num_vectors, begin + per_chunk);
+}
+
+struct DrawShared {
+  ExpTable exp_table;
+  RowDecision decision;
+  double scratch[kDrawThreads / kWarp];
+  int64_t index_scratch[kDrawThreads / kWarp];
+  int chunk;
+  int kind;
+  int last;
+  double prefix;
+  double threshold;
+  int64_t token;
+};
+
+// Running sums over one chunk in a fixed order (tiles of kDrawThreads vectors; inside a tile,
+// thread order; inside a thread, vocabulary order), shared by the chunk totals and the final
+// rescan so that both compute identical bits. Calls visit(kind, v, running) for every token
+// of positive weight; visit returns true to stop after the current tile.
+template <typename T, int kVec, class Visit>
+__device__ __forceinline__ void scan_chunk(const DrawRow<T>& row, int64_t begin, int64_t end, int kinds, DrawShared& sh,
+                                           double (&carry)[2], Visit&& visit) {
+  carry[0] = carry[1] = 0.0;
+  for (int64_t tile = begin; tile < end; tile += kDrawThreads) {
+    const int64_t k = tile + threadIdx.x;
+    double w[2][kVec];
+    if (k < end) {
+      row.weights(k, w[1], w[0], sh.exp_table);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) w[0][e] = w[1][e] = 0.0;
+    }
+    bool stop = false;
+    for (int kind = 0; kind < 2; ++kind) {
+      if (!(kinds & (1 << kind))) continue;
+      double own = 0.0;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) own = __dadd_rn(own, w[kind][e]);
+      double tile_total;
+      const double exclusive = block_exclusive_sum<kDrawThreads>(own, tile_total, sh.scratch);
+      double running = __dadd_rn(carry[kind], exclusive);
+      const int64_t v0 = k * kVec;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        running = __dadd_rn(running, w[kind][e]);
+        if (w[kind][e] > 0.0) stop |= visit(kind, v0 + e, running);
+      }
+      carry[kind] = __dadd_rn(carry[kind], tile_total);
+    }
+    if (__syncthreads_or(stop)) break;
+  }
+}
+
+// Inverse CDF (docs/algorithm.md §5) over the chunk totals of row b, by the block that
+// finished the row last: the first token whose running mass exceeds u * total, else the
+// last token of positive mass; the residual unless its mass is 0, then p*.
+template <typename T>
+__device__ void draw_token(const Problem<T>& pr, int64_t b, const DrawRow<T>& row, DrawShared& sh) {
+  constexpr int kVec = Storage<T>::kVec;
+  const VerifyParams<T>& p = pr.p;
+  const int64_t j = sh.decision.first_rejection;
+  if (threadIdx.x == 0) {
+    const ChunkTotals* chunks = pr.chunks + b * pr.draw_splits;  // written by other blocks: read through L2
+    double residual_total = 0.0;
+    for (int c = 0; c < pr.draw_splits && row.residual; ++c) residual_total += __ldcg(&chunks[c].total[0]);
+    const int kind = residual_total > 0.0 ? 0 : 1;
+    double total = 0.0;
+    for (int c = 0; c < pr.draw_splits; ++c) total += __ldcg(&chunks[c].total[kind]);
+    const double u = pr.uniform(b, pr.num_draft(b));
+    const double threshold = __dmul_rn(u, total);
+    double prefix = 0.0;
+    int selected = -1;
+    for (int c = 0; c < pr.draw_splits; ++c) {
+      if (__dadd_rn(prefix, __ldcg(&chunks[c].peak[kind])) > threshold) {
+        selected = c;
+        break;
+      }
+      prefix = __dadd_rn(prefix, __ldcg(&chunks[c].total[kind]));
+    }
+    int64_t last_positive = -1;
+    for (int c = 0; c < pr.draw_splits; ++c) last_positive = max(last_positive, __ldcg(&chunks[c].last_positive[kind]));
+    sh.chunk = selected;
+    sh.kind = kind;
+    sh.prefix = prefix;
+    sh.threshold = threshold;
+    sh.token = last_positive;
+  }
+  __syncthreads();
+  if (sh.chunk >= 0) {  // rescan the selected chunk: identical running sums, first crossing
+    int64_t begin, end;
+    chunk_range(num_vectors<T>(row.vocab), pr.draw_splits, sh.chunk, begin, end);
+    const double prefix = sh.prefix, threshold = sh.threshold;
+    int64_t first = INT64_MAX;
+    double carry[2];
+    scan_chunk<T, kVec>(row, begin, end, 1 << sh.kind, sh, carry, [&](int, int64_t v, double running) {
+      if (first == INT64_MAX && __dadd_rn(prefix, running) > threshold) first = v;
+      return first != INT64_MAX;
+    });
+    first = block_reduce<kDrawThreads>(first, [](int64_t a, int64_t c) { return min(a, c); }, sh.index_scratch);
+    if (threadIdx.x == 0 && first != INT64_MAX) sh.token = first;
+  }
+  if (threadIdx.x == 0) p.tokens[b * pr.positions() + j] = sh.token;
+}
+
+// Grid (batch, draw_splits). Decisions and outputs (block 0 of each row), the chunk totals of
+// the correction/bonus weights, and the token by whichever block of the row finishes last.
+template <typename T>
+__global__ void __launch_bounds__(kDrawThreads) draw_kernel(const Problem<T> pr) {
+  constexpr int kVec = Storage<T>::kVec;
+  __shared__ DrawShared sh;
+  const int chunk = static_cast<int>(blockIdx.x % pr.draw_splits);
+  const int64_t b = blockIdx.x / pr.draw_splits;
+  init_exp_table(sh.exp_table);
+  __syncthreads();
+  decide_row<T, kDrawThreads>(pr, b, chunk == 0, sh.decision, sh.exp_table);
+  if (sh.decision.invalid || pr.greedy) return;
+  const int64_t j = sh.decision.first_rejection;
+  const DrawRow<T> row(pr, b, j, sh.decision.at_j);
+  int64_t begin, end;
+  chunk_range(num_vectors<T>(row.vocab), pr.draw_splits, chunk, begin, end);
+  const int kinds = row.residual ? 3 : 2;
+  double peak[2] = {-kInfD, -kInfD};
+  int64_t last_positive[2] = {-1, -1};
+  double carry[2];
+  scan_chunk<T, kVec>(row, begin, end, kinds, sh, carry, [&](int kind, int64_t v, double running) {
+    peak[kind] = fmax(peak[kind], running);
+    last_positive[kind] = max(last_positive[kind], v);
+    return false;
+  });
+  ChunkTotals out;
+  for (int kind = 0; kind < 2; ++kind) {
+    out.total[kind] = carry[kind];
+    out.peak[kind] = block_reduce<kDrawThreads>(peak[kind], [](double a, double c) { return fmax(a, c); }, sh.scratch);
+    out.last_positive[kind] =
+        block_reduce<kDrawThreads>(last_positive[kind], [](int64_t a, int64_t c) { return max(a, c); }, sh.index_scratch);
+  }
+  if (threadIdx.x == 0) {
+    pr.chunks[b * pr.draw_splits + chunk] = out;
+    __threadfence();  // publish the totals before counting this chunk as done
+    sh.last = atomicAdd(&pr.done[b], 1u) == static_cast<unsigned int>(pr.draw_splits - 1);
+  }
+  __syncthreads();
+  if (!sh.last) return;
+  __threadfence();
+  draw_token(pr, b, row, sh);
+}
+
+}  // namespace sss_ext::cuda
