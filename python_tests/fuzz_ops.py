@@ -2,8 +2,14 @@
 
 Not collected directly: ``test_fuzz.py`` runs each property in its own process, so a crash
 fails that test instead of killing the run. Every call either raises a named
-``ValueError``/``TypeError`` — in the op and the reference alike — or returns well-formed
-output equal to the reference's for the same uniforms.
+``ValueError``/``TypeError`` — in the op and the reference alike, stating the same rule — or
+returns well-formed output equal to the reference's for the same uniforms.
+
+Generation is stratified: four examples in five are valid, non-empty calls that reach the
+kernels (finite logits with a few masked tokens, in-range ids and uniforms, sane temperatures
+and shifts); the fifth is adversarial (NaN/inf, huge values, empty batches, out-of-range
+arguments). Each example's outcome (compared / refused / empty) is appended to the file
+named by ``SSS_FUZZ_CENSUS`` when set; ``test_fuzz.py`` reports and checks the census.
 
 The example budget is ``SSS_FUZZ_EXAMPLES`` (default 150 per property); generation is
 derandomised, so a budget always runs the same examples.
@@ -29,19 +35,33 @@ TEMPERATURES = (0.0, 1e-310, 1e-300, 1e-30, 1e-3, 0.01, 0.7, 1.0, 100.0)
 SHIFTS = (0.0, 0.5, 1.0, 2.0, 1e10, 1e300, 1e308)
 UNIFORMS = (0.0, 1.0, float("nan"), -0.5, 1e-300, 1.0 - 2.0**-53, 2.0**-53)
 VOCAB_SIZES = (1, 2, 3, 7, 64, 999, 50272)
+VALID_TEMPERATURES = (0.0, 1e-3, 0.01, 0.7, 1.0, 100.0)
+VALID_SHIFTS = (0.0, 0.5, 1.0, 2.0)
+CENSUS = os.environ.get("SSS_FUZZ_CENSUS")
+
+
+def record(outcome_kind: str) -> None:
+    """Appends one example's outcome to the census file (compared, refused or empty)."""
+    if CENSUS:
+        with open(CENSUS, "a") as census:
+            census.write(outcome_kind + "\n")
 NAMED = re.compile(r"\b(target_logits|draft_logits|ref_logits|logits|draft_tokens|uniforms|temperature|top_k|top_p|"
                    r"top_k_ties|shift|mode|generator|tilted)\b")
 TOP_K_TIES = ("keep", "exact-k")
 
 
 @st.composite
-def logits_tensors(draw, shape, dtype):
-    """Scaled normals with occasional masks, NaN/inf, huge values and all -inf rows."""
+def logits_tensors(draw, shape, dtype, valid=False):
+    """Scaled normals with occasional masks, NaN/inf, huge values and all -inf rows; valid:
+    finite values with at most one masked token per row (never a whole row)."""
     seed = draw(st.integers(0, 2**31 - 1))
-    scale = draw(st.sampled_from((0.0, 1.0, 5.0, 1e3)))
+    scale = draw(st.sampled_from((0.0, 1.0, 5.0) if valid else (0.0, 1.0, 5.0, 1e3)))
     values = scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     flat = values.view(-1)
-    if flat.numel():
+    if valid:
+        if flat.numel() and shape[-1] > 1 and draw(st.booleans()):  # one masked token in every row
+            values.view(-1, shape[-1])[:, draw(st.integers(0, shape[-1] - 1))] = float("-inf")
+    elif flat.numel():
         for _ in range(draw(st.integers(0, 3))):
             flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(SPECIAL))
         if draw(st.booleans()) and draw(st.booleans()):  # one whole row masked
@@ -55,44 +75,54 @@ def logits_tensors(draw, shape, dtype):
 
 
 @st.composite
-def uniforms_tensors(draw, shape):
+def uniforms_tensors(draw, shape, valid=False):
     seed = draw(st.integers(0, 2**31 - 1))
     u = sss_ext.draw_uniforms(shape, "cpu", torch.Generator().manual_seed(seed))
     flat = u.view(-1)
-    if flat.numel() and draw(st.integers(0, 4)) == 0:
+    if not valid and flat.numel() and draw(st.integers(0, 4)) == 0:
         flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(UNIFORMS))
     return u
 
 
+def valid_stratum(draw) -> bool:
+    """Four examples in five are valid calls (hypothesis's simplest example is one)."""
+    return draw(st.integers(0, 4)) < 4
+
+
 @st.composite
 def verify_calls(draw):
-    batch = draw(st.integers(0, 3))
+    valid = valid_stratum(draw)
+    batch = draw(st.integers(1, 3) if valid else st.integers(0, 3))
     num_draft_tokens = draw(st.integers(0, 3))
     vocab_size = draw(st.sampled_from(VOCAB_SIZES))
     dtype = draw(st.sampled_from(DTYPES))
     with_ref = draw(st.booleans())
     positions = num_draft_tokens + 1
     draft_positions = positions if with_ref or draw(st.booleans()) else num_draft_tokens
-    target = draw(logits_tensors((batch, positions, vocab_size), dtype))
-    draft = draw(logits_tensors((batch, draft_positions, vocab_size), dtype))
-    ref = draw(logits_tensors((batch, positions, vocab_size), dtype)) if with_ref else None
+    target = draw(logits_tensors((batch, positions, vocab_size), dtype, valid))
+    draft = draw(logits_tensors((batch, draft_positions, vocab_size), dtype, valid))
+    ref = draw(logits_tensors((batch, positions, vocab_size), dtype, valid)) if with_ref else None
     if draw(st.booleans()) and with_ref:  # correlated models: acceptance neither ~0 nor ~1
         draft = target + draft * 0.1 if draft.shape == target.shape else draft
         ref = draft + ref * 0.1
-    draft_tokens = torch.tensor(
-        draw(st.lists(st.lists(st.integers(-1 if draw(st.booleans()) else 0, vocab_size), min_size=num_draft_tokens,
-                               max_size=num_draft_tokens), min_size=batch, max_size=batch)),
-        dtype=torch.int64).reshape(batch, num_draft_tokens)
-    draft_tokens = draft_tokens.clamp(max=vocab_size - 1) if draw(st.booleans()) else draft_tokens
+    if valid:
+        draft_tokens = torch.randint(0, vocab_size, (batch, num_draft_tokens), generator=torch.Generator().manual_seed(
+            draw(st.integers(0, 2**31 - 1))))
+    else:
+        draft_tokens = torch.tensor(
+            draw(st.lists(st.lists(st.integers(-1 if draw(st.booleans()) else 0, vocab_size), min_size=num_draft_tokens,
+                                   max_size=num_draft_tokens), min_size=batch, max_size=batch)),
+            dtype=torch.int64).reshape(batch, num_draft_tokens)
+        draft_tokens = draft_tokens.clamp(max=vocab_size - 1) if draw(st.booleans()) else draft_tokens
     return dict(
         target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, ref_logits=ref,
-        temperature=draw(st.sampled_from(TEMPERATURES)),
+        temperature=draw(st.sampled_from(VALID_TEMPERATURES if valid else TEMPERATURES)),
         top_k=draw(st.sampled_from((0, 1, 2, vocab_size, vocab_size + 3, 2**62))),
         top_p=draw(st.sampled_from((1.0, 0.95, 0.5, 1e-9))),
         top_k_ties=draw(st.sampled_from(TOP_K_TIES)),
-        shift=draw(st.sampled_from(SHIFTS)),
+        shift=draw(st.sampled_from(VALID_SHIFTS if valid else SHIFTS)),
         mode=draw(st.sampled_from(("exact", "paper"))) if with_ref else "exact",
-        uniforms=draw(uniforms_tensors((batch, positions))),
+        uniforms=draw(uniforms_tensors((batch, positions), valid)),
     )
 
 
@@ -119,19 +149,27 @@ def assert_well_formed(result, batch, num_draft_tokens, vocab_size):
         assert bool((padding == -1).all()), tokens[row]
 
 
-def op_and_reference(op, reference, call):
-    """Both outcomes, asserted alike: both refuse with a named error, or both return."""
+def first_clause(message: str) -> str:
+    """The rule a refusal states, without where it was found (op and reference locate it differently)."""
+    return re.split(r";| at (?:row|index|position|batch)\b", message)[0].strip()
+
+
+def op_and_reference(op, reference, call, batch):
+    """Both outcomes, asserted alike: both refuse with the same named error, or both return."""
     got_kind, got = outcome(op, call)
     expected_kind, expected = outcome(reference, call)
     assert got_kind == expected_kind, f"op: {got_kind} {got if got_kind == 'error' else ''}; reference: {expected_kind} " \
                                       f"{expected if expected_kind == 'error' else ''}"
+    if got_kind == "error":  # the same rule: the same clause before the details (';'), naming the same argument
+        assert first_clause(got) == first_clause(expected), f"op and reference refuse differently:\n  op: {got}\n  reference: {expected}"
+    record("refused" if got_kind == "error" else "empty" if batch == 0 else "compared")
     return got_kind == "ok", got, expected
 
 
 @FUZZ
 @given(verify_calls())
 def test_verify_equals_reference_or_both_refuse(call):
-    returned, got, expected = op_and_reference(sss_ext.verify, sss_ext.reference.verify, call)
+    returned, got, expected = op_and_reference(sss_ext.verify, sss_ext.reference.verify, call, call["target_logits"].shape[0])
     if returned:
         batch, num_draft_tokens = call["draft_tokens"].shape
         assert_well_formed(got, batch, num_draft_tokens, call["target_logits"].shape[-1])
@@ -144,22 +182,23 @@ def test_verify_equals_reference_or_both_refuse(call):
 
 @st.composite
 def sample_calls(draw):
-    batch = draw(st.integers(0, 4))
+    valid = valid_stratum(draw)
+    batch = draw(st.integers(1, 4) if valid else st.integers(0, 4))
     vocab_size = draw(st.sampled_from(VOCAB_SIZES))
     return dict(
-        logits=draw(logits_tensors((batch, vocab_size), draw(st.sampled_from(DTYPES)))),
-        temperature=draw(st.sampled_from(TEMPERATURES)),
+        logits=draw(logits_tensors((batch, vocab_size), draw(st.sampled_from(DTYPES)), valid)),
+        temperature=draw(st.sampled_from(VALID_TEMPERATURES if valid else TEMPERATURES)),
         top_k=draw(st.sampled_from((0, 1, 3, vocab_size, 2**62))),
         top_p=draw(st.sampled_from((1.0, 0.9, 0.3, 1e-9))),
         top_k_ties=draw(st.sampled_from(TOP_K_TIES)),
-        uniforms=draw(uniforms_tensors((batch,))),
+        uniforms=draw(uniforms_tensors((batch,), valid)),
     )
 
 
 @FUZZ
 @given(sample_calls())
 def test_sample_equals_reference_or_both_refuse(call):
-    returned, got, expected = op_and_reference(sss_ext.sample, sss_ext.reference.sample, call)
+    returned, got, expected = op_and_reference(sss_ext.sample, sss_ext.reference.sample, call, call["logits"].shape[0])
     if returned:
         assert got.shape == (call["logits"].shape[0],) and got.dtype == torch.int64
         assert bool(((got >= 0) & (got < call["logits"].shape[-1])).all())
@@ -170,6 +209,7 @@ def test_sample_equals_reference_or_both_refuse(call):
 @given(sample_calls())
 def test_warp_probs_is_a_distribution_or_refuses(call):
     kind, probs = outcome(sss_ext.warp_probs, {k: call[k] for k in ("logits", "temperature", "top_k", "top_p", "top_k_ties")})
+    record("refused" if kind == "error" else "compared" if probs.numel() else "empty")
     if kind == "ok" and probs.numel():
         assert not torch.isnan(probs).any()
         assert bool((probs >= 0).all())
