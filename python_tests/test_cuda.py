@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 pytestmark = pytest.mark.cuda
 
-from stats_helpers import chi_square_pvalue  # noqa: E402
+from stats_helpers import ALPHA, alpha_for, chi_square_pvalue  # noqa: E402
 
 DEVICE = torch.device("cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -361,15 +361,16 @@ def emit_many(target, draft, ref, rows, temperature, top_k, top_p, mode, seed):
 )
 def test_chi_square_against_p_star(with_ref, temperature, top_k, top_p):
     """200k rounds: the token emitted at position 0 (and at 1 given one acceptance) follows p*
-    (alpha = 0.01); enough draws to detect a total-variation gap of 0.02."""
+    (the CUDA suite's family-wise level, stats_helpers.alpha_for); enough draws to detect a
+    total-variation gap of 0.02."""
     target, draft, ref = one_context(vocab=12, num_draft=2, seed=1)
     ref = ref if with_ref else None
     out = emit_many(target, draft, ref, 200_000, temperature, top_k, top_p, "exact", seed=2)
     p_star = tilted_target(target, draft, ref, temperature, 1.0, top_k, top_p)
-    assert chi_square_pvalue(out.tokens[:, 0], p_star[0]) > 0.01
+    assert chi_square_pvalue(out.tokens[:, 0], p_star[0]) > alpha_for(DEVICE)
     reached = out.num_accepted >= 1
     assert int(reached.sum()) > 20_000
-    assert chi_square_pvalue(out.tokens[reached, 1], p_star[1]) > 0.01
+    assert chi_square_pvalue(out.tokens[reached, 1], p_star[1]) > alpha_for(DEVICE)
 
 
 def test_chi_square_paper_mode_negative_control():
@@ -381,9 +382,9 @@ def test_chi_square_paper_mode_negative_control():
     assert abs(float(log_z[0, 0].exp()) - 1) >= 0.1, "the control needs a context with |Z - 1| >= 0.1"
     p_star = tilted_target(target, draft, ref, 1.0, 1.0, 0, 1.0)
     paper = emit_many(target, draft, ref, 200_000, 1.0, 0, 1.0, "paper", seed=5)
-    assert chi_square_pvalue(paper.tokens[:, 0], p_star[0]) < 0.01
+    assert chi_square_pvalue(paper.tokens[:, 0], p_star[0]) < ALPHA
     exact = emit_many(target, draft, ref, 200_000, 1.0, 0, 1.0, "exact", seed=5)
-    assert chi_square_pvalue(exact.tokens[:, 0], p_star[0]) > 0.01
+    assert chi_square_pvalue(exact.tokens[:, 0], p_star[0]) > alpha_for(DEVICE)
 
 
 def test_chi_square_sample():
@@ -391,7 +392,7 @@ def test_chi_square_sample():
     logits = 2 * torch.randn(1, 20, generator=g, device=DEVICE)
     for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 5, 0.9)):
         tokens = sss_ext.sample(logits.expand(200_000, -1), temperature, top_k, top_p, generator=g)
-        assert chi_square_pvalue(tokens, sss_ext.warp_probs(logits[0], temperature, top_k, top_p)) > 0.01
+        assert chi_square_pvalue(tokens, sss_ext.warp_probs(logits[0], temperature, top_k, top_p)) > alpha_for(DEVICE)
 
 
 # ---------------------------------------------------------------------------------------
