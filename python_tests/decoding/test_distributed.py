@@ -14,7 +14,7 @@ from sss_ext.distributed import (DistributedGenerationError, DistributedSession,
                                  shard_indices, summed_stats)
 from decoding_helpers import save_tiny_models, trio
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["w2 w3 w4", "w5", "w6 w7", "w8 w9 w10 w2", "w3", "w4 w4", "w11 w5", "w7", "w9 w2 w3"]
 TORCHRUN_TIMEOUT_S = 240
 
