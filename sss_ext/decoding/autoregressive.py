@@ -13,9 +13,8 @@ from ..warp import warp_probs
 from .cache import KVState
 from .context import MethodResult, RunContext
 from .randomness import SAMPLING
+from .roles import BY_NAME
 from .rows import RowBook, left_pad
-
-_ARGUMENT = {"target": "target", "draft": "draft", "ref": "ref_model"}
 
 
 class AutoregressiveRun:
@@ -57,7 +56,7 @@ class AutoregressiveRun:
         self.step_index = 0
         self.book = RowBook(prompt_of_row, config.max_new_tokens, 1, models.eos_token_ids, device, ctx.stats, ctx.hooks)
         self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
-        self.state = KVState(models.get(role), role, self._record, _ARGUMENT[role], len(prompts), device, ctx.clock)
+        self.state = KVState(models.get(role), role, self._record, BY_NAME[role].argument, len(prompts), device, ctx.clock)
         self.track_log_prob = track_log_prob
         self.log_prob = torch.zeros(len(prompts), dtype=torch.float64, device=device)
         ids, mask = left_pad(prompts, models.pad_token_id, device)
