@@ -59,7 +59,7 @@ def speculative_rejection(ctx: RunContext) -> MethodResult:
     decisions: list[list[dict]] = [[] for _ in prompts]
     generated = 0
     while run.book.num_active:
-        run.run(max_steps=config.rejection_interval)
+        run.run(max_rounds=config.rejection_interval)
         generated += config.rejection_interval
         if not run.book.num_active:
             break
@@ -115,17 +115,14 @@ def target_log_prob(ctx: RunContext, full_sequences, response_lengths, prompt_of
     -----
     full_sequences: R tensors (L_r + T_r,); response_lengths: R ints -> (R,) float64
     """
-    models, config, tracker = ctx.models, ctx.config, ctx.tracker
+    models, config, clock = ctx.models, ctx.config, ctx.monitor.clock
     ids, mask = left_pad(full_sequences, models.pad_token_id, models.device)
     positions = (torch.cumsum(mask, dim=1) - 1).clamp_min(0)
     width = ids.shape[1]
-    ctx.stats.forward("target", prompt_of_row, width)
-    start = ctx.clock() if ctx.clock is not None else None
+    start = clock() if clock is not None else None
     logits = models.target(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    if tracker is not None:
-        tracker.forward("target", len(full_sequences), width, ctx.clock() - start if start is not None else None)
-        tracker.emit("score", tracker.new_run(), "target", -1, torch.arange(len(full_sequences)), prompt_of_row.clone(),
-                     logits={"target": logits})
+    ctx.monitor.scoring_pass("target", len(full_sequences), prompt_of_row, width, clock() - start if start is not None else None,
+                             logits={"target": logits})
     out = torch.zeros(len(full_sequences), dtype=torch.float64)
     for row, length in enumerate(response_lengths):
         if length == 0:
