@@ -2,7 +2,7 @@
 // kernels, shared by the CPU and CUDA adapters: named argument checks, the kernels' parameter
 // structs built in one call from the checked inputs and the outputs, the dtype dispatch, and
 // kernel errors turned into ValueErrors that name the argument. Only stable-ABI headers:
-// one build serves every torch from TORCH_TARGET_VERSION on (README "ABI").
+// one build serves every torch from TORCH_TARGET_VERSION on (docs/build.md, "ABI").
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -118,7 +118,7 @@ T* output_data(const Tensor& t) {
 // A new uninitialised contiguous tensor of 1 or 2 dimensions on the device of `like`. Through
 // the stable C shim's aoti_torch_empty_strided (at::empty_strided) rather than
 // torch::stable::empty, which looks aten::empty up in the dispatcher and calls it boxed on
-// every call (about 5000 more instructions per output, README "ABI").
+// every call (about 5000 more instructions per output, docs/build.md, "ABI").
 // The adapter's output dtypes: int64 ids and counts, float32 log_z, uint8 workspace.
 enum class OutputDtype { kInt64, kFloat32, kUInt8 };
 
