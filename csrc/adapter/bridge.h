@@ -48,6 +48,38 @@ inline void append(std::ostream& out, const torch::stable::Device& device) {
 
 inline void append(std::ostream& out, ScalarType dtype) { out << torch::headeronly::toString(dtype); }
 
+// Message parts printed as Python prints them, where a message must equal the Python
+// wrappers' (sss_ext/checks.py): a shape tuple "(3,)" / "(3, 1)", a dtype "int32".
+struct PyShape {
+  torch::headeronly::IntHeaderOnlyArrayRef sizes;
+};
+
+inline void append(std::ostream& out, const PyShape& shape) {
+  out << '(';
+  for (size_t i = 0; i < shape.sizes.size(); ++i) out << (i ? ", " : "") << shape.sizes[i];
+  out << (shape.sizes.size() == 1 ? ",)" : ")");
+}
+
+struct PyDtype {
+  ScalarType dtype;
+};
+
+inline void append(std::ostream& out, const PyDtype& dtype) {
+  switch (dtype.dtype) {
+    case ScalarType::Bool: out << "bool"; return;
+    case ScalarType::Byte: out << "uint8"; return;
+    case ScalarType::Char: out << "int8"; return;
+    case ScalarType::Short: out << "int16"; return;
+    case ScalarType::Int: out << "int32"; return;
+    case ScalarType::Long: out << "int64"; return;
+    case ScalarType::Half: out << "float16"; return;
+    case ScalarType::BFloat16: out << "bfloat16"; return;
+    case ScalarType::Float: out << "float32"; return;
+    case ScalarType::Double: out << "float64"; return;
+    default: out << torch::headeronly::toString(dtype.dtype);
+  }
+}
+
 template <class T>
 void append(std::ostream& out, const T& part) {
   out << part;
@@ -236,7 +268,10 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor&
   const bool ragged = is_given(num_draft_tokens);
   if (ragged) {  // values in [0, K] are checked by the kernels (kBadNumDraft)
     const Tensor& counts = *num_draft_tokens;
-    SSS_CHECK_VALUE(counts.scalar_type() == ScalarType::Long && counts.dim() == 1 && counts.size(0) == batch,
+    SSS_CHECK_VALUE(counts.dim() == 1, "num_draft_tokens must be 1-D, got shape ", PyShape{counts.sizes()});
+    SSS_CHECK_VALUE(counts.scalar_type() == ScalarType::Long, "num_draft_tokens must have dtype int64, got ",
+                    PyDtype{counts.scalar_type()});
+    SSS_CHECK_VALUE(counts.size(0) == batch,
                     "num_draft_tokens must be an int64 tensor of shape (B,) = (", batch, "), got ", counts.scalar_type(),
                     " of shape ", counts.sizes());
     check_same_device(target_logits, "target_logits", counts, "num_draft_tokens");
