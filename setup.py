@@ -8,7 +8,7 @@ if impossible). The decision is printed and recorded in ``sss_ext._C.build_info(
 ``_C`` targets the LibTorch stable ABI (``torch/csrc/stable``, ``TORCH_TARGET_VERSION``
 from ``STABLE_ABI_TARGET``) and the CPython limited API (abi3, ``Py_LIMITED_API`` as torch's
 ``BuildExtension`` sets it): one build serves every torch from the target on and every
-CPython from the limited API's version on (README "ABI").
+CPython from the limited API's version on (docs/build.md, "ABI").
 
 The C++ standard is the installed torch's own (``BuildExtension`` picks it: C++17 up to
 torch 2.13, C++20 from 2.14). CUDA architectures come from ``TORCH_CUDA_ARCH_LIST``; when it
@@ -75,7 +75,7 @@ def cuda_archs():
 
 
 def sanitize_flags():
-    """SSS_EXT_SANITIZE=1: AddressSanitizer + UBSan for the host code (see README, Reliability)."""
+    """SSS_EXT_SANITIZE=1: AddressSanitizer + UBSan for the host code (see docs/build.md, "Build")."""
     if os.environ.get("SSS_EXT_SANITIZE", "0").strip().lower() in ("", "0", "false", "off", "no"):
         return [], []
     flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]

@@ -31,6 +31,7 @@ import io
 import os
 import platform
 import pstats
+import re
 import sys
 import time
 
@@ -178,7 +179,8 @@ def profile_cell(models, method, batch, new_tokens, args) -> str:
     stream = io.StringIO()
     stats = pstats.Stats(profiler, stream=stream)
     stats.sort_stats("tottime").print_stats(18)
-    return stream.getvalue()
+    # The recorded table names files from site-packages/ (or the standard library) on, not the machine's folders.
+    return re.sub(r"/\S*/(site-packages|python3\.\d+)/", r"\1/", stream.getvalue())
 
 
 def main():

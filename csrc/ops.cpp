@@ -9,7 +9,7 @@
 
 STABLE_TORCH_LIBRARY(sss_ext, m) {
   // One SSS verification round. logits: (B, K+1, V); draft_tokens: (B, K); uniforms: (B, K+1);
-  // num_draft_tokens: (B,) in [0, K], None for K in every row (ragged layout: README "Ragged drafts").
+  // num_draft_tokens: (B,) in [0, K], None for K in every row (ragged layout: docs/ops.md, "Ragged drafts").
   // Returns tokens (B, K+1), num_accepted (B,), log_z (B, K+1).
   m.def(
       "verify(Tensor target_logits, Tensor draft_logits, Tensor draft_tokens, Tensor? ref_logits, Tensor uniforms, "

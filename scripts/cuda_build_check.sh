@@ -51,8 +51,8 @@ cp "$CPU_BUILD" "$STABLE/sss_ext/"
 (cd "$STABLE" && "$PY" -m sss_ext.info \
   && "$PY" -c "import sss_ext, torch; info = sss_ext.BUILD_INFO; assert sss_ext._C.__file__.startswith('$STABLE') \
 and not info['cuda'] and info['torch_version'] != torch.__version__, (sss_ext._C.__file__, info)" \
-  && "$PY" -m pytest -q -p no:cacheprovider python_tests/test_abi.py python_tests/test_registration.py \
-  python_tests/test_bad_input.py python_tests/test_ragged_verify.py python_tests/test_verify_matches_reference.py \
+  && "$PY" -m pytest -q -p no:cacheprovider python_tests/tools/test_abi.py python_tests/ops/test_registration.py \
+  python_tests/ops/test_bad_input.py python_tests/ops/test_ragged_verify.py python_tests/ops/test_verify_matches_reference.py \
   -k "not largest and (not sweep or (float32 and 0.7-))") \
   || { echo "cuda: the CPU build of the checkout failed under torch $CUDA_TORCH" >&2; exit 1; }
 
@@ -95,9 +95,9 @@ grep -q "CUDA kernels: verify, sample" info.txt || { echo "cuda: sss_ext.info do
 # A representative subset of the CPU suite on the CUDA build: registration, bad input,
 # robustness, edge cases, exact enumeration, the float32 exactness sweep; the decoding and
 # model tests run the same CPU kernels in the CPU stage. The CUDA tests skip, naming the
-# missing device (the kernels' source runs on the CPU in stage 1: test_cuda_on_cpu.py).
-"$PY" -m pytest -q -p no:cacheprovider -rs python_tests/test_registration.py python_tests/test_bad_input.py \
-  python_tests/test_robustness.py python_tests/test_edge_cases.py python_tests/test_exact_enumeration.py \
-  python_tests/test_verify_matches_reference.py python_tests/test_cuda.py \
+# missing device (the kernels' source runs on the CPU in stage 1: cuda/test_cuda_on_cpu.py).
+"$PY" -m pytest -q -p no:cacheprovider -rs python_tests/ops/test_registration.py python_tests/ops/test_bad_input.py \
+  python_tests/ops/test_robustness.py python_tests/ops/test_edge_cases.py python_tests/ops/test_exact_enumeration.py \
+  python_tests/ops/test_verify_matches_reference.py python_tests/cuda/test_cuda.py \
   -k "(not sweep and not largest) or float32"
 PYTHON=$PY bash benchmarks/gpu_check.sh --dry-run

@@ -26,7 +26,7 @@ import torch
 
 from sss_ext.models.dpo import dpo_loss, sequence_logps
 from sss_ext.models.draft import ADAPTER_DIR, apply_adapter, load_draft
-from sss_ext.models.manifest import update_manifest
+from sss_ext.models.manifest import portable_path, update_manifest
 from sss_ext.models.paths import PROMPTS_DIR, WEIGHTS_DIR
 from sss_ext.models.rewards import load_proxy_reward
 from sss_ext.models.target import EOS_TOKEN_ID, load_target
@@ -183,6 +183,10 @@ def main() -> None:
         shutil.rmtree(args.out)
     policy.save_pretrained(str(args.out))
     (args.out / "README.md").unlink(missing_ok=True)  # peft's generated model card
+    config_file = args.out / "adapter_config.json"  # the base model's folder, recorded portably
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = portable_path(config.get("base_model_name_or_path") or "")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     train_cpu = time.process_time() - t_cpu
 
     # held-out proxy reward: d vs r, same seed for both

@@ -3,7 +3,7 @@
 Takes the first ``--seqs`` held-out sequences of the distillation data (target-sampled
 continuations of training prompts that the draft was never trained on), stores their
 token ids and the measured acceptance ``mean_t sum_v min(q_t, d_t)`` (temperature 1 and
-0.7) in sss_ext/models/weights/acceptance_fixture.json. python_tests/test_models_draft.py
+0.7) in sss_ext/models/weights/acceptance_fixture.json. python_tests/models/test_models_default.py
 recomputes it from the shipped weights.
 
     nice -n 19 python scripts/record_acceptance_fixture.py

@@ -30,7 +30,7 @@ export SSS_FUZZ_EXAMPLES=${SSS_FUZZ_EXAMPLES:-100}  # the budget docs/testing.md
 # Every kernel path under the sanitizers, kept short (the runtimes slow everything down):
 # regression and bad-input tests, edge cases, the fuzz properties, and the float32
 # exactness sweep at one temperature (all modes, truncations, shapes and layouts).
-"$PY" -m pytest -q -p no:cacheprovider python_tests/test_robustness.py python_tests/test_bad_input.py \
-  python_tests/test_edge_cases.py python_tests/test_fuzz.py python_tests/test_verify_matches_reference.py \
+"$PY" -m pytest -q -p no:cacheprovider python_tests/ops/test_robustness.py python_tests/ops/test_bad_input.py \
+  python_tests/ops/test_edge_cases.py python_tests/ops/test_fuzz.py python_tests/ops/test_verify_matches_reference.py \
   -k "not largest and not test_sample_matches and (not sweep or (float32 and 0.7-))"
 echo "sanitize: no sanitizer report"

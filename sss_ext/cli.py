@@ -38,13 +38,12 @@ import sys
 from .checks import TOP_K_TIES
 from .decoding.config import DRAFT_LENGTH_POLICIES, SamplingConfig
 from .decoding.methods import METHODS, get_method
+from .decoding.roles import BY_ARGUMENT, ROLES
 from .distributed import DistributedGenerationError, DistributedSession, generate_sharded
 
 _DTYPES = ("float32", "bfloat16", "float16")
-#: generate() model argument -> the flag that gives its directory
-ROLE_FLAGS = {"target": "--target", "draft": "--draft", "ref_model": "--ref"}
-#: generate() model argument -> attribute of sss_ext.models.DefaultModels
-_DEFAULT_ROLES = {"target": "target", "draft": "draft", "ref_model": "ref_draft"}
+#: generate() model argument -> the flag that gives its directory (the role table: sss_ext.decoding.roles)
+ROLE_FLAGS = {role.argument: role.flag for role in ROLES}
 _PROXY_REWARD_FN = "sss_ext.models.rewards:proxy_reward"
 
 
@@ -305,7 +304,7 @@ def load_models(args, device: str) -> dict:
         if paths[role] is not None:
             models[role] = _load_model(flag, paths[role], device, args.dtype)
         elif role in missing:
-            models[role] = getattr(defaults, _DEFAULT_ROLES[role]).to(device=device, dtype=getattr(torch, args.dtype))
+            models[role] = getattr(defaults, BY_ARGUMENT[role].default).to(device=device, dtype=getattr(torch, args.dtype))
         else:
             models[role] = None
     models["reward"] = (_load_model("--reward", args.reward, device, args.dtype, classification=True)

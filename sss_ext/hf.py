@@ -28,17 +28,24 @@ criteria, then calls :func:`decode` with the target as ``model``. ``decode`` rea
   ``text_tokenizer=`` (also used for ``texts``).
 * **Streamer**: transformers does not hand ``streamer`` to a ``custom_generate`` callable (it
   passes only arguments ``_sample`` lacks) but puts the prompt into it, so :func:`decode`
-  takes the streamer of the ``generate`` call that invoked it; ``put`` receives each round's
-  kept tokens (1, n), ``end`` is called at the end. Batch size 1, as transformers' streamers.
+  takes the streamer of the ``generate`` call that invoked it (:func:`streamer_of_generate`,
+  which raises if transformers stops keeping it there); ``put`` receives each round's kept
+  tokens (1, n), ``end`` is called at the end. Batch size 1, as transformers' streamers.
+* **Padding**: left padding is transformers' convention for decoder-only generation
+  (``sss_ext.models.load_default()``'s tokenizer pads left). A right-padded batch decodes
+  (the prompts are read through ``attention_mask``) unless a logits processor, a stopping
+  criterion or a streamer needs the rows' full context, which is the left-padded row
+  ``generate`` passes: then ``ValueError`` says to pad on the left.
 
 Returns the prompts (with their original left padding) followed by the new tokens,
-right-padded with ``pad_token_id`` like ``generate`` itself; a ``GenerateDecoderOnlyOutput``
-when ``return_dict_in_generate=True``. The full :class:`~sss_ext.decoding.GenerateOutput`
-(stats included) of the last call is kept in ``decode.last_output``.
+right-padded with ``pad_token_id`` like ``generate`` itself. With
+``return_dict_in_generate=True``, a ``GenerateDecoderOnlyOutput`` whose ``sss_output`` holds
+the full :class:`~sss_ext.decoding.GenerateOutput` (stats, texts, extras).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -143,12 +150,63 @@ def loop_stopping_criteria(stopping_criteria, max_length: int, eos_token_ids: tu
     return kept
 
 
-def _streamer_of_generate(model):
-    """The ``streamer`` argument of the ``model.generate`` call running :func:`decode`, or None."""
-    frame = sys._getframe(2)  # _streamer_of_generate <- decode <- its caller
-    if frame.f_code.co_name == "generate" and frame.f_locals.get("self") is model:
-        return frame.f_locals.get("streamer")
+#: how many frames above decode() the calling ``generate`` may sit (decorators add a few)
+_GENERATE_FRAME_DEPTH = 8
+
+
+def streamer_of_generate(model):
+    """The ``streamer`` argument of the ``model.generate`` call that runs :func:`decode`, or None.
+
+    transformers does not hand ``streamer`` to a ``custom_generate`` callable, so it is read
+    from the calling ``generate``'s frame: the nearest frame named ``generate`` whose ``self`` is
+    ``model``, within a few frames of the caller. None when there is no such frame
+    (:func:`decode` called directly). ``RuntimeError`` when that frame has no ``streamer``
+    variable: transformers changed, and the streamer would be silently lost.
+    """
+    frame = sys._getframe(1)
+    for _ in range(_GENERATE_FRAME_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "generate" and frame.f_locals.get("self") is model:
+            if "streamer" not in frame.f_code.co_varnames:
+                raise RuntimeError(
+                    "sss_ext.hf.decode could not find the streamer of the calling generate(): this transformers "
+                    "version keeps it elsewhere; pass streamer= through generate's kwargs to decode, or use the "
+                    "pinned transformers (constraints.txt)")
+            return frame.f_locals.get("streamer")
+        frame = frame.f_back
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _output_class():
+    """``GenerateDecoderOnlyOutput`` with ``sss_output``: the full :class:`~sss_ext.decoding.GenerateOutput`."""
+    from dataclasses import dataclass
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    @dataclass
+    class DecodeOutput(GenerateDecoderOnlyOutput):
+        sss_output: object = None
+
+    return DecodeOutput
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """``ValueError`` unless every row's padding (mask 0) comes before its tokens (mask 1).
+
+    Shape
+    -----
+    attention_mask: (B, L)
+    """
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < 2:
+        return
+    mask = attention_mask.bool()
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError(
+            "the prompts are right-padded (attention_mask has 0s after 1s); logits processors, stopping criteria and "
+            "streamers of sss_ext.hf.decode need left padding, transformers' convention for decoder-only generation: "
+            "set tokenizer.padding_side = 'left' before tokenizing (sss_ext.models.load_default()'s tokenizer pads left)")
 
 
 def decode(
@@ -204,13 +262,15 @@ def decode(
     Returns
     -------
     torch.LongTensor or GenerateDecoderOnlyOutput
+        The output with ``sss_output`` (the :class:`~sss_ext.decoding.GenerateOutput`) when
+        ``return_dict_in_generate=True``.
 
     Shape
     -----
     input_ids: (B, L) -> (B, L + max_new_tokens)
     """
     if streamer is None:
-        streamer = _streamer_of_generate(model)
+        streamer = streamer_of_generate(model)
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -241,6 +301,7 @@ def decode(
         criteria.append(StopStringCriteria(tokenizer, stop_strings))
     hooks = {}
     if processors or criteria or streamer is not None:
+        check_left_padded(attention_mask)
         from transformers import StoppingCriteriaList
 
         hooks = {"logits_processor": PromptProcessors(processors) if processors else None,
@@ -248,17 +309,11 @@ def decode(
                  "streamer": streamer, "context_ids": list(input_ids.cpu())}
     output = generate(model, draft_model, input_ids, ref_model=ref_model, tokenizer=tokenizer, method=method,
                       config=config, reward_fn=reward_fn, attention_mask=attention_mask, observer=observer, **hooks)
-    decode.last_output = output
     pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or (0,))[0]
     new = torch.full((input_ids.shape[0], max_new_tokens), pad_id, dtype=torch.int64)
     for row, sequence in enumerate(output.sequences):
         new[row, : sequence.numel()] = sequence
     sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
     if getattr(generation_config, "return_dict_in_generate", False):
-        from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-        return GenerateDecoderOnlyOutput(sequences=sequences)
+        return _output_class()(sequences=sequences, sss_output=output)
     return sequences
-
-
-decode.last_output = None

@@ -1,7 +1,12 @@
-"""Public entry points of the op family: argument checks, uniforms, dispatch to ``torch.ops.sss_ext``.
+"""Public entry points of the op family: uniforms, dispatch to ``torch.ops.sss_ext``, CUDA error replay.
 
-The registered ops (schemas in ``csrc/ops.cpp``) run on the tensors' device; the
-pure-PyTorch reference (:mod:`sss_ext.reference`) is never a silent fallback.
+The registered ops (schemas in ``csrc/ops.cpp``) run on the tensors' device and validate
+their arguments in the C++ adapter (``csrc/adapter/bridge.h``), once per call. The
+wrappers here add what the adapter cannot do: draw the uniforms, refuse CUDA tensors on a
+build without CUDA kernels, turn the CUDA kernels' invalid-row marks into the CPU kernel's
+named ``ValueError``, and name an argument the op's schema refuses (a list for a tensor, a
+bool or a string for a number) with the checks of :mod:`sss_ext.checks`, which run only
+then. The pure-PyTorch reference (:mod:`sss_ext.reference`) is never a silent fallback.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from .outputs import VerifyOutput
 from .uniforms import draw_uniforms
 
 BUILD_INFO = _C.build_info()
+_VERIFY = torch.ops.sss_ext.verify.default
+_SAMPLE = torch.ops.sss_ext.sample.default
+_BOOL = bool
 
 
 def _check_device_built(name: str, tensor: torch.Tensor) -> None:
@@ -34,15 +42,17 @@ def _check_device_built(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {tensor.device}; sss_ext has kernels for cpu and cuda only")
 
 
-def _validated_on_device(op, args: tuple, invalid_rows: torch.Tensor, validate: bool) -> None:
+def _validated_on_device(op, args: tuple, marks: torch.Tensor, validate: bool) -> None:
     """On CUDA with ``validate``, one small device-to-host read of the invalid-row flags.
 
     The CPU kernels raise a named ``ValueError`` themselves. The CUDA kernels mark an
-    invalid row (``-1``) instead of synchronising; when a row is marked, the call is
-    replayed on CPU copies of the inputs so that the same named ``ValueError`` is raised.
+    invalid row (``-1`` in ``marks``) instead of synchronising; when a row is marked, the
+    call is replayed on CPU copies of the inputs so that the same named ``ValueError`` is
+    raised. The flags are built only here, on CUDA with ``validate``.
     """
-    if not validate or invalid_rows.device.type != "cuda":
+    if not validate or marks.device.type != "cuda":
         return
+    invalid_rows = marks < 0
     if torch.cuda.is_current_stream_capturing():
         raise ValueError("validate=True reads a flag back to the host, which CUDA-graph capture forbids: "
                          "pass validate=False inside a capture (invalid rows then come back as -1)")
@@ -134,23 +144,36 @@ def verify(
     ref_logits: (B, K+1, V); num_draft_tokens: (B,); uniforms: (B, K+1)
     -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
     """
-    (batch, num_draft_max, _), (temperature, top_k, top_p, shift, mode) = check_verify_args(
+    try:
+        if _BOOL in (type(temperature), type(top_k), type(top_p), type(shift)):
+            raise TypeError("a bool where the op takes a number")
+        if target_logits.device.type != "cpu":
+            _check_device_built("target_logits", target_logits)
+        if uniforms is None:
+            uniforms = draw_uniforms((draft_tokens.shape[0], draft_tokens.shape[1] + 1), target_logits.device, generator)
+        args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
+                num_draft_tokens, top_k_ties)
+        tokens, num_accepted, log_z = _VERIFY(*args)
+    except (TypeError, RuntimeError, AttributeError, IndexError):
+        _name_bad_verify_arguments(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k,
+                                   top_p, shift, mode, num_draft_tokens, top_k_ties)
+        raise
+    _validated_on_device(_VERIFY, args, num_accepted, validate)
+    return VerifyOutput(tokens, num_accepted, log_z)
+
+
+def _name_bad_verify_arguments(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p,
+                               shift, mode, num_draft_tokens, top_k_ties) -> None:
+    """The Python checks of a verify call the op refused: raise the named ``ValueError`` if one applies."""
+    (batch, num_draft_max, _), _scalars = check_verify_args(
         target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
     )
-    top_k_ties = check_top_k_ties(top_k_ties)
+    check_top_k_ties(top_k_ties)
     _check_device_built("target_logits", target_logits)
     if num_draft_tokens is not None:
         check_num_draft_tokens_meta(num_draft_tokens, batch, target_logits.device)
-    shape = (batch, num_draft_max + 1)
-    if uniforms is None:
-        uniforms = draw_uniforms(shape, target_logits.device, generator)
-    else:
-        check_uniforms_meta(uniforms, shape, "(B, K+1)", target_logits.device)
-    args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
-            num_draft_tokens, top_k_ties)
-    tokens, num_accepted, log_z = torch.ops.sss_ext.verify.default(*args)
-    _validated_on_device(torch.ops.sss_ext.verify.default, args, num_accepted < 0, validate)
-    return VerifyOutput(tokens, num_accepted, log_z)
+    if uniforms is not None:
+        check_uniforms_meta(uniforms, (batch, num_draft_max + 1), "(B, K+1)", target_logits.device)
 
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator=None, *, validate=True,
@@ -185,16 +208,23 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
     -----
     logits: (B, V); uniforms: (B,) -> (B,)
     """
-    (batch, _), (temperature, top_k, top_p) = check_sample_args(logits, temperature, top_k, top_p)
-    top_k_ties = check_top_k_ties(top_k_ties)
-    _check_device_built("logits", logits)
-    if uniforms is None:
-        uniforms = draw_uniforms((batch,), logits.device, generator)
-    else:
-        check_uniforms_meta(uniforms, (batch,), "(B,)", logits.device)
-    args = (logits, uniforms, temperature, top_k, top_p, top_k_ties)
-    tokens = torch.ops.sss_ext.sample.default(*args)
-    _validated_on_device(torch.ops.sss_ext.sample.default, args, tokens < 0, validate)
+    try:
+        if _BOOL in (type(temperature), type(top_k), type(top_p)):
+            raise TypeError("a bool where the op takes a number")
+        if logits.device.type != "cpu":
+            _check_device_built("logits", logits)
+        if uniforms is None:
+            uniforms = draw_uniforms((logits.shape[0],), logits.device, generator)
+        args = (logits, uniforms, temperature, top_k, top_p, top_k_ties)
+        tokens = _SAMPLE(*args)
+    except (TypeError, RuntimeError, AttributeError, IndexError):
+        (batch, _), _scalars = check_sample_args(logits, temperature, top_k, top_p)
+        check_top_k_ties(top_k_ties)
+        _check_device_built("logits", logits)
+        if uniforms is not None:
+            check_uniforms_meta(uniforms, (batch,), "(B,)", logits.device)
+        raise
+    _validated_on_device(_SAMPLE, args, tokens, validate)
     return tokens
 
 

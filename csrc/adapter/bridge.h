@@ -2,7 +2,7 @@
 // kernels, shared by the CPU and CUDA adapters: named argument checks, the kernels' parameter
 // structs built in one call from the checked inputs and the outputs, the dtype dispatch, and
 // kernel errors turned into ValueErrors that name the argument. Only stable-ABI headers:
-// one build serves every torch from TORCH_TARGET_VERSION on (README "ABI").
+// one build serves every torch from TORCH_TARGET_VERSION on (docs/build.md, "ABI").
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -47,6 +47,38 @@ inline void append(std::ostream& out, const torch::stable::Device& device) {
 }
 
 inline void append(std::ostream& out, ScalarType dtype) { out << torch::headeronly::toString(dtype); }
+
+// Message parts printed as Python prints them, where a message must equal the Python
+// wrappers' (sss_ext/checks.py): a shape tuple "(3,)" / "(3, 1)", a dtype "int32".
+struct PyShape {
+  torch::headeronly::IntHeaderOnlyArrayRef sizes;
+};
+
+inline void append(std::ostream& out, const PyShape& shape) {
+  out << '(';
+  for (size_t i = 0; i < shape.sizes.size(); ++i) out << (i ? ", " : "") << shape.sizes[i];
+  out << (shape.sizes.size() == 1 ? ",)" : ")");
+}
+
+struct PyDtype {
+  ScalarType dtype;
+};
+
+inline void append(std::ostream& out, const PyDtype& dtype) {
+  switch (dtype.dtype) {
+    case ScalarType::Bool: out << "bool"; return;
+    case ScalarType::Byte: out << "uint8"; return;
+    case ScalarType::Char: out << "int8"; return;
+    case ScalarType::Short: out << "int16"; return;
+    case ScalarType::Int: out << "int32"; return;
+    case ScalarType::Long: out << "int64"; return;
+    case ScalarType::Half: out << "float16"; return;
+    case ScalarType::BFloat16: out << "bfloat16"; return;
+    case ScalarType::Float: out << "float32"; return;
+    case ScalarType::Double: out << "float64"; return;
+    default: out << torch::headeronly::toString(dtype.dtype);
+  }
+}
 
 template <class T>
 void append(std::ostream& out, const T& part) {
@@ -118,7 +150,7 @@ T* output_data(const Tensor& t) {
 // A new uninitialised contiguous tensor of 1 or 2 dimensions on the device of `like`. Through
 // the stable C shim's aoti_torch_empty_strided (at::empty_strided) rather than
 // torch::stable::empty, which looks aten::empty up in the dispatcher and calls it boxed on
-// every call (about 5000 more instructions per output, README "ABI").
+// every call (about 5000 more instructions per output, docs/build.md, "ABI").
 // The adapter's output dtypes: int64 ids and counts, float32 log_z, uint8 workspace.
 enum class OutputDtype { kInt64, kFloat32, kUInt8 };
 
@@ -236,7 +268,10 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor&
   const bool ragged = is_given(num_draft_tokens);
   if (ragged) {  // values in [0, K] are checked by the kernels (kBadNumDraft)
     const Tensor& counts = *num_draft_tokens;
-    SSS_CHECK_VALUE(counts.scalar_type() == ScalarType::Long && counts.dim() == 1 && counts.size(0) == batch,
+    SSS_CHECK_VALUE(counts.dim() == 1, "num_draft_tokens must be 1-D, got shape ", PyShape{counts.sizes()});
+    SSS_CHECK_VALUE(counts.scalar_type() == ScalarType::Long, "num_draft_tokens must have dtype int64, got ",
+                    PyDtype{counts.scalar_type()});
+    SSS_CHECK_VALUE(counts.size(0) == batch,
                     "num_draft_tokens must be an int64 tensor of shape (B,) = (", batch, "), got ", counts.scalar_type(),
                     " of shape ", counts.sizes());
     check_same_device(target_logits, "target_logits", counts, "num_draft_tokens");

@@ -10,6 +10,7 @@ from .config import SamplingConfig
 from .context import RunContext
 from .hooks import GenerationHooks
 from .methods import get_method
+from .monitor import CallMonitor
 from .observe import Tracker, as_observer
 from .randomness import Randomness, check_prompt_indices
 from .scoring import RewardScorer, check_reward
@@ -141,9 +142,9 @@ def generate(target, draft, prompts_or_input_ids, ref_model=None, tokenizer=None
 
     stats = StatsRecorder(len(prompts))
     scorer = RewardScorer(reward_fn, models.tokenizer, config.reward_input, stats) if spec.needs_reward else None
-    tracker = Tracker(observer, method) if observer is not None else None
+    monitor = CallMonitor(stats, Tracker(observer, method) if observer is not None else None)
     ctx = RunContext(method=method, models=models, prompts=prompts, config=config, randomness=randomness, stats=stats,
-                     scorer=scorer, tracker=tracker, hooks=hooks)
+                     monitor=monitor, scorer=scorer, hooks=hooks)
     result = spec.run(ctx)
     if hooks is not None:
         hooks.end()

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
 from ..warp import warp_probs
-from .cache import KVState
 from .context import MethodResult, RunContext
 from .randomness import SAMPLING
-from .rows import RowBook, left_pad
-
-_ARGUMENT = {"target": "target", "draft": "draft", "ref": "ref_model"}
+from .sampler_run import SamplerRun
 
 
-class AutoregressiveRun:
+class AutoregressiveRun(SamplerRun):
     """Sample continuations of ``prompts`` (one row each) from the model of ``role``.
 
     Parameters
@@ -44,79 +40,35 @@ class AutoregressiveRun:
 
     def __init__(self, ctx: RunContext, role: str, prompts=None, prompt_of_row=None, track_log_prob: bool = False,
                  sample_of_row=None, purpose: int = SAMPLING):
-        config, models, device = ctx.config, ctx.models, ctx.device
-        prompts = ctx.prompts if prompts is None else prompts
-        if prompt_of_row is None:
-            prompt_of_row = torch.arange(len(prompts))
-        self.config = config
-        self.streams = ctx.randomness.streams(prompt_of_row, sample_of_row, purpose)
-        self.stats = ctx.stats
+        super().__init__(ctx, role, prompts, prompt_of_row, sample_of_row, spare=1, purpose=purpose)
         self.role = role
-        self.tracker = ctx.tracker
-        self.run_index = self.tracker.new_run() if self.tracker is not None else 0
-        self.step_index = 0
-        self.book = RowBook(prompt_of_row, config.max_new_tokens, 1, models.eos_token_ids, device, ctx.stats, ctx.hooks)
-        self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
-        self.state = KVState(models.get(role), role, self._record, _ARGUMENT[role], len(prompts), device, ctx.clock)
+        self.state = self.kv_state(role)
         self.track_log_prob = track_log_prob
-        self.log_prob = torch.zeros(len(prompts), dtype=torch.float64, device=device)
-        ids, mask = left_pad(prompts, models.pad_token_id, device)
-        if ids.shape[1] > 1:
-            self.state.forward(ids[:, :-1], mask[:, :-1])
-        self.pending = ids[:, -1]
-        if self.tracker is not None:
-            self.tracker.emit("prefill", self.run_index, role, -1, self.book.active.cpu(), self.book.active_prompts.clone(),
-                              states=(self.state,))
+        self.log_prob = torch.zeros(len(self.prompts), dtype=torch.float64, device=ctx.device)
+        self.prefill()
 
-    def _record(self, role: str, width: int, seconds: float | None = None) -> None:
-        prompts = self.book.active_prompts
-        self.stats.forward(role, prompts, width)
-        if self.tracker is not None:
-            self.tracker.forward(role, int(prompts.numel()), width, seconds)
+    @property
+    def states(self):
+        return [self.state]
 
-    def step(self) -> None:
-        """One token for every active row."""
+    def round(self) -> None:
+        """One token for every active row (a step)."""
         config = self.config
-        tracker = self.tracker
-        if tracker is not None:
-            rows, row_prompts = self.book.active.cpu(), self.book.active_prompts.clone()
-        logits = self.state.forward(self.pending[:, None])[:, -1]
-        if self.logits_hooks is not None:
-            logits = self.logits_hooks.process(self.book, [], logits[:, None])[:, 0]
-        uniforms = self.streams.draw(self.book.active, 1)[:, 0]
-        if tracker is None:
-            token = ops.sample(logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms,
-                               top_k_ties=config.top_k_ties)
-        else:
-            token = tracker.timed_op(ops.sample, logits, config.temperature, config.top_k, config.top_p, uniforms=uniforms,
-                                     top_k_ties=config.top_k_ties)
+        self.monitor.round_started()
+        logits = self.processed([], self.state.forward(self.pending[:, None])[:, -1:])[:, 0]
+        token = self.sample(logits, self.streams.draw(self.book.active, 1)[:, 0])
         if self.track_log_prob:
             probs = warp_probs(logits, config.temperature, config.top_k, config.top_p, top_k_ties=config.top_k_ties)
             self.log_prob[self.book.active] += torch.log(probs.gather(1, token[:, None]).squeeze(1))
         kept, done = self.book.append(token[:, None])
         self.pending = token
-        self._remove(done)
-        if tracker is not None:
-            tracker.emit("step", self.run_index, self.role, self.step_index, rows, row_prompts, states=(self.state,),
-                         logits={self.role: logits}, tokens=token[:, None], num_emitted=kept, finished=done)
-        self.step_index += 1
-
-    def _remove(self, leaving: torch.Tensor) -> None:
-        stay = self.book.remove(leaving)
-        if stay is not None:
-            self.state.select_rows(stay)
-            self.pending = self.pending[stay]
+        self.remove(done)
+        self.monitor.round_finished("step", 1, self.states, logits={self.role: logits}, tokens=token[:, None], num_emitted=kept,
+                                    finished=done)
 
     def drop(self, row_ids: torch.Tensor) -> None:
         """Stop the active rows ``row_ids`` (they keep what they generated, unfinished)."""
-        self._remove(torch.isin(self.book.active, row_ids.to(self.book.active.device)))
-
-    def run(self, max_steps: int | None = None) -> None:
-        """Step until every row finished, or ``max_steps`` steps."""
-        steps = 0
-        while self.book.num_active and (max_steps is None or steps < max_steps):
-            self.step()
-            steps += 1
+        self.remove(torch.isin(self.book.active, row_ids.to(self.book.active.device)))
 
 
 def run_autoregressive(ctx: RunContext, role: str) -> MethodResult:

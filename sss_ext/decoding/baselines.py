@@ -25,13 +25,7 @@ from ..warp import warp_probs
 from .autoregressive import AutoregressiveRun
 from .context import MethodResult, RunContext
 from .randomness import CHOICE, FALLBACK, FALLBACK_CHOICE
-from .rows import left_pad
-
-
-def _expand(prompts: list[torch.Tensor], copies: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Every prompt ``copies`` times. Shape: -> R = P * copies rows, prompt_of_row (R,), sample_of_row (R,)"""
-    rows = [prompt for prompt in prompts for _ in range(copies)]
-    return rows, torch.arange(len(prompts)).repeat_interleave(copies), torch.arange(copies).repeat(len(prompts))
+from .rows import left_pad, repeat_prompts
 
 
 def _full(prompts: list[torch.Tensor], rows: list[int], sequences: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -41,7 +35,7 @@ def _full(prompts: list[torch.Tensor], rows: list[int], sequences: list[torch.Te
 def best_of_n(ctx: RunContext) -> MethodResult:
     prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
-    rows, prompt_of_row, sample_of_row = _expand(prompts, n)
+    rows, prompt_of_row, sample_of_row = repeat_prompts(prompts, n)
     run = AutoregressiveRun(ctx, "target", rows, prompt_of_row, sample_of_row=sample_of_row)
     run.run()
     candidates = run.book.sequences()
@@ -60,12 +54,12 @@ def best_of_n(ctx: RunContext) -> MethodResult:
 def speculative_rejection(ctx: RunContext) -> MethodResult:
     prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
-    rows, prompt_of_row, sample_of_row = _expand(prompts, n)
+    rows, prompt_of_row, sample_of_row = repeat_prompts(prompts, n)
     run = AutoregressiveRun(ctx, "target", rows, prompt_of_row, sample_of_row=sample_of_row)
     decisions: list[list[dict]] = [[] for _ in prompts]
     generated = 0
     while run.book.num_active:
-        run.run(max_steps=config.rejection_interval)
+        run.run(max_rounds=config.rejection_interval)
         generated += config.rejection_interval
         if not run.book.num_active:
             break
@@ -121,17 +115,14 @@ def target_log_prob(ctx: RunContext, full_sequences, response_lengths, prompt_of
     -----
     full_sequences: R tensors (L_r + T_r,); response_lengths: R ints -> (R,) float64
     """
-    models, config, tracker = ctx.models, ctx.config, ctx.tracker
+    models, config, clock = ctx.models, ctx.config, ctx.monitor.clock
     ids, mask = left_pad(full_sequences, models.pad_token_id, models.device)
     positions = (torch.cumsum(mask, dim=1) - 1).clamp_min(0)
     width = ids.shape[1]
-    ctx.stats.forward("target", prompt_of_row, width)
-    start = ctx.clock() if ctx.clock is not None else None
+    start = clock() if clock is not None else None
     logits = models.target(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    if tracker is not None:
-        tracker.forward("target", len(full_sequences), width, ctx.clock() - start if start is not None else None)
-        tracker.emit("score", tracker.new_run(), "target", -1, torch.arange(len(full_sequences)), prompt_of_row.clone(),
-                     logits={"target": logits})
+    ctx.monitor.scoring_pass("target", len(full_sequences), prompt_of_row, width, clock() - start if start is not None else None,
+                             logits={"target": logits})
     out = torch.zeros(len(full_sequences), dtype=torch.float64)
     for row, length in enumerate(response_lengths):
         if length == 0:
@@ -146,7 +137,7 @@ def target_log_prob(ctx: RunContext, full_sequences, response_lengths, prompt_of
 def soft_best_of_n(ctx: RunContext) -> MethodResult:
     prompts, config, stats, scorer = ctx.prompts, ctx.config, ctx.stats, ctx.scorer
     n = config.num_samples
-    rows, prompt_of_row, sample_of_row = _expand(prompts, n)
+    rows, prompt_of_row, sample_of_row = repeat_prompts(prompts, n)
     run = AutoregressiveRun(ctx, "draft", rows, prompt_of_row, track_log_prob=True, sample_of_row=sample_of_row)
     run.run()
     candidates = run.book.sequences()
@@ -174,7 +165,7 @@ def soft_best_of_n(ctx: RunContext) -> MethodResult:
     stats.prompts_finished(p for p in range(len(prompts)) if p not in fallback)
     if fallback:
         fallback_prompts = [prompts[p] for p in fallback]
-        target_rows, local_of_row, target_sample_of_row = _expand(fallback_prompts, n)
+        target_rows, local_of_row, target_sample_of_row = repeat_prompts(fallback_prompts, n)
         target_prompt_of_row = torch.tensor(fallback)[local_of_row]
         target_run = AutoregressiveRun(ctx, "target", target_rows, target_prompt_of_row, sample_of_row=target_sample_of_row,
                                        purpose=FALLBACK)

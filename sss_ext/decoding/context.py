@@ -14,7 +14,7 @@ import torch
 
 from .config import SamplingConfig
 from .hooks import GenerationHooks
-from .observe import Tracker
+from .monitor import CallMonitor
 from .randomness import Randomness
 from .stats import StatsRecorder
 
@@ -59,10 +59,11 @@ class RunContext:
         prompt indices (:mod:`sss_ext.decoding.randomness`).
     stats : StatsRecorder
         Forward, reward and round counters.
+    monitor : CallMonitor
+        What the sampler runs report to (:mod:`sss_ext.decoding.monitor`): the stats and,
+        with an observer, its per-round records.
     scorer : RewardScorer or None
         The reward of the reward-guided methods (None for the others).
-    tracker : Tracker or None
-        Hands per-round records to the caller's observer; None (no overhead) without one.
     hooks : GenerationHooks or None
         Logits processor, stopping criteria and streamer (:mod:`sss_ext.decoding.hooks`); None without any.
     """
@@ -73,18 +74,13 @@ class RunContext:
     config: SamplingConfig
     randomness: Randomness
     stats: StatsRecorder
+    monitor: CallMonitor
     scorer: object | None = None
-    tracker: Tracker | None = None
     hooks: GenerationHooks | None = None
 
     @property
     def device(self) -> torch.device:
         return self.models.device
-
-    @property
-    def clock(self):
-        """The observer's clock when it asked for timings, else None."""
-        return self.tracker.clock if self.tracker is not None else None
 
 
 @dataclass

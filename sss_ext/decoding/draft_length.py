@@ -15,9 +15,12 @@ positions, the op, cache rollback and bookkeeping), ``k`` in ``[1, num_draft_tok
 ``SamplingConfig.draft_cost_ratio`` the costs are ``(ratio, 1, 0)``; when that is None they
 are measured from the run's own wall-clock times: the mean time of a draft step, and a
 least-squares line of the rest of the round against its width, both over the recent rounds
-(weights decaying by ``COST_DECAY`` per round). On CUDA the times are CUDA events on the
-current stream, read once a later round's host sync has completed them (the policy adds no
-sync of its own); on CPU they are ``time.perf_counter``.
+(weights decaying by ``COST_DECAY`` per round), by a :class:`RoundCostMeter` that listens
+to the run's monitor (:mod:`sss_ext.decoding.monitor`). On CUDA the times are CUDA events on
+the current stream, read once a later round's host sync has completed them (the meter adds
+no sync of its own); on CPU they are ``time.perf_counter``. :class:`DraftLengths` itself is
+the policy only: ``choose`` a round's per-row counts, ``update`` with what was accepted,
+``select_rows`` when rows leave.
 
 Any ``k`` fixed before a round's drafts are drawn keeps the output law (each round is an
 exact speculative round with that row's ``k``, docs/algorithm.md §6), so the policy changes
@@ -88,7 +91,7 @@ def best_draft_length(acceptance: torch.Tensor, max_draft_tokens: int, costs: tu
 
 
 class DraftLengths:
-    """Draft tokens per row for each round.
+    """Draft tokens per row for each round: the policy (choose, update, select_rows).
 
     Parameters
     ----------
@@ -99,25 +102,27 @@ class DraftLengths:
     extra_draft_steps : int
         Draft steps a round runs besides its proposals (1 for SSS, 0 for standard SD).
     device : torch.device
+    meter : RoundCostMeter, optional
+        Measured round costs (used when ``draft_cost_ratio`` is None); see :meth:`measures`.
 
     Shape
     -----
     accepted, rejected: (B,) float64 counts of the active rows (prior included)
     """
 
-    def __init__(self, config, batch_size: int, extra_draft_steps: int, device):
+    def __init__(self, config, batch_size: int, extra_draft_steps: int, device, meter: "RoundCostMeter | None" = None):
         self.max_draft_tokens = config.num_draft_tokens
         self.adaptive = config.draft_length_policy == "adaptive"
         self.fixed_ratio = config.draft_cost_ratio
         self.extra_draft_steps = extra_draft_steps
-        # decayed sums over rounds: weight, draft seconds per step, width, rest seconds, width^2, width * rest
-        self._sums = [0.0] * 6
+        self.meter = meter
         self.accepted = torch.full((batch_size,), PRIOR_ACCEPTANCE * PRIOR_ROUNDS, dtype=torch.float64, device=device)
         self.rejected = torch.full((batch_size,), (1.0 - PRIOR_ACCEPTANCE) * PRIOR_ROUNDS, dtype=torch.float64, device=device)
-        measuring = self.adaptive and self.fixed_ratio is None
-        self._clock = (CudaClock(device) if torch.device(device).type == "cuda" else WallClock()) if measuring else None
-        self._marks = None  # (start, drafted, steps) of the round in progress
-        self._pending = deque()  # (start, drafted, end, steps, width) of rounds not yet read
+
+    @staticmethod
+    def measures(config) -> bool:
+        """Whether the policy of ``config`` reads measured costs (adaptive, no ``draft_cost_ratio``)."""
+        return config.draft_length_policy == "adaptive" and config.draft_cost_ratio is None
 
     @property
     def acceptance(self) -> torch.Tensor:
@@ -129,17 +134,7 @@ class DraftLengths:
         """``(c_draft, c_round, c_position)``: given by the ratio, else measured (``(0, 1, 0)`` before any round)."""
         if self.fixed_ratio is not None:
             return self.fixed_ratio, 1.0, 0.0
-        weight, draft, width, rest, width_squared, width_rest = self._sums
-        if weight == 0.0:
-            return 0.0, 1.0, 0.0
-        mean_width, mean_rest = width / weight, rest / weight
-        variance = width_squared / weight - mean_width**2
-        slope = (width_rest / weight - mean_width * mean_rest) / variance if variance > 1e-9 else 0.0
-        slope = max(slope, 0.0)
-        intercept = mean_rest - slope * mean_width
-        if intercept < 0.0:  # proportional to the width
-            intercept, slope = 0.0, width_rest / width_squared
-        return draft / weight, intercept, slope
+        return self.meter.costs if self.meter is not None else (0.0, 1.0, 0.0)
 
     def choose(self, remaining: torch.Tensor) -> torch.Tensor:
         """Per-row draft counts of the next round: ``min(K', remaining - 1)`` with ``K' = K`` (fixed
@@ -171,19 +166,53 @@ class DraftLengths:
         self.accepted = self.accepted[rows]
         self.rejected = self.rejected[rows]
 
-    # Cost measurement: times of a round's draft steps and of the rest of the round.
-    def start(self) -> None:
+
+class RoundCostMeter:
+    """The measured costs of a speculative run's rounds: times of the draft steps and of the rest.
+
+    Listens to the run monitor's round seams (``round_started``, ``drafted``,
+    ``round_finished``); a round's times are read once its marks completed (at a later round's
+    start or end), so the meter never waits for the device.
+
+    Parameters
+    ----------
+    device : torch.device
+        CUDA: CUDA events on the current stream; otherwise host time.
+    """
+
+    def __init__(self, device):
+        self._clock = CudaClock(device) if torch.device(device).type == "cuda" else WallClock()
+        # decayed sums over rounds: weight, draft seconds per step, width, rest seconds, width^2, width * rest
+        self._sums = [0.0] * 6
+        self._marks = None  # (start, drafted, steps) of the round in progress
+        self._pending = deque()  # (start, drafted, end, steps, width) of rounds not yet read
+
+    @property
+    def costs(self) -> tuple[float, float, float]:
+        """``(c_draft, c_round, c_position)`` from the rounds read so far (``(0, 1, 0)`` before any)."""
+        weight, draft, width, rest, width_squared, width_rest = self._sums
+        if weight == 0.0:
+            return 0.0, 1.0, 0.0
+        mean_width, mean_rest = width / weight, rest / weight
+        variance = width_squared / weight - mean_width**2
+        slope = (width_rest / weight - mean_width * mean_rest) / variance if variance > 1e-9 else 0.0
+        slope = max(slope, 0.0)
+        intercept = mean_rest - slope * mean_width
+        if intercept < 0.0:  # proportional to the width
+            intercept, slope = 0.0, width_rest / width_squared
+        return draft / weight, intercept, slope
+
+    def round_started(self) -> None:
         """The round begins (its draft steps come first)."""
-        if self._clock is not None:
-            self._read_finished_rounds()
-            self._marks = (self._clock.mark(),)
+        self._read_finished_rounds()
+        self._marks = (self._clock.mark(),)
 
     def drafted(self, steps: int) -> None:
         """The round's ``steps`` draft steps are done."""
         if self._marks is not None:
             self._marks = (self._marks[0], self._clock.mark(), steps)
 
-    def finished(self, width: int) -> None:
+    def round_finished(self, width: int) -> None:
         """The round, which verified ``width`` positions, is done."""
         if self._marks is None:
             return

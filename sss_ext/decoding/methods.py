@@ -15,12 +15,12 @@ from typing import Callable
 from .autoregressive import run_autoregressive
 from .baselines import best_of_n, soft_best_of_n, speculative_rejection
 from .context import MethodResult, RunContext
+from .roles import MODEL_ARGUMENTS
 from .sir import sss_sir
 from .speculative import run_speculative
 
 __all__ = ["Method", "METHODS", "METHOD_NAMES", "register", "get_method", "RunContext", "MethodResult"]
 
-MODEL_ARGUMENTS = ("target", "draft", "ref_model")
 
 
 @dataclass(frozen=True)

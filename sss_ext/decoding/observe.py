@@ -238,7 +238,8 @@ class Tracker:
         self.runs += 1
         return self.runs - 1
 
-    def forward(self, role: str, rows: int, width: int, seconds: float | None) -> None:
+    def add_forward(self, role: str, rows: int, width: int, seconds: float | None) -> None:
+        """A forward of ``role`` over ``rows`` rows of ``width`` positions, into the record in progress."""
         count = self._forwards.get(role)
         if count is None:
             count = self._forwards[role] = ForwardCount(seconds=None if self.clock is None else 0.0)
@@ -247,9 +248,6 @@ class Tracker:
         count.tokens += rows * width
         if seconds is not None:
             count.seconds += seconds
-
-    def op(self, seconds: float) -> None:
-        self._op_seconds += seconds
 
     def timed_op(self, function, *args, **kwargs):
         """``function(*args, **kwargs)``, its time added to the round's op time when a clock is set."""

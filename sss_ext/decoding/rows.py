@@ -29,6 +29,17 @@ def left_pad(prompts: list[torch.Tensor], pad_token_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
+def repeat_prompts(prompts: list[torch.Tensor], copies: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Every prompt ``copies`` times, as the rows of a multi-sample run (best-of-n, SIR).
+
+    Shape
+    -----
+    prompts: P tensors -> R = P * copies rows, prompt_of_row (R,), sample_of_row (R,)
+    """
+    rows = [prompt for prompt in prompts for _ in range(copies)]
+    return rows, torch.arange(len(prompts)).repeat_interleave(copies), torch.arange(copies).repeat(len(prompts))
+
+
 class RowBook:
     """Generated tokens and status of ``R`` rows.
 

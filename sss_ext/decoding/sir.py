@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .baselines import _expand
 from .context import MethodResult, RunContext
 from .randomness import CHOICE
+from .rows import repeat_prompts
 from .speculative import SpeculativeRun
 
 
@@ -96,7 +96,7 @@ def sss_sir(ctx: RunContext) -> MethodResult:
     prompts, config = ctx.prompts, ctx.config
     check_untruncated(config, ctx.models.vocab_size)
     n = config.num_candidates
-    rows, prompt_of_row, sample_of_row = _expand(prompts, n)
+    rows, prompt_of_row, sample_of_row = repeat_prompts(prompts, n)
     run = SpeculativeRun(ctx, use_ref=True, mode="exact", prompts=rows, prompt_of_row=prompt_of_row,
                          sample_of_row=sample_of_row)
     run.run()

@@ -33,19 +33,18 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .cache import KVState
 from .context import MethodResult, RunContext
-from .draft_length import DraftLengths
-from .rows import RowBook, left_pad
+from .draft_length import DraftLengths, RoundCostMeter
+from .sampler_run import SamplerRun
 
 
-class SpeculativeRun:
+class SpeculativeRun(SamplerRun):
     """Speculative decoding of ``ctx.prompts`` (one row each).
 
     Parameters
     ----------
     ctx : RunContext
-        Models (``target``, ``draft`` and, for SSS, ``ref``), prompts, config, random streams, stats.
+        Models (``target``, ``draft`` and, for SSS, ``ref``), prompts, config, random streams, monitor.
     use_ref : bool
         Shift by the reference draft ``d`` (SSS); False gives standard speculative sampling.
     mode : {"exact", "paper"}
@@ -64,48 +63,67 @@ class SpeculativeRun:
 
     def __init__(self, ctx: RunContext, use_ref: bool, mode: str = "exact", prompts=None, prompt_of_row=None,
                  sample_of_row=None):
-        config, models, device = ctx.config, ctx.models, ctx.device
-        self.ctx = ctx
-        self.config = config
+        config, device = ctx.config, ctx.device
+        meter = RoundCostMeter(device) if DraftLengths.measures(config) else None
+        super().__init__(ctx, "speculative", prompts, prompt_of_row, sample_of_row, spare=config.num_draft_tokens + 1,
+                         cost_meter=meter)
         self.mode = mode
-        self.stats = ctx.stats
-        self.tracker = ctx.tracker
-        self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
-        self.run_index = self.tracker.new_run() if self.tracker is not None else 0
-        self.round_index = 0
-        prompts = ctx.prompts if prompts is None else prompts
-        if prompt_of_row is None:
-            prompt_of_row = torch.arange(len(prompts))
-        self.book = RowBook(prompt_of_row, config.max_new_tokens, config.num_draft_tokens + 1, models.eos_token_ids,
-                            device, ctx.stats, ctx.hooks)
-        self.streams = ctx.randomness.streams(prompt_of_row, sample_of_row)
-        record = self._record
-        batch = len(prompts)
-        self.target = KVState(models.target, "target", record, "target", batch, device, ctx.clock)
-        self.draft = KVState(models.draft, "draft", record, "draft", batch, device, ctx.clock)
-        self.ref = KVState(models.ref, "ref", record, "ref_model", batch, device, ctx.clock) if use_ref else None
-        ids, mask = left_pad(prompts, models.pad_token_id, device)
-        for state in self.states:
-            if ids.shape[1] > 1:
-                state.forward(ids[:, :-1], mask[:, :-1])
-        self.pending = ids[:, -1]
+        batch = len(self.prompts)
+        self.target = self.kv_state("target")
+        self.draft = self.kv_state("draft")
+        self.ref = self.kv_state("ref") if use_ref else None
         # standard SD only: the draft has not seen carry_token yet (all drafts accepted last round)
         self.carry = torch.zeros(batch, dtype=torch.bool, device=device)
         self.carry_token = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.lengths = DraftLengths(config, batch, 1 if use_ref else 0, device)
-        if self.tracker is not None:
-            self.tracker.emit("prefill", self.run_index, "speculative", -1, self.book.active.cpu(),
-                              self.book.active_prompts.clone(), states=self.states)
-
-    def _record(self, role: str, width: int, seconds: float | None = None) -> None:
-        prompts = self.book.active_prompts
-        self.stats.forward(role, prompts, width)
-        if self.tracker is not None:
-            self.tracker.forward(role, int(prompts.numel()), width, seconds)
+        self.lengths = DraftLengths(config, batch, 1 if use_ref else 0, device, meter)
+        self.prefill()
 
     @property
-    def states(self) -> list[KVState]:
+    def states(self) -> list:
         return [s for s in (self.target, self.draft, self.ref) if s is not None]
+
+    def round(self) -> None:
+        """One verification round of every active row: draft, verify forward, verify op, emit, roll back."""
+        sss = self.ref is not None
+        row_draft = self.lengths.choose(self.book.remaining())  # (B,) K'_b of every row: its own budget, the policy's K
+        num_draft, shortest = torch.stack([row_draft.max(), row_draft.min()]).tolist()
+        self.monitor.round_started(**({} if sss else {"carried": self.carry}))
+        for state in self.states:
+            state.begin_round()
+
+        draft_tokens, draft_logits = self._propose(num_draft, row_draft)
+        self.monitor.drafted(0 if draft_logits is None else draft_logits.shape[1])
+        target_logits, draft_logits, ref_logits = self._verify_forward(draft_tokens, draft_logits)
+        out = self._verify(target_logits, draft_logits, draft_tokens, ref_logits, row_draft if shortest < num_draft else None)
+        self.lengths.update(row_draft, out.num_accepted)
+        self.monitor.verified(row_draft, out.num_accepted)
+        kept, done = self._emit(out)
+        self._roll_back(out.num_accepted, num_draft, draft_tokens)
+        self.remove(done)
+
+        logits = {"target": target_logits, "draft": draft_logits, **({"ref": ref_logits} if sss else {})}
+        self.monitor.round_finished("round", num_draft + 1, self.states, draft_tokens=draft_tokens, num_draft_tokens=row_draft,
+                                    logits=logits, verify=out, tokens=out.tokens, num_emitted=kept, finished=done)
+
+    def _propose(self, num_draft: int, row_draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """1. The draft ``r`` proposes ``x_0 .. x_{K'-1}``, each drawn from ``warp(r)``; SSS also needs ``zr[K']``.
+
+        Shape
+        -----
+        row_draft: (B,) -> draft_tokens (B, K'), draft_logits (B, K'+1 (SSS) or K', V)
+        """
+        draft_logits, drafts = [], []
+        for step in range(num_draft + 1 if self.ref is not None else num_draft):
+            # the prefix of this position ends with every draft so far
+            logits = self.processed(drafts, self._draft_step(step == 0, drafts[-1] if drafts else None)[:, None])[:, 0]
+            draft_logits.append(logits)
+            if step < num_draft:
+                drafts.append(self.sample(logits, self.streams.draw(self.book.active, 1, where=step < row_draft)[:, 0]))
+        batch = self.pending.shape[0]
+        draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
+        if draft_logits:
+            return draft_tokens, torch.stack(draft_logits, dim=1)
+        return draft_tokens, None
 
     def _draft_step(self, first: bool, previous: torch.Tensor | None) -> torch.Tensor:
         """Draft logits for the next position. Shape: -> (B, V)"""
@@ -116,96 +134,28 @@ class SpeculativeRun:
         token = self.pending if first else previous
         return self.draft.forward(token[:, None])[:, -1]
 
-    def round(self) -> None:
-        """One verification round of every active row."""
-        config = self.config
-        tracker = self.tracker
-        temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
-        remaining = self.book.remaining()
-        row_draft = self.lengths.choose(remaining)  # (B,) K'_b of every row: its own budget, the policy's K
-        num_draft, shortest = torch.stack([row_draft.max(), row_draft.min()]).tolist()
+    def _verify_forward(self, draft_tokens: torch.Tensor, draft_logits: torch.Tensor | None):
+        """2. One target forward (and one reference forward) over ``[last, x_0 .. x_{K'-1}]``.
+
+        Shape
+        -----
+        draft_tokens: (B, K') -> target_logits (B, K'+1, V), draft_logits, ref_logits (B, K'+1, V) or None,
+        in one dtype
+        """
         sss = self.ref is not None
-        if tracker is not None:
-            rows, row_prompts, carried = self.book.active.cpu(), self.book.active_prompts.clone(), self.carry.clone()
-        for state in self.states:
-            state.begin_round()
-
-        # 1. draft proposals x_0..x_{K'-1}, drawn from warp(r); SSS also needs zr[K']
-        self.lengths.start()
-        draft_logits, drafts = [], []
-        for step in range(num_draft + 1 if sss else num_draft):
-            logits = self._draft_step(step == 0, drafts[-1] if drafts else None)
-            if self.logits_hooks is not None:  # the prefix of this position ends with every draft so far
-                logits = self.logits_hooks.process(self.book, drafts, logits[:, None])[:, 0]
-            draft_logits.append(logits)
-            if step < num_draft:
-                uniforms = self.streams.draw(self.book.active, 1, where=step < row_draft)[:, 0]
-                if tracker is None:
-                    drafts.append(ops.sample(logits, temperature, top_k, top_p, uniforms=uniforms, top_k_ties=config.top_k_ties))
-                else:
-                    drafts.append(tracker.timed_op(ops.sample, logits, temperature, top_k, top_p, uniforms=uniforms,
-                                                   top_k_ties=config.top_k_ties))
-        batch = self.pending.shape[0]
-        draft_tokens = torch.stack(drafts, dim=1) if drafts else self.pending.new_zeros((batch, 0))
+        width = draft_tokens.shape[1] + 1
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
-        self.lengths.drafted(len(draft_logits))
-
-        # 2. one target forward (and one reference forward) over the block
-        target_logits = self.target.forward(block, logits_to_keep=num_draft + 1)
-        ref_logits = self.ref.forward(block, logits_to_keep=num_draft + 1) if sss else None
-        if self.logits_hooks is not None:  # position i: prefix ends with x_0 .. x_{i-1}
-            target_logits = self.logits_hooks.process(self.book, drafts, target_logits)
-            ref_logits = self.logits_hooks.process(self.book, drafts, ref_logits) if sss else None
-        if draft_logits:
-            draft_stack = torch.stack(draft_logits, dim=1)
-        else:
-            draft_stack = target_logits.new_zeros((batch, 0, target_logits.shape[-1]))
-        target_logits, draft_stack, ref_logits = _common_dtype(target_logits, draft_stack, ref_logits)
-
-        # 3. verification
-        out = self._verify(target_logits, draft_stack, draft_tokens, ref_logits, row_draft if shortest < num_draft else None)
-        accepted = out.num_accepted
-        keep = accepted + 1
-        self.lengths.update(row_draft, accepted)
-
-        # 4. per-row rollback of every cache
-        self.target.rollback(keep)
-        if sss:
-            self.ref.rollback(keep)
-            self.draft.rollback(keep)
-        else:
-            # the draft appended [carry?] + [last, x_0 .. x_{K'-2}]: keep the carry and up to K' of the rest
-            self.draft.rollback(self.carry.to(torch.int64) + torch.clamp(keep, max=num_draft))
-            if num_draft > 0:
-                self.carry = accepted == num_draft
-                self.carry_token = draft_tokens[:, -1]
-        prompts = self.book.active_prompts
-        self.stats.rows("rounds", prompts, 1)
-        self.stats.rows("proposed_drafts", prompts, row_draft)
-        self.stats.rows("accepted_drafts", prompts, accepted)
-
-        kept, done = self.book.append(out.tokens, keep, out.log_z if sss else None)
-        self.pending = out.tokens.gather(1, accepted[:, None]).squeeze(1)
-        stay = self.book.remove(done)
-        if stay is not None:
-            for state in self.states:
-                state.select_rows(stay)
-            self.pending = self.pending[stay]
-            self.carry = self.carry[stay]
-            self.carry_token = self.carry_token[stay]
-            self.lengths.select_rows(stay)
-        if tracker is not None:
-            logits = {"target": target_logits, "draft": draft_stack}
-            if sss:
-                logits["ref"] = ref_logits
-            tracker.emit("round", self.run_index, "speculative", self.round_index, rows, row_prompts, states=self.states,
-                         draft_tokens=draft_tokens, num_draft_tokens=row_draft, logits=logits, verify=out, tokens=out.tokens,
-                         num_emitted=kept, finished=done, carried=None if sss else carried)
-        self.round_index += 1
-        self.lengths.finished(num_draft + 1)
+        target_logits = self.target.forward(block, logits_to_keep=width)
+        ref_logits = self.ref.forward(block, logits_to_keep=width) if sss else None
+        drafts = list(draft_tokens.unbind(1))
+        target_logits = self.processed(drafts, target_logits)  # position i: prefix ends with x_0 .. x_{i-1}
+        ref_logits = self.processed(drafts, ref_logits) if sss else None
+        if draft_logits is None:
+            draft_logits = target_logits.new_zeros((draft_tokens.shape[0], 0, target_logits.shape[-1]))
+        return _common_dtype(target_logits, draft_logits, ref_logits)
 
     def _verify(self, target_logits, draft_logits, draft_tokens, ref_logits, row_draft):
-        """``sss_ext.verify`` of the active rows with their next uniforms; row ``b`` verifies its first
+        """3. ``sss_ext.verify`` of the active rows with their next uniforms; row ``b`` verifies its first
         ``row_draft[b]`` drafts (every draft when ``row_draft`` is None) and consumes that many plus one.
 
         Shape
@@ -216,16 +166,46 @@ class SpeculativeRun:
         config = self.config
         width = draft_tokens.shape[1] + 1
         uniforms = self.streams.draw(self.book.active, width, used=None if row_draft is None else row_draft + 1)
-        kwargs = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, top_k_ties=config.top_k_ties,
-                      shift=config.shift, mode=self.mode if self.ref is not None else "exact", num_draft_tokens=row_draft,
-                      uniforms=uniforms)
-        if self.tracker is None:
-            return ops.verify(target_logits, draft_logits, draft_tokens, ref_logits, **kwargs)
-        return self.tracker.timed_op(ops.verify, target_logits, draft_logits, draft_tokens, ref_logits, **kwargs)
+        return self.monitor.op(ops.verify, target_logits, draft_logits, draft_tokens, ref_logits, temperature=config.temperature,
+                               top_k=config.top_k, top_p=config.top_p, top_k_ties=config.top_k_ties, shift=config.shift,
+                               mode=self.mode if self.ref is not None else "exact", num_draft_tokens=row_draft,
+                               uniforms=uniforms)
 
-    def run(self) -> None:
-        while self.book.num_active:
-            self.round()
+    def _emit(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """4. Each row keeps its accepted drafts and the correction/bonus token (cut at EOS and budget).
+
+        Shape
+        -----
+        -> kept (B,) tokens each row kept, done (B,) bool rows that finished
+        """
+        accepted = out.num_accepted
+        kept, done = self.book.append(out.tokens, accepted + 1, out.log_z if self.ref is not None else None)
+        self.pending = out.tokens.gather(1, accepted[:, None]).squeeze(1)
+        return kept, done
+
+    def _roll_back(self, accepted: torch.Tensor, num_draft: int, draft_tokens: torch.Tensor) -> None:
+        """5. Every cache keeps the first ``accepted + 1`` slots of the round per row.
+
+        Shape
+        -----
+        accepted: (B,); draft_tokens: (B, K')
+        """
+        keep = accepted + 1
+        self.target.rollback(keep)
+        if self.ref is not None:
+            self.ref.rollback(keep)
+            self.draft.rollback(keep)
+        else:
+            # the draft appended [carry?] + [last, x_0 .. x_{K'-2}]: keep the carry and up to K' of the rest
+            self.draft.rollback(self.carry.to(torch.int64) + torch.clamp(keep, max=num_draft))
+            if num_draft > 0:
+                self.carry = accepted == num_draft
+                self.carry_token = draft_tokens[:, -1]
+
+    def keep_rows(self, stay: torch.Tensor) -> None:
+        self.carry = self.carry[stay]
+        self.carry_token = self.carry_token[stay]
+        self.lengths.select_rows(stay)
 
 
 def _common_dtype(*logits):

@@ -139,7 +139,7 @@ class StatsRecorder:
         self._per_call.clear()
         self._per_row.clear()
 
-    def forward(self, role: str, prompt_index: torch.Tensor, width: int) -> None:
+    def count_forward(self, role: str, prompt_index: torch.Tensor, width: int) -> None:
         """One forward call of ``role`` over ``len(prompt_index)`` rows of ``width`` positions."""
         self._use_batch(prompt_index)
         calls, tokens = f"{role}_calls", f"{role}_tokens"

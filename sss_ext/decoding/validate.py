@@ -11,9 +11,8 @@ import torch
 
 from .config import SamplingConfig
 from .context import ModelSet
+from .roles import BY_ARGUMENT
 
-#: generate() argument name -> ModelSet role
-_ROLE_OF = {"target": "target", "draft": "draft", "ref_model": "ref"}
 
 
 def vocab_size_of(model, name: str) -> int:
@@ -131,9 +130,7 @@ def resolve_models(target, draft, ref_model, tokenizer, spec, config: SamplingCo
     if pad >= vocab_size:
         raise ValueError(f"pad_token_id {pad} is outside the vocabulary [0, {vocab_size})")
     return ModelSet(
-        target=target if "target" in used else None,
-        draft=draft if "draft" in used else None,
-        ref=ref_model if "ref_model" in used else None,
+        **{role.name: given[role.argument] if role.argument in used else None for role in BY_ARGUMENT.values()},
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         device=device,

@@ -161,12 +161,17 @@ def _versus(difference: tuple[float, float, float]) -> str:
 
 
 def _times(ours: float, theirs: float, noun: str) -> str:
-    """'6.2x fewer target passes' / '1.3x more wall time' (ours relative to theirs)."""
+    """'6.2x fewer target passes' / '1.3x more wall time' (ours relative to theirs); a ratio that
+    rounds to 1.0x is 'about the same wall time' / 'about as many target passes'."""
     if ours <= 0 or theirs <= 0:
         return f"{ours:.3g} vs {theirs:.3g} {noun}"
-    if ours <= theirs:
-        return f"{theirs / ours:.1f}x {'fewer' if noun.endswith('passes') else 'less'} {noun}"
-    return f"{ours / theirs:.1f}x more {noun}"
+    countable = noun.endswith("passes")
+    ratio = max(ours, theirs) / min(ours, theirs)
+    if f"{ratio:.1f}" == "1.0":
+        return f"about as many {noun}" if countable else f"about the same {noun}"
+    if ours < theirs:
+        return f"{ratio:.1f}x {'fewer' if countable else 'less'} {noun}"
+    return f"{ratio:.1f}x more {noun}"
 
 
 def describe(sss: MethodRun, best_of_n: MethodRun, vanilla: MethodRun, gold: dict) -> str:

@@ -78,6 +78,7 @@ def load_tokenizer():
         convert_target(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.eos_token = EOS_TOKEN
+    tokenizer.padding_side = "left"  # transformers' convention for decoder-only generation
     if tokenizer.pad_token is None:
         tokenizer.pad_token = EOS_TOKEN
     return tokenizer

@@ -266,11 +266,13 @@ def test_hf_hook_and_cli_accept_sss_sir(models, tmp_path):
     from sss_ext import cli
 
     q, r, d = models
-    out = q.generate(torch.tensor([PROMPT]), custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d, method="sss-sir",
-                     num_candidates=3, max_new_tokens=LENGTH, do_sample=True, top_k=0, seed=4)
+    result = q.generate(torch.tensor([PROMPT]), custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d,
+                        method="sss-sir", num_candidates=3, max_new_tokens=LENGTH, do_sample=True, top_k=0, seed=4,
+                        return_dict_in_generate=True)
+    out = result.sequences
     direct = sss_ext.generate(q, r, [PROMPT], ref_model=d, method="sss-sir", num_candidates=3, max_new_tokens=LENGTH,
                               seed=4, ignore_eos=True)
     assert out[0, len(PROMPT):].tolist() == direct.sequences[0].tolist()
-    assert len(sss_ext.hf.decode.last_output.extras[0]["candidates"]) == 3
+    assert len(result.sss_output.extras[0]["candidates"]) == 3
     args = cli.build_parser().parse_args(["generate", "--method", "sss-sir", "--num-candidates", "5", "--prompts", "x", "--out", "y"])
     assert args.method == "sss-sir" and args.num_candidates == 5

@@ -9,7 +9,7 @@ import sss_ext
 from decoding_helpers import chi_square_pvalue, count_sequences, one_thread, sequence_law, tilted_probs, tiny_llama, trio  # noqa: F401
 from sss_ext.decoding.config import SamplingConfig
 from sss_ext.decoding import draft_length
-from sss_ext.decoding.draft_length import DraftLengths, best_draft_length, expected_tokens
+from sss_ext.decoding.draft_length import DraftLengths, RoundCostMeter, best_draft_length, expected_tokens
 
 VOCAB, LENGTH, ROWS, EOS = 8, 3, 24000, 0
 PROMPT = [1, 2]
@@ -124,16 +124,20 @@ def test_measured_costs_are_used_when_no_ratio_is_given(monkeypatch):
     # round 1: 2 draft steps in 0.2 s, the rest (width 3) 0.8 s; round 2: 4 steps in 0.4 s, the rest (width 5) 1.2 s
     ticks = iter([0.0, 0.2, 1.0, 10.0, 10.4, 11.6])
     monkeypatch.setattr(draft_length.time, "perf_counter", lambda: next(ticks))
-    lengths = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive"), 1, 1, "cpu")
+    config = SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive")
+    assert DraftLengths.measures(config)
+    meter = RoundCostMeter("cpu")
+    lengths = DraftLengths(config, 1, 1, "cpu", meter)
     assert lengths.costs == (0.0, 1.0, 0.0)  # nothing measured yet
     for steps in (2, 4):
-        lengths.start()
-        lengths.drafted(steps)
-        lengths.finished(steps + 1)
+        meter.round_started()
+        meter.drafted(steps)
+        meter.round_finished(steps + 1)
     # draft 0.1 s per step; the rest 0.2 s + 0.2 s per position
     assert lengths.costs == pytest.approx((0.1, 0.2, 0.2))
-    fixed = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive", draft_cost_ratio=0.5), 1, 1, "cpu")
-    fixed.start()
+    fixed_config = SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive", draft_cost_ratio=0.5)
+    assert not DraftLengths.measures(fixed_config)
+    fixed = DraftLengths(fixed_config, 1, 1, "cpu", meter)
     assert fixed.costs == (0.5, 1.0, 0.0)  # a given ratio is never measured
 
 
@@ -159,36 +163,36 @@ class DeferredClock:
 
 
 def test_costs_are_read_only_once_the_marks_complete():
-    lengths = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive"), 1, 1, "cpu")
-    lengths._clock = clock = DeferredClock([0.0, 0.2, 1.0, 10.0, 10.4, 11.6, 20.0])
-    lengths.start()
-    lengths.drafted(2)
-    lengths.finished(3)
-    assert lengths.costs == (0.0, 1.0, 0.0)  # not completed: nothing read, nothing waited for
+    meter = RoundCostMeter("cpu")
+    meter._clock = clock = DeferredClock([0.0, 0.2, 1.0, 10.0, 10.4, 11.6, 20.0])
+    meter.round_started()
+    meter.drafted(2)
+    meter.round_finished(3)
+    assert meter.costs == (0.0, 1.0, 0.0)  # not completed: nothing read, nothing waited for
     clock.release()
-    lengths.start()  # the next round reads the completed one
-    assert lengths.costs == pytest.approx((0.1, 0.8, 0.0))
-    lengths.drafted(4)
-    lengths.finished(5)
-    assert lengths.costs == pytest.approx((0.1, 0.8, 0.0))
+    meter.round_started()  # the next round reads the completed one
+    assert meter.costs == pytest.approx((0.1, 0.8, 0.0))
+    meter.drafted(4)
+    meter.round_finished(5)
+    assert meter.costs == pytest.approx((0.1, 0.8, 0.0))
     clock.release()
-    lengths.start()
-    assert lengths.costs[0] == pytest.approx(0.1) and lengths.costs[2] > 0.0
+    meter.round_started()
+    assert meter.costs[0] == pytest.approx(0.1) and meter.costs[2] > 0.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (torch.cuda.is_available() is False)")
 def test_cuda_rounds_are_timed_with_events():
-    lengths = DraftLengths(SamplingConfig(num_draft_tokens=4, draft_length_policy="adaptive"), 1, 1, "cuda")
+    meter = RoundCostMeter("cuda")
     matrix = torch.randn(2048, 2048, device="cuda")
-    lengths.start()
+    meter.round_started()
     matrix @ matrix
-    lengths.drafted(2)
+    meter.drafted(2)
     for _ in range(4):
         matrix @ matrix
-    lengths.finished(3)
+    meter.round_finished(3)
     torch.cuda.synchronize()
-    lengths.start()  # reads the completed round
-    draft, rest, _ = lengths.costs
+    meter.round_started()  # reads the completed round
+    draft, rest, _ = meter.costs
     assert draft > 0.0 and rest > draft  # four products after the marks, one before
 
 

@@ -139,3 +139,14 @@ def test_demo_argument_errors():
         demo.main(["--prompts", "1"])
     with pytest.raises(SystemExit, match="--threads must be >= 1"):
         demo.main(["--threads", "0"])
+
+
+def test_ratios_that_round_to_one_read_as_about_the_same():
+    from sss_ext.models.compare import _times
+
+    assert _times(10.0, 10.4, "wall time") == "about the same wall time"
+    assert _times(10.4, 10.0, "wall time") == "about the same wall time"
+    assert _times(10.0, 10.0, "target passes") == "about as many target passes"
+    assert _times(10.0, 12.0, "wall time") == "1.2x less wall time"
+    assert _times(12.0, 10.0, "wall time") == "1.2x more wall time"
+    assert _times(11.0, 68.0, "target passes") == "6.2x fewer target passes"

@@ -23,14 +23,16 @@ def test_greedy_through_custom_generate(models):
     q, r, d = models
     input_ids = torch.tensor([[0, 0, 1, 2, 3], [5, 6, 7, 8, 9]])
     attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    out = q.generate(input_ids, attention_mask=attention_mask, custom_generate=sss_ext.hf.decode, draft_model=r,
-                     ref_model=d, max_new_tokens=8, do_sample=False, pad_token_id=0, num_draft_tokens=3)
+    result = q.generate(input_ids, attention_mask=attention_mask, custom_generate=sss_ext.hf.decode, draft_model=r,
+                        ref_model=d, max_new_tokens=8, do_sample=False, pad_token_id=0, num_draft_tokens=3,
+                        return_dict_in_generate=True)
+    out = result.sequences
     assert out.shape == (2, 5 + 8)
     assert torch.equal(out[:, :5], input_ids)
     tilted = lambda zq, zr, zd: zq + zr - zd  # noqa: E731
     for row, prompt in enumerate(([1, 2, 3], [5, 6, 7, 8, 9])):
         assert out[row, 5:].tolist() == greedy_reference([q, r, d], prompt, 8, tilted)
-    stats = sss_ext.hf.decode.last_output.stats.total
+    stats = result.sss_output.stats.total
     assert stats.target_calls > 0 and stats.ref_calls == stats.target_calls
 
 
@@ -57,9 +59,9 @@ def test_observer_through_custom_generate(models):
 
     q, r, d = models
     observer = RecordingObserver()
-    q.generate(torch.tensor([[1, 2, 3]]), custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d, max_new_tokens=6,
-               do_sample=True, seed=3, observer=observer)
-    assert observer.rounds() and observer.forward_total("target") == sss_ext.hf.decode.last_output.stats.total.target_calls
+    result = q.generate(torch.tensor([[1, 2, 3]]), custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d,
+                        max_new_tokens=6, do_sample=True, seed=3, observer=observer, return_dict_in_generate=True)
+    assert observer.rounds() and observer.forward_total("target") == result.sss_output.stats.total.target_calls
 
 
 # ---- transformers generate features: logits processors, stopping criteria, streamer ----
@@ -248,20 +250,21 @@ def test_stop_strings_equal_transformers(models):
     common = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, stop_strings=["w11"])
     prompt = torch.tensor([[5, 6, 7]])
     expected = q.generate(prompt, tokenizer=tokenizer, **common)
-    out = q.generate(prompt, custom_generate=sss_ext.hf.decode, draft_model=r, method="sd", num_draft_tokens=4,
-                     text_tokenizer=tokenizer, **common)
+    result = q.generate(prompt, custom_generate=sss_ext.hf.decode, draft_model=r, method="sd", num_draft_tokens=4,
+                        text_tokenizer=tokenizer, return_dict_in_generate=True, **common)
+    out = result.sequences
     assert expected.shape[1] < 15 and int(expected[0, -1]) == 11
     assert torch.equal(out[:, : expected.shape[1]], expected) and (out[:, expected.shape[1]:] == 0).all()
-    assert sss_ext.hf.decode.last_output.texts[0].endswith("w11")
+    assert result.sss_output.texts[0].endswith("w11")
     with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
         q.generate(prompt, custom_generate=sss_ext.hf.decode, draft_model=r, method="sd", **common)
 
 
 def test_max_time_stops_after_the_first_token(models):
     q, r, d = models
-    out = q.generate(torch.tensor([[1, 2, 3]]), custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d,
-                     max_new_tokens=8, do_sample=True, seed=1, max_time=1e-9, pad_token_id=0)
-    assert sss_ext.hf.decode.last_output.sequences[0].numel() == 1 and (out[0, 4:] == 0).all()
+    result = q.generate(torch.tensor([[1, 2, 3]]), custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d,
+                        max_new_tokens=8, do_sample=True, seed=1, max_time=1e-9, pad_token_id=0, return_dict_in_generate=True)
+    assert result.sss_output.sequences[0].numel() == 1 and (result.sequences[0, 4:] == 0).all()
 
 
 def test_streamer_through_custom_generate(models):
@@ -301,3 +304,34 @@ def test_text_iterator_streamer_gets_the_text_transformers_streams(models):
         q.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=9, do_sample=False, streamer=streamer, **custom)
         texts.append("".join(streamer))
     assert texts[0] and texts[1] == texts[0]
+
+
+def test_streamer_lookup_reads_the_calling_generate_and_fails_loudly():
+    """The one workaround for transformers not handing streamer= to a custom_generate callable."""
+
+    class Model:
+        def generate(self, streamer=None):
+            return sss_ext.hf.streamer_of_generate(self)
+
+    class ChangedModel:
+        def generate(self, **kwargs):  # a transformers that no longer keeps `streamer` in generate's frame
+            return sss_ext.hf.streamer_of_generate(self)
+
+    marker = object()
+    assert Model().generate(streamer=marker) is marker
+    assert sss_ext.hf.streamer_of_generate(Model()) is None  # decode called directly: no generate frame
+    with pytest.raises(RuntimeError, match="could not find the streamer of the calling generate"):
+        ChangedModel().generate()
+
+
+def test_right_padded_prompts_decode_or_say_to_pad_left(models):
+    q, r, d = models
+    input_ids = torch.tensor([[1, 2, 3, 0, 0], [5, 6, 7, 8, 9]])
+    attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    common = dict(attention_mask=attention_mask, custom_generate=sss_ext.hf.decode, draft_model=r, ref_model=d,
+                  max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    result = q.generate(input_ids, **common)  # no processor: the prompts are read through the mask
+    left = q.generate(torch.tensor([[0, 0, 1, 2, 3], [5, 6, 7, 8, 9]]), **{**common, "attention_mask": attention_mask.flip(1)})
+    assert [s.tolist() for s in result.sss_output.sequences] == [s.tolist() for s in left.sss_output.sequences]
+    with pytest.raises(ValueError, match="right-padded .* set tokenizer.padding_side = 'left'"):
+        q.generate(input_ids, repetition_penalty=1.2, **common)

@@ -14,7 +14,7 @@ from sss_ext.distributed import (DistributedGenerationError, DistributedSession,
                                  shard_indices, summed_stats)
 from decoding_helpers import save_tiny_models, trio
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["w2 w3 w4", "w5", "w6 w7", "w8 w9 w10 w2", "w3", "w4 w4", "w11 w5", "w7", "w9 w2 w3"]
 TORCHRUN_TIMEOUT_S = 240
 
@@ -88,6 +88,7 @@ def test_two_ranks_one_file_in_input_order(model_dirs, single_process, tmp_path)
     assert not (tmp_path / "out.jsonl.partial").exists() and not (tmp_path / "out.jsonl.tmp").exists()
 
 
+@pytest.mark.slow
 def test_resume_two_ranks_completes_the_file(model_dirs, single_process, tmp_path):
     prompts, batch1, _ = single_process
     out = tmp_path / "out.jsonl"
@@ -115,6 +116,7 @@ def test_resume_refuses_other_settings(model_dirs, single_process, tmp_path):
     assert out.read_text() == json.dumps(batch1[0]) + "\n"  # untouched
 
 
+@pytest.mark.slow
 def test_failing_rank_ends_the_job_naming_rank_and_prompt(model_dirs, tmp_path):
     # the reward of best-of-N raises on prompt 5 ("w4 w4"), which runs on rank 1, after every check passed
     (tmp_path / "planted_failure.py").write_text(

@@ -1,6 +1,6 @@
 """The built ``sss_ext._C`` is a stable-ABI build: a CPython limited-API (abi3) module compiled
 with ``TORCH_TARGET_VERSION`` that takes libtorch's C shim only, no C++ symbol of c10, ATen or
-torch (README "ABI"). Each check fails on a build against the full libtorch C++ API (a
+torch (docs/build.md, "ABI"). Each check fails on a build against the full libtorch C++ API (a
 pybind11 module named ``_C.cpython-3XY-<platform>.so`` calling into ``c10``/``at``)."""
 
 import re

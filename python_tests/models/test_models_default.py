@@ -89,3 +89,14 @@ def test_draft_reproduces_recorded_acceptance(models):
     acc = float(torch.minimum(torch.softmax(zq, -1), torch.softmax(zd, -1)).sum(-1).mean())
     assert abs(acc - fx["acceptance_T1"]) < 0.01, (acc, fx["acceptance_T1"])
     assert acc > fx["undistilled_acceptance_T1"] + 0.05
+
+
+@pytest.mark.models
+def test_default_tokenizer_pads_left():
+    """transformers' convention for decoder-only generation: a batch of prompts is left-padded."""
+    from sss_ext.models.target import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    assert tokenizer.padding_side == "left"
+    mask = tokenizer(["Hi", "A much longer review opener"], padding=True)["attention_mask"]
+    assert mask[0][0] == 0 and mask[0][-1] == 1 and all(mask[1])

@@ -19,7 +19,7 @@ import torch
 
 import sss_ext
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "csrc" / "kernels"
 SOURCE_LIST = KERNELS / "sources.txt"
 MISSING_TOOLS = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
