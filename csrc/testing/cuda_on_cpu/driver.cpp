@@ -132,6 +132,21 @@ void fill_tensor(const Case& c, std::mt19937_64& rng, Buffer<T>& tensor, int64_t
   }
 }
 
+double open_uniform(std::mt19937_64& rng) {  // in (0, 1)
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  double u;
+  do u = unit(rng);
+  while (!(u > 0.0 && u < 1.0));
+  return u;
+}
+
+// An exact-size workspace of random bytes: a kernel that reads it before writing gets garbage.
+Buffer<unsigned char> garbage_workspace(size_t bytes, std::mt19937_64& rng) {
+  Buffer<unsigned char> workspace(static_cast<int64_t>(bytes), 0);
+  for (size_t j = 0; j < bytes; ++j) workspace[static_cast<int64_t>(j)] = static_cast<unsigned char>(rng());
+  return workspace;
+}
+
 template <typename T>
 T nan_value() {
   return from_float<T>(NAN);
@@ -183,14 +198,8 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
   Buffer<int64_t> tokens_in(B * K, 0), counts(B, 0);
   Buffer<double> uniforms(B * P, 0);
   std::uniform_int_distribution<int64_t> token(0, V - 1), count(0, K);
-  std::uniform_real_distribution<double> unit(0.0, 1.0);
   for (int64_t j = 0; j < B * K; ++j) tokens_in[j] = token(rng);
-  for (int64_t j = 0; j < B * P; ++j) {
-    double u;
-    do u = unit(rng);
-    while (!(u > 0.0 && u < 1.0));
-    uniforms[j] = u;
-  }
+  for (int64_t j = 0; j < B * P; ++j) uniforms[j] = open_uniform(rng);
   for (int64_t b = 0; b < B; ++b) counts[b] = c.ragged ? count(rng) : K;
   // Masked rows: the drafted token must have draft probability > 0 to be a valid proposal.
   if (c.pattern == "masked") {
@@ -273,8 +282,7 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
     p.num_accepted = accepted.data;
     p.log_z = log_z.data;
     const size_t bytes = sss_ext::cuda::verify_workspace_bytes(p);
-    Buffer<unsigned char> workspace(static_cast<int64_t>(bytes), 0);
-    for (size_t j = 0; j < bytes; ++j) workspace[static_cast<int64_t>(j)] = static_cast<unsigned char>(rng());
+    const Buffer<unsigned char> workspace = garbage_workspace(bytes, rng);
     const long long radix_before = cuda_on_cpu::counters().radix_blocks;
     const cudaError_t error = sss_ext::cuda::launch_verify(p, workspace.data, bytes, nullptr);
     if (error != cudaSuccess) {
@@ -321,13 +329,7 @@ bool run_sample(const Case& c, Paths& paths, std::string& why) {
   fill_tensor(c, rng, logits, 1);
   for (int64_t b = std::max<int64_t>(0, B - c.poison); b < B; ++b) logits[b * V] = nan_value<T>();
   Buffer<double> uniforms(B, 0);
-  std::uniform_real_distribution<double> unit(0.0, 1.0);
-  for (int64_t b = 0; b < B; ++b) {
-    double u;
-    do u = unit(rng);
-    while (!(u > 0.0 && u < 1.0));
-    uniforms[b] = u;
-  }
+  for (int64_t b = 0; b < B; ++b) uniforms[b] = open_uniform(rng);
   sss_ext::SampleParams<T> p;
   p.logits = {logits.data, V, 0};
   p.uniforms = uniforms.data;
@@ -352,8 +354,7 @@ bool run_sample(const Case& c, Paths& paths, std::string& why) {
     Buffer<int64_t> tokens(B, 0);
     p.tokens = tokens.data;
     const size_t bytes = sss_ext::cuda::sample_workspace_bytes(p);
-    Buffer<unsigned char> workspace(static_cast<int64_t>(bytes), 0);
-    for (size_t j = 0; j < bytes; ++j) workspace[static_cast<int64_t>(j)] = static_cast<unsigned char>(rng());
+    const Buffer<unsigned char> workspace = garbage_workspace(bytes, rng);
     const cudaError_t error = sss_ext::cuda::launch_sample(p, workspace.data, bytes, nullptr);
     if (error != cudaSuccess) {
       why = "launch_sample returned " + std::to_string(error);
