@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("vllm.v1.sample.logits_processor")
+pytest.importorskip("vllm.v1.sample.logits_processor", reason="vLLM is not installed here (scripts/vllm_check.sh builds .venv-vllm)")
 
 import vllm_helpers as H  # noqa: E402
 from sss_ext.vllm.export import export_model  # noqa: E402

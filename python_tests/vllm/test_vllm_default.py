@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-pytest.importorskip("vllm.v1.sample.logits_processor")
+pytest.importorskip("vllm.v1.sample.logits_processor", reason="vLLM is not installed here (scripts/vllm_check.sh builds .venv-vllm)")
 pytest.importorskip("gguf")
 pytest.importorskip("peft")
 

@@ -8,7 +8,7 @@ instance adds the tilt).
 
 import pytest
 
-pytest.importorskip("vllm.v1.sample.logits_processor")
+pytest.importorskip("vllm.v1.sample.logits_processor", reason="vLLM is not installed here (scripts/vllm_check.sh builds .venv-vllm)")
 
 import numpy as np  # noqa: E402
 
