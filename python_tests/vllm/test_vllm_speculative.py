@@ -45,7 +45,7 @@ def spec_engine(request, tiny_paths):
     llm = H.start_engine(composite, skip_tokenizer_init=True, max_model_len=64, block_size=32,
                          num_gpu_blocks_override=256, max_num_seqs=256, disable_log_stats=False,
                          speculative_config={"method": "draft_model", "model": str(paths["draft"]),
-                                             "num_speculative_tokens": K})
+                                             "num_speculative_tokens": K, "draft_sample_method": "probabilistic"})
     yield shift, models, llm
     H.shutdown(llm)
 
@@ -98,7 +98,7 @@ def default_spec_engine():
     m = load_default(rewards=False)
     llm = H.start_engine(composite, max_model_len=512, disable_log_stats=False,
                          speculative_config={"method": "draft_model", "model": str(paths["draft"]),
-                                             "num_speculative_tokens": K})
+                                             "num_speculative_tokens": K, "draft_sample_method": "probabilistic"})
     yield m, llm
     H.shutdown(llm)
 
