@@ -174,7 +174,6 @@ class SSSLogitsProcessor(LogitsProcessor):
         vocab_size = model_config.get_vocab_size()
         tokenizer = None if getattr(model_config, "skip_tokenizer_init", False) else model_config.tokenizer
         draft, ref = load_drafts(self.cfg, vocab_size, tokenizer)
-        self.target_device = torch.device(device) if device is not None else torch.device("cpu")
         self.batch = DraftBatch(draft, ref, self.device)
 
     @classmethod
