@@ -103,8 +103,11 @@ def default_spec_engine():
     H.shutdown(llm)
 
 
+@pytest.mark.slow
 def test_default_models_speculative(default_spec_engine, capsys):
-    """λ = 1 on the default models with speculation: law, acceptance and tokens/s (recorded)."""
+    """λ = 1 on the default models with speculation: law, acceptance and tokens/s (recorded).
+    The law on speculative engines is tested on the tiny model above; this one runs with
+    ``--run-slow`` (``bash scripts/vllm_check.sh --run-slow``)."""
     import time
 
     from vllm import SamplingParams
