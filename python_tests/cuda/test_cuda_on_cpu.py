@@ -269,12 +269,20 @@ def test_truncating_sweep_rows_need_no_radix_descent(plain_run):
     assert lines and not [line for line in lines if "radix_blocks" in line], lines
 
 
+# Under the sanitizers (several times slower): every path and every dtype, without the sweep's
+# bfloat16 / float16 rows and the truncation cases' duplicates across dtype and tie rule.
+ASAN_CASES = [n for n in CASES if not n.startswith(("sweep-bf16", "sweep-f16", "greedy-", "paper-"))
+              and not (n.startswith("trunc-") and not n.endswith("-f32-keep"))]
+
+
 @pytest.mark.slow
 def test_under_address_and_undefined_behaviour_sanitizers():
-    run = run_driver(build_driver("asan"), CASES)
+    run = run_driver(build_driver("asan"), ASAN_CASES)
     assert "ERROR: AddressSanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-6000:]
     failed = [line for line in run.results.values() if not line.startswith("ok ")]
-    assert run.returncode == 0 and not failed and len(run.results) == len(CASES), (run.fatal, failed, run.stderr[-3000:])
+    assert run.returncode == 0 and not failed and len(run.results) == len(ASAN_CASES), (run.fatal, failed, run.stderr[-3000:])
+    reached = census(run)
+    assert all(reached.get(path, 0) > 0 for path in REQUIRED_PATHS), reached
 
 
 def build_mutants(tmp_path_factory, specs):
