@@ -8,7 +8,8 @@
 # First, one build for several torch releases: the CPU extension of the checkout (built by
 # stage 1 with the torch of .venv) runs the CPU op tests under this venv's torch, unrebuilt.
 #
-#   bash scripts/cuda_build_check.sh     # knobs: CUDA_TORCH (default 2.14.1), TORCH_CUDA_ARCH_LIST (default 9.0)
+#   bash scripts/cuda_build_check.sh     # knobs: CUDA_TORCH (default 2.14.1), TORCH_CUDA_ARCH_LIST (default 9.0),
+#                                        # PREPARE_ONLY=1 (install .venv-cuda and stop)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,6 +32,7 @@ grep -v '^torch==' requirements.txt > "$VENV/requirements-no-torch.txt"
 "$VENV/bin/pip" install -q -r "$VENV/requirements-no-torch.txt"
 PY=$VENV/bin/python
 echo "cuda: torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)'), CUDA_HOME=$CUDA_HOME"
+[ "${PREPARE_ONLY:-0}" = 1 ] && exit 0  # .ci/run installs the environment ahead, in the background
 
 copy_sources() {  # the tracked and untracked, not ignored, files of the checkout into $1
   rm -rf "$1" && mkdir -p "$1"

