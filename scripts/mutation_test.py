@@ -357,9 +357,34 @@ def score(results: list[Result]) -> tuple[int, int, float]:
     return killed, survived, killed / max(killed + survived, 1)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def earlier_results(skip: set) -> list[Result]:
+    """Rows of the last report for mutants of the current list that this run did not run (``--only``)."""
+    path = RESULTS / "mutation.csv"
+    if not path.exists():
+        return []
+    known = {m.id for m in MUTANTS}
+    with open(path, newline="") as rows:
+        return [Result(row["id"], row["area"], row["outcome"], float(row["seconds"]), row["detail"])
+                for row in csv.DictReader(rows) if row["id"] in known and row["id"] not in skip]
+
+
 def write_report(results: list[Result], wall: float, selected: list[Mutant], complete: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     by_id = {m.id: m for m in MUTANTS}
+    ran = len(results)
+    if not complete:  # keep the last report's rows of the mutants not run now
+        order = {m.id: i for i, m in enumerate(MUTANTS)}
+        results = sorted(results + earlier_results({r.id for r in results}), key=lambda r: order[r.id])
     with open(RESULTS / "mutation.csv", "w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["id", "area", "file", "outcome", "seconds", "description", "detail"])
@@ -367,18 +392,19 @@ def write_report(results: list[Result], wall: float, selected: list[Mutant], com
             writer.writerow([r.id, r.area, by_id[r.id].file, r.outcome, f"{r.seconds:.1f}", by_id[r.id].description, r.detail])
     killed, survived, fraction = score(results)
     counts = {o: sum(r.outcome == o for r in results) for o in ("killed", "timeout", "survived", "invalid", "equivalent", "error")}
-    machine = f"{platform.node() and 'shared'} {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
     lines = [
         "# Mutation score",
         "",
-        f"`python scripts/mutation_test.py{'' if complete else ' --only ...'}` ({len(results)} of {len(MUTANTS)} mutants"
-        f"{'' if complete else ': a partial run'}; {time.strftime('%Y-%m-%d', time.gmtime())}).",
+        f"`python scripts/mutation_test.py` ({len(results)} of {len(MUTANTS)} mutants reported; the last run, "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, ran {ran}{'' if complete else ', the other rows are from the run before'}).",
         "",
         f"**Score: {killed} killed of {killed + survived} = {100 * fraction:.1f}%** "
         f"(killed {counts['killed']}, timeout {counts['timeout']} counted as killed, survived {counts['survived']}; "
         f"not counted: equivalent {counts['equivalent']}, invalid {counts['invalid']}, selection error {counts['error']}).",
         "",
-        f"Wall time {wall / 60:.1f} min on {machine} (`nice -n 15`, machine shared with other jobs). Each mutant runs in its own",
+        f"Wall time of the last run {wall / 60:.1f} min ({sum(r.seconds for r in results) / 60:.1f} min of mutant time over"
+        f" every row) on {machine} (`nice -n 15`, machine shared with other jobs). Each mutant runs in its own",
         "copy of the tree: Python mutants run their pytest selection, C++ mutants rebuild the extension first, CUDA",
         "mutants build the CUDA-on-CPU driver against the mutated kernels and run its case matrix.",
         "",
@@ -418,11 +444,16 @@ def main(argv=None) -> int:
     start = time.monotonic()
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_mutant, m, args.timeout, args.keep): m for m in selected}
+        # fastest kinds first: Python, then the CUDA harness, then the C++ rebuilds
+        ordered = sorted(selected, key=lambda m: ("python", "cuda", "cpp").index(m.kind))
+        futures = {pool.submit(run_mutant, m, args.timeout, args.keep): m for m in ordered}
         for future in concurrent.futures.as_completed(futures):
             r = future.result()
             results.append(r)
             print(f"{r.outcome:10s} {r.id:28s} {r.seconds:6.0f} s  {r.detail[:120]}", flush=True)
+            if not args.no_report:  # a partial report after every mutant
+                write_report(sorted(results, key=lambda r: [m.id for m in MUTANTS].index(r.id)), time.monotonic() - start,
+                             selected, complete=False)
     order = {m.id: i for i, m in enumerate(MUTANTS)}
     results.sort(key=lambda r: order[r.id])
     wall = time.monotonic() - start
