@@ -155,3 +155,14 @@ def test_sample_op_checks_top_k_ties_in_cpp():
     logits, uniforms = torch.randn(2, 5), torch.full((2,), 0.5, dtype=torch.float64)
     with pytest.raises(ValueError, match="top_k_ties must be 'keep' or 'exact-k', got 'none'"):
         torch.ops.sss_ext.sample(logits, uniforms, 1.0, 2, 1.0, "none")
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_k", "top_p", "shift"])
+def test_verify_refuses_a_bool_for_a_number(name):
+    """The raw op would take True as 1: the wrapper names the argument instead."""
+    from sss_ext.testing import make_verify_inputs
+
+    kwargs = make_verify_inputs(2, 2, 7, torch.float32, True, 1.0)
+    kwargs[name] = True
+    with pytest.raises(ValueError, match=name):
+        sss_ext.verify(**kwargs)

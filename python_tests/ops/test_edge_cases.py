@@ -123,6 +123,16 @@ def test_greedy_ties_break_to_lowest_index(device):
     assert sss_ext.sample(logits[0].to(device), temperature=0.0).item() == 1
 
 
+def test_top_p_cuts_a_token_whose_prior_mass_is_exactly_p(device):
+    """A ranked token is kept iff the mass before it is < p * total (docs/algorithm.md §2): on four
+    equal scores with p = 0.5 the mass before the third token is exactly half, so two tokens stay."""
+    logits = torch.zeros(1, 4)
+    assert torch.equal(sss_ext.warp_probs(logits, 1.0, 0, 0.5), torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64))
+    u = torch.tensor([0.99], dtype=torch.float64)
+    assert sss_ext.reference.sample(logits, 1.0, 0, 0.5, uniforms=u).item() == 1
+    assert sss_ext.sample(logits.to(device), 1.0, 0, 0.5, uniforms=u.to(device)).item() == 1
+
+
 def test_output_layout_invariants(device):
     g = torch.Generator().manual_seed(4)
     batch, K, V = 200, 5, 20
