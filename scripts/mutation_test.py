@@ -252,8 +252,10 @@ def run_logged(command, cwd, env, timeout, log: Path) -> tuple[int | None, str]:
 
 
 def last_lines(log: Path, n: int = 1) -> str:
+    """The log's last lines, with this machine's paths written repository-relative (the report ships)."""
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return " | ".join(lines[-n:])[-300:]
+    text = " | ".join(lines[-n:]).replace(sys.executable, "python").replace(str(ROOT) + "/", "")
+    return text[-300:]
 
 
 def run_python_tests(mutant: Mutant, copy: Path, log: Path, timeout: float) -> tuple[str, str]:
