@@ -10,8 +10,9 @@ same matrix runs under AddressSanitizer + UBSan with exact-size buffers; planted
 copy of the kernels (the resolve kernel's barrier race, a missing barrier, a read past a row,
 a shared-memory race under ThreadSanitizer) must be caught.
 
-Run alone: ``python -m pytest python_tests/cuda/test_cuda_on_cpu.py -q``; the ThreadSanitizer
-tests need ``SSS_CUDA_ON_CPU_TSAN=1`` (minutes).
+Run alone: ``python -m pytest python_tests/cuda/test_cuda_on_cpu.py -q --run-slow`` (the whole
+module is marked slow; CI runs it); the ThreadSanitizer tests also need
+``SSS_CUDA_ON_CPU_TSAN=1`` (minutes).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ TSAN = os.environ.get("SSS_CUDA_ON_CPU_TSAN") == "1"
 
 if shutil.which(CXX) is None:
     pytest.skip(f"no host C++ compiler ({CXX!r} not found; set CXX)", allow_module_level=True)
+
+# Minutes of compiling and running: CI's --run-slow runs it, the README's quick command does not.
+pytestmark = pytest.mark.slow
 
 FLAGS = {
     "plain": ["-O1"],
