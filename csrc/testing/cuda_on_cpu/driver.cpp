@@ -132,6 +132,15 @@ void fill_tensor(const Case& c, std::mt19937_64& rng, Buffer<T>& tensor, int64_t
   }
 }
 
+sss_ext::Sampling sampling_of(const Case& c) {
+  sss_ext::Sampling sampling;
+  sampling.temperature = c.temperature;
+  sampling.top_k = c.top_k;
+  sampling.top_p = c.top_p;
+  sampling.top_k_ties = c.keep_ties ? sss_ext::TopKTies::kKeep : sss_ext::TopKTies::kExactK;
+  return sampling;
+}
+
 double open_uniform(std::mt19937_64& rng) {  // in (0, 1)
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   double u;
@@ -243,10 +252,7 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
   p.batch = B;
   p.num_draft = K;
   p.vocab = V;
-  p.sampling.temperature = c.temperature;
-  p.sampling.top_k = c.top_k;
-  p.sampling.top_p = c.top_p;
-  p.sampling.top_k_ties = c.keep_ties ? sss_ext::TopKTies::kKeep : sss_ext::TopKTies::kExactK;
+  p.sampling = sampling_of(c);
   p.shift = c.shift;
   p.paper_mode = c.paper;
 
@@ -336,10 +342,7 @@ bool run_sample(const Case& c, Paths& paths, std::string& why) {
   p.uniforms_stride = 1;
   p.batch = B;
   p.vocab = V;
-  p.sampling.temperature = c.temperature;
-  p.sampling.top_k = c.top_k;
-  p.sampling.top_p = c.top_p;
-  p.sampling.top_k_ties = c.keep_ties ? sss_ext::TopKTies::kKeep : sss_ext::TopKTies::kExactK;
+  p.sampling = sampling_of(c);
   std::vector<int64_t> cpu_tokens(static_cast<size_t>(B), -1);
   for (int64_t b = 0; b < B; ++b) {
     sss_ext::SampleParams<T> row = p;
