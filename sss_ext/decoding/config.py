@@ -14,6 +14,7 @@ from ..checks import check_sampling, check_shift, check_top_k_ties
 
 REWARD_INPUTS = ("auto", "text", "ids")
 DRAFT_LENGTH_POLICIES = ("fixed", "adaptive")
+PROPOSERS = ("draft", "ngram")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -51,6 +52,16 @@ class SamplingConfig:
         Cost of one draft step over the cost of the rest of a round, ``>= 0``, for the
         adaptive policy; None measures the costs from the run's wall-clock times (then the
         tokens of a seeded run depend on timings; a number makes runs reproducible).
+    proposer : {"draft", "ngram"}
+        Who proposes the drafts of a speculative round (sd, sss): ``"draft"`` samples them
+        from the aligned draft ``r``; ``"ngram"`` copies them from earlier in the row's own
+        prompt and output (prompt lookup, :mod:`sss_ext.decoding.ngram`) and they are
+        verified as one-hot drafts. With ``"ngram"``, sd runs the target alone and sss runs
+        ``r`` and ``d`` once per round over the proposed block (the tilt's logits). Only the
+        fixed draft-length policy.
+    ngram_sizes : (int, int)
+        ``(largest n, smallest n)`` of the n-grams the ``"ngram"`` proposer looks up, longest
+        first; ``largest >= smallest >= 1``.
     temperature : float
         ``> 0`` tempers every model; ``0`` is greedy.
     top_k, top_p : int, float
@@ -91,6 +102,8 @@ class SamplingConfig:
     num_draft_tokens: int = 4
     draft_length_policy: str = "fixed"
     draft_cost_ratio: float | None = None
+    proposer: str = "draft"
+    ngram_sizes: tuple[int, int] = (3, 1)
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -115,6 +128,16 @@ class SamplingConfig:
             raise ValueError(f"draft_length_policy must be one of {DRAFT_LENGTH_POLICIES}, got {self.draft_length_policy!r}")
         if self.draft_cost_ratio is not None:
             _check_float("draft_cost_ratio", self.draft_cost_ratio, 0.0, math.inf, high_open=True)
+        if self.proposer not in PROPOSERS:
+            raise ValueError(f"proposer must be one of {PROPOSERS}, got {self.proposer!r}")
+        sizes = self.ngram_sizes
+        if (not isinstance(sizes, (tuple, list)) or len(sizes) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes) or not 1 <= sizes[1] <= sizes[0]):
+            raise ValueError(f"ngram_sizes must be two ints (largest, smallest) with largest >= smallest >= 1, got {sizes!r}")
+        object.__setattr__(self, "ngram_sizes", (int(sizes[0]), int(sizes[1])))
+        if self.proposer == "ngram" and self.draft_length_policy != "fixed":
+            raise ValueError("proposer='ngram' needs draft_length_policy='fixed' (the adaptive policy weighs "
+                             f"draft-model steps), got {self.draft_length_policy!r}")
         try:
             check_sampling(self.temperature, self.top_k, self.top_p)
             check_top_k_ties(self.top_k_ties)
@@ -157,6 +180,7 @@ class SamplingConfig:
     def to_dict(self) -> dict:
         """Plain JSON-able dict of the fields."""
         out = dataclasses.asdict(self)
+        out["ngram_sizes"] = list(out["ngram_sizes"])
         if out["eos_token_id"] is not None:
             out["eos_token_id"] = list(out["eos_token_id"])
         return out

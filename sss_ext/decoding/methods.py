@@ -41,6 +41,9 @@ class Method:
         is in ``ctx.scorer``).
     description : str
         One line for help texts.
+    proposers : tuple of str
+        The ``SamplingConfig.proposer`` values it takes (:data:`~sss_ext.decoding.config.PROPOSERS`);
+        the default proposer ``"draft"`` is taken by every method.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Method:
     models: tuple[str, ...]
     needs_reward: bool = False
     description: str = ""
+    proposers: tuple[str, ...] = ("draft",)
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in MODEL_ARGUMENTS]
@@ -58,6 +62,19 @@ class Method:
     def needs_ref(self) -> bool:
         """Runs the reference draft ``d`` (``ref_model``)."""
         return "ref_model" in self.models
+
+    def check_config(self, config) -> None:
+        """``ValueError`` naming the proposer when this method does not take ``config.proposer``."""
+        if config.proposer not in self.proposers:
+            takers = ", ".join(name for name, method in METHODS.items() if config.proposer in method.proposers)
+            raise ValueError(f"method={self.name!r} does not take proposer={config.proposer!r} (methods that do: {takers})")
+
+    def models_for(self, config) -> tuple[str, ...]:
+        """The model arguments the method runs under ``config``: without the draft when nothing needs ``r``
+        (standard speculative sampling with the n-gram proposer)."""
+        if config.proposer == "ngram" and not self.needs_ref:
+            return tuple(name for name in self.models if name != "draft")
+        return self.models
 
 
 #: name -> Method, in the order help texts list them
@@ -74,13 +91,15 @@ def register(method: Method) -> Method:
 
 for _method in (
     Method("sss", partial(run_speculative, use_ref=True, mode="exact"), ("target", "draft", "ref_model"),
-           description="reward-shifted speculative sampling, exact rule (tilted target q(r/d)^lambda)"),
+           description="reward-shifted speculative sampling, exact rule (tilted target q(r/d)^lambda)",
+           proposers=("draft", "ngram")),
     Method("sss-paper", partial(run_speculative, use_ref=True, mode="paper"), ("target", "draft", "ref_model"),
            description="reward-shifted speculative sampling, the published rule without the normaliser Z"),
     Method("sss-sir", sss_sir, ("target", "draft", "ref_model"),
            description="sampling-importance-resampling of num_candidates SSS samples by prod Z: the sequence-level tilt"),
     Method("sd", partial(run_speculative, use_ref=False), ("target", "draft"),
-           description="standard speculative sampling: the draft proposes, the target verifies"),
+           description="standard speculative sampling: the draft proposes, the target verifies",
+           proposers=("draft", "ngram")),
     Method("vanilla", partial(run_autoregressive, role="target"), ("target",), description="sampling from the target"),
     Method("draft", partial(run_autoregressive, role="draft"), ("draft",), description="sampling from the aligned draft alone"),
     Method("bon", best_of_n, ("target",), needs_reward=True, description="best-of-N target samples by reward"),

@@ -76,14 +76,16 @@ def _as_ids(value) -> tuple[int, ...]:
 def resolve_models(target, draft, ref_model, tokenizer, spec, config: SamplingConfig) -> ModelSet:
     """Check the models a method needs and what they must share.
 
-    ``spec`` is the method's :class:`~sss_ext.decoding.methods.Method` (its ``models``: the
-    argument names it runs). Raises ``ValueError`` for a missing model, a model in training
-    mode, different vocabularies, models on different devices, or a tokenizer with more
-    tokens than the models' vocabulary.
+    ``spec`` is the method's :class:`~sss_ext.decoding.methods.Method` (its ``models_for(config)``:
+    the argument names it runs). Raises ``ValueError`` for a proposer the method does not take,
+    a missing model, a model in training mode, different vocabularies, models on different
+    devices, or a tokenizer with more tokens than the models' vocabulary.
     """
     method = spec.name
+    spec.check_config(config)
+    runs = spec.models_for(config)
     given = {"target": target, "draft": draft, "ref_model": ref_model}
-    for name in spec.models:
+    for name in runs:
         if given[name] is None:
             why = " (SSS divides by the reference draft d)" if name == "ref_model" and spec.needs_ref else ""
             raise ValueError(f"method={method!r} needs {name}{why}; got None")
@@ -92,7 +94,7 @@ def resolve_models(target, draft, ref_model, tokenizer, spec, config: SamplingCo
     for name, model in given.items():
         if model is not None:
             check_eval_mode(model, name)
-    used = {name: given[name] for name in spec.models}
+    used = {name: given[name] for name in runs}
     # every model passed must share the vocabulary, even one this method does not run
     present = {name: model for name, model in given.items() if model is not None}
     vocab = {name: vocab_size_of(model, name) for name, model in present.items()}
