@@ -36,7 +36,7 @@ import re
 import sys
 
 from .checks import TOP_K_TIES
-from .decoding.config import DRAFT_LENGTH_POLICIES, SamplingConfig
+from .decoding.config import DRAFT_LENGTH_POLICIES, PROPOSERS, SamplingConfig
 from .decoding.methods import METHODS, get_method
 from .decoding.roles import BY_ARGUMENT, ROLES
 from .distributed import DistributedGenerationError, DistributedSession, generate_sharded
@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fixed: K drafts every round; adaptive: K' in [1, K] from the rows' acceptance and the costs")
     sampling.add_argument("--draft-cost-ratio", type=float, default=defaults.draft_cost_ratio, metavar="RATIO",
                           help="adaptive policy: cost of a draft step / a target round; default: measured")
+    sampling.add_argument("--proposer", default=defaults.proposer, choices=PROPOSERS,
+                          help="sd / sss: draft: the aligned draft r samples the drafts; ngram: copy them from earlier "
+                               "in the prompt and output (prompt lookup; sd then runs the target alone)")
+    sampling.add_argument("--ngram-sizes", type=int, nargs=2, default=list(defaults.ngram_sizes), metavar=("MAX", "MIN"),
+                          help="ngram proposer: the longest and the shortest suffix looked up, longest first")
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 is greedy")
     sampling.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 disables")
     sampling.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 disables")
@@ -233,6 +238,10 @@ def check_args(args) -> tuple[SamplingConfig, list[dict], object]:
     config = config_from_args(args)
     if args.reward is not None and args.reward_fn is not None:
         raise ValueError("give either --reward or --reward-fn, not both")
+    try:
+        get_method(args.method).check_config(config)
+    except ValueError as error:
+        raise ValueError(f"--proposer {config.proposer}: {error}") from None
     if get_method(args.method).needs_reward and args.reward is None and args.reward_fn is None:
         raise ValueError(f"--method {args.method} needs --reward DIR or --reward-fn MODULE:FUNCTION "
                          f"(the embedded models' proxy reward: --reward-fn {_PROXY_REWARD_FN})")
@@ -268,7 +277,7 @@ def _load_tokenizer(path: str):
 def default_roles(args) -> list[str]:
     """The model roles (generate() argument names) the method runs and no path gives: the embedded models fill them."""
     paths = {"target": args.target, "draft": args.draft, "ref_model": args.ref}
-    return [role for role in get_method(args.method).models if paths[role] is None]
+    return [role for role in get_method(args.method).models_for(config_from_args(args)) if paths[role] is None]
 
 
 def load_tokenizer(args, use_defaults: bool):

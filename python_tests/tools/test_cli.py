@@ -138,6 +138,9 @@ def _bad_file(tmp_path, name, text):
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
     (["--method", "bon"], "--method bon needs --reward DIR or --reward-fn MODULE:FUNCTION"),
+    (["--proposer", "ngram", "--method", "vanilla"], "--proposer ngram: method='vanilla' does not take proposer='ngram'"),
+    (["--proposer", "ngram", "--ngram-sizes", "1", "2"], "--ngram-sizes must be two ints (largest, smallest)"),
+    (["--proposer", "ngram", "--draft-length-policy", "adaptive"], "proposer='ngram' needs draft_length_policy='fixed'"),
     (["--method", "soft-bon"], "--method soft-bon needs --reward"),
     (["--reward-fn", "no_colon"], "--reward-fn must look like MODULE:FUNCTION"),
     (["--reward-fn", "no_such_module_xyz:score"], "--reward-fn 'no_such_module_xyz:score': cannot import"),
@@ -243,6 +246,21 @@ def test_no_model_paths_use_the_default_models(fake_defaults, prompts_file, tmp_
     records = _read(out)
     assert len(records) == 3 and all(r["method"] == "sss" and "log_z" in r for r in records)
     assert records[0]["prompt_ids"] == [2, 3, 4]
+
+
+def test_sd_with_the_ngram_proposer_loads_no_draft(fake_defaults, model_dirs, prompts_file, tmp_path):
+    """--proposer ngram: sd runs the target alone (no draft loads), sss still loads r and d."""
+    out = tmp_path / "ngram.jsonl"
+    assert cli.main(["generate", "--target", model_dirs["target"], "--method", "sd", "--proposer", "ngram",
+                     "--ngram-sizes", "2", "1", "--prompts", str(prompts_file), "--out", str(out), "--max-new-tokens", "6",
+                     "--no-progress"]) == 0
+    assert fake_defaults == []
+    records = _read(out)
+    assert len(records) == 3 and records[0]["config"]["proposer"] == "ngram" and records[0]["config"]["ngram_sizes"] == [2, 1]
+    assert all(r["stats"]["draft_calls"] == 0 for r in records)
+    assert cli.main(["generate", "--target", model_dirs["target"], "--method", "sss", "--proposer", "ngram",
+                     "--prompts", str(prompts_file), "--out", str(out), "--max-new-tokens", "6", "--no-progress"]) == 0
+    assert fake_defaults == [{"rewards": False, "aligned": True}]
 
 
 def test_paths_override_their_role(fake_defaults, model_dirs, prompts_file, tmp_path):

@@ -99,11 +99,14 @@ class RoundRecord:
     draft_tokens : torch.Tensor or None
         Speculative rounds: the proposed drafts.
     num_draft_tokens : torch.Tensor or None
-        Speculative rounds under the adaptive draft-length policy: the drafts each row
-        verified (``num_draft_tokens`` of ``sss_ext.verify``); None: all ``K'``.
+        Speculative rounds: the drafts each row verified (``num_draft_tokens`` of
+        ``sss_ext.verify``; fewer than ``K'`` under a short budget, the adaptive draft-length
+        policy or the n-gram proposer); None: all ``K'``.
     logits : dict of str to torch.Tensor
         Inputs of the sampler op: a round's ``target`` / ``draft`` / ``ref`` logits exactly as
-        given to ``sss_ext.verify``; a step's logits of the sampling model (key: its role).
+        given to ``sss_ext.verify`` (with the n-gram proposer ``draft`` is ``r``'s
+        ``aligned_logits`` under sss and absent under sd); a step's logits of the sampling
+        model (key: its role).
     verify : VerifyOutput or None
         Speculative rounds: the op's output (``tokens``, ``num_accepted``, per-position ``log_z``).
     tokens : torch.Tensor or None

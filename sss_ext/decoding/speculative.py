@@ -26,6 +26,14 @@ speculative sampling the draft runs only ``K'`` steps, so after a round where al
 were accepted it lacks ``x_{K'-1}``; that token is *carried* and fed together with the
 pending token at the next round's first draft step (a width-2 step, padded for rows
 without a carry) instead of costing an extra draft forward.
+
+With the n-gram proposer (``SamplingConfig(proposer="ngram")``) step 1 copies each row's
+drafts from its own history (:mod:`sss_ext.decoding.ngram`): row ``b`` gets ``k_b`` of them
+(0 when no n-gram matches; then its round samples one token from the target law) and the
+round verifies ``K' = max_b k_b`` positions. ``sss_ext.verify`` takes them as one-hot drafts
+(``draft_logits=None``); under SSS the aligned draft ``r`` runs one forward over the same
+block as the target and the reference, for the tilt (``aligned_logits``), so every cache,
+``r``'s included, holds every token but ``pending`` and nothing is carried.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 from .. import ops
 from .context import MethodResult, RunContext
 from .draft_length import DraftLengths, RoundCostMeter
+from .ngram import histories, propose_ngrams
 from .sampler_run import SamplerRun
 
 
@@ -68,10 +77,14 @@ class SpeculativeRun(SamplerRun):
         super().__init__(ctx, "speculative", prompts, prompt_of_row, sample_of_row, spare=config.num_draft_tokens + 1,
                          cost_meter=meter)
         self.mode = mode
+        self.ngram = config.proposer == "ngram"
         batch = len(self.prompts)
         self.target = self.kv_state("target")
-        self.draft = self.kv_state("draft")
+        self.draft = self.kv_state("draft") if use_ref or not self.ngram else None  # r: proposer, or the tilt's logits
         self.ref = self.kv_state("ref") if use_ref else None
+        if self.ngram:  # every row's prompt, left-aligned, the start of its n-gram history
+            self.prompt_ids = torch.nn.utils.rnn.pad_sequence(list(self.prompts), batch_first=True).to(device)
+            self.prompt_lengths = torch.tensor([int(p.numel()) for p in self.prompts], dtype=torch.int64, device=device)
         # standard SD only: the draft has not seen carry_token yet (all drafts accepted last round)
         self.carry = torch.zeros(batch, dtype=torch.bool, device=device)
         self.carry_token = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -86,24 +99,45 @@ class SpeculativeRun(SamplerRun):
         """One verification round of every active row: draft, verify forward, verify op, emit, roll back."""
         sss = self.ref is not None
         row_draft = self.lengths.choose(self.book.remaining())  # (B,) K'_b of every row: its own budget, the policy's K
-        num_draft, shortest = torch.stack([row_draft.max(), row_draft.min()]).tolist()
         self.monitor.round_started(**({} if sss else {"carried": self.carry}))
         for state in self.states:
             state.begin_round()
 
-        draft_tokens, draft_logits = self._propose(num_draft, row_draft)
+        if self.ngram:
+            draft_tokens, row_draft = self._look_up(row_draft)
+            draft_logits = None
+        num_draft, shortest = torch.stack([row_draft.max(), row_draft.min()]).tolist()
+        if not self.ngram:
+            draft_tokens, draft_logits = self._propose(num_draft, row_draft)
         self.monitor.drafted(0 if draft_logits is None else draft_logits.shape[1])
-        target_logits, draft_logits, ref_logits = self._verify_forward(draft_tokens, draft_logits)
-        out = self._verify(target_logits, draft_logits, draft_tokens, ref_logits, row_draft if shortest < num_draft else None)
+        target_logits, draft_logits, ref_logits, aligned_logits = self._verify_forward(draft_tokens, draft_logits)
+        out = self._verify(target_logits, draft_logits, draft_tokens, ref_logits, aligned_logits,
+                           row_draft if shortest < num_draft else None)
         self.lengths.update(row_draft, out.num_accepted)
         self.monitor.verified(row_draft, out.num_accepted)
         kept, done = self._emit(out)
         self._roll_back(out.num_accepted, num_draft, draft_tokens)
         self.remove(done)
 
-        logits = {"target": target_logits, "draft": draft_logits, **({"ref": ref_logits} if sss else {})}
+        logits = {"target": target_logits}
+        if draft_logits is not None or aligned_logits is not None:
+            logits["draft"] = draft_logits if draft_logits is not None else aligned_logits
+        if sss:
+            logits["ref"] = ref_logits
         self.monitor.round_finished("round", num_draft + 1, self.states, draft_tokens=draft_tokens, num_draft_tokens=row_draft,
                                     logits=logits, verify=out, tokens=out.tokens, num_emitted=kept, finished=done)
+
+    def _look_up(self, row_draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """1. (n-gram proposer) Each row's drafts, copied from after the latest earlier match of its suffix.
+
+        Shape
+        -----
+        row_draft: (B,) the most drafts per row -> draft_tokens (B, K'), row_draft (B,) in [0, K'], K' = its max
+        """
+        rows = self.book.active
+        history, lengths = histories(self.prompt_ids[rows], self.prompt_lengths[rows], self.book.tokens[rows],
+                                     self.book.num_generated[rows])
+        return propose_ngrams(history, lengths, row_draft, self.config.ngram_sizes)
 
     def _propose(self, num_draft: int, row_draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """1. The draft ``r`` proposes ``x_0 .. x_{K'-1}``, each drawn from ``warp(r)``; SSS also needs ``zr[K']``.
@@ -135,28 +169,33 @@ class SpeculativeRun(SamplerRun):
         return self.draft.forward(token[:, None])[:, -1]
 
     def _verify_forward(self, draft_tokens: torch.Tensor, draft_logits: torch.Tensor | None):
-        """2. One target forward (and one reference forward) over ``[last, x_0 .. x_{K'-1}]``.
+        """2. One target forward (and one reference forward) over ``[last, x_0 .. x_{K'-1}]``; with the
+        n-gram proposer under SSS also one forward of the aligned draft ``r`` (the tilt's ``zr``).
 
         Shape
         -----
-        draft_tokens: (B, K') -> target_logits (B, K'+1, V), draft_logits, ref_logits (B, K'+1, V) or None,
-        in one dtype
+        draft_tokens: (B, K') -> target_logits (B, K'+1, V), draft_logits (draft proposer), ref_logits and
+        aligned_logits (n-gram proposer, SSS) (B, K'+1, V) or None, in one dtype
         """
         sss = self.ref is not None
         width = draft_tokens.shape[1] + 1
         block = torch.cat([self.pending[:, None], draft_tokens], dim=1)  # (B, K'+1)
         target_logits = self.target.forward(block, logits_to_keep=width)
         ref_logits = self.ref.forward(block, logits_to_keep=width) if sss else None
+        aligned_logits = self.draft.forward(block, logits_to_keep=width) if sss and self.ngram else None
         drafts = list(draft_tokens.unbind(1))
         target_logits = self.processed(drafts, target_logits)  # position i: prefix ends with x_0 .. x_{i-1}
         ref_logits = self.processed(drafts, ref_logits) if sss else None
-        if draft_logits is None:
+        aligned_logits = self.processed(drafts, aligned_logits) if aligned_logits is not None else None
+        if draft_logits is None and not self.ngram:
             draft_logits = target_logits.new_zeros((draft_tokens.shape[0], 0, target_logits.shape[-1]))
-        return _common_dtype(target_logits, draft_logits, ref_logits)
+        return _common_dtype(target_logits, draft_logits, ref_logits, aligned_logits)
 
-    def _verify(self, target_logits, draft_logits, draft_tokens, ref_logits, row_draft):
+    def _verify(self, target_logits, draft_logits, draft_tokens, ref_logits, aligned_logits, row_draft):
         """3. ``sss_ext.verify`` of the active rows with their next uniforms; row ``b`` verifies its first
         ``row_draft[b]`` drafts (every draft when ``row_draft`` is None) and consumes that many plus one.
+        With the n-gram proposer the drafts are one-hot (``draft_logits`` None) and, under SSS, the
+        tilt reads ``aligned_logits``.
 
         Shape
         -----
@@ -166,10 +205,11 @@ class SpeculativeRun(SamplerRun):
         config = self.config
         width = draft_tokens.shape[1] + 1
         uniforms = self.streams.draw(self.book.active, width, used=None if row_draft is None else row_draft + 1)
+        one_hot = {"aligned_logits": aligned_logits} if self.ngram else {}
         return self.monitor.op(ops.verify, target_logits, draft_logits, draft_tokens, ref_logits, temperature=config.temperature,
                                top_k=config.top_k, top_p=config.top_p, top_k_ties=config.top_k_ties, shift=config.shift,
                                mode=self.mode if self.ref is not None else "exact", num_draft_tokens=row_draft,
-                               uniforms=uniforms)
+                               uniforms=uniforms, **one_hot)
 
     def _emit(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         """4. Each row keeps its accepted drafts and the correction/bonus token (cut at EOS and budget).
@@ -192,7 +232,11 @@ class SpeculativeRun(SamplerRun):
         """
         keep = accepted + 1
         self.target.rollback(keep)
-        if self.ref is not None:
+        if self.ngram:
+            for state in (self.ref, self.draft):
+                if state is not None:
+                    state.rollback(keep)
+        elif self.ref is not None:
             self.ref.rollback(keep)
             self.draft.rollback(keep)
         else:
