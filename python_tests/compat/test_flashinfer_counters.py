@@ -159,6 +159,7 @@ BAD = [
     ("draft K", replaced(draft_probs=lambda a: a["draft_probs"][:, :2]), r"draft_probs must have shape \(B, K, V\) = \(2, 3, 5\)"),
     ("draft vocab", replaced(draft_probs=lambda a: random_probs((2, 3, 6), torch.Generator())), r"draft_probs must have shape \(B, K, V\)"),
     ("draft 2-D", replaced(draft_probs=lambda a: a["draft_probs"][0]), r"draft_probs must be 3-D \(B, K, V\)"),
+    ("draft None", replaced(draft_probs=None), "draft_probs must be a torch.Tensor of probabilities, got NoneType"),
     ("draft int", replaced(draft_probs=lambda a: torch.ones(2, 3, 5, dtype=torch.int64)), "draft_probs must have dtype float32"),
     ("ids float", replaced(draft_token_ids=lambda a: a["draft_token_ids"].float()), "draft_token_ids must have dtype int32 or int64"),
     ("ids 1-D", replaced(draft_token_ids=lambda a: a["draft_token_ids"][0]), r"draft_token_ids must be 2-D \(B, K\)"),
@@ -217,3 +218,31 @@ def test_mixed_devices_and_dtypes():
     draft64 /= draft64.sum(dim=-1, keepdim=True)
     out = chain_speculative_sampling(draft64, kwargs["draft_token_ids"].long(), kwargs["target_probs"].to(torch.bfloat16), seed=0, offset=0)
     assert out[0].dtype == torch.int32 and out[0].shape == (2, 4)
+
+
+def test_tolerance_and_validate_false_renormalise_rows():
+    """Rows off 1 are refused by default, taken with tolerance= or validate=False, and then
+    sampled as the renormalised rows: the same tokens as the normalised input."""
+    kwargs = good()
+    scaled = dict(kwargs, target_probs=kwargs["target_probs"] * 1.05, draft_probs=kwargs["draft_probs"] * 0.97)
+    with pytest.raises(ValueError, match="target_probs rows must sum to 1"):
+        chain_speculative_sampling(**scaled, seed=1, offset=0)
+    expected = chain_speculative_sampling(**kwargs, seed=1, offset=0)
+    for extra in (dict(tolerance=0.1), dict(validate=False)):
+        result = chain_speculative_sampling(**scaled, seed=1, offset=0, **extra)
+        assert all(torch.equal(a, b) for a, b in zip(result, expected))
+    # validate=False reads no value; on the CPU the op still refuses the NaN logit of a negative entry.
+    negative = dict(kwargs, target_probs=kwargs["target_probs"] * torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0]))
+    with pytest.raises(ValueError, match="target_logits must be finite or -inf"):
+        chain_speculative_sampling(**negative, validate=False)
+
+
+def test_no_draft_tokens_draws_the_bonus_from_the_target(device):
+    """K = 0: one token per row from target_probs[:, 0], both counters 0; with ref_probs, from p*."""
+    target = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]] * 3, device=device)
+    ids = torch.zeros(3, 0, dtype=torch.int32, device=device)
+    out, accepted, emitted = chain_speculative_sampling(torch.zeros(3, 0, 4, device=device), ids, target, seed=1, offset=0)
+    assert out.tolist() == [[2]] * 3 and accepted.tolist() == [0] * 3 and emitted.tolist() == [0] * 3
+    flat = torch.full((3, 1, 4), 0.25, device=device)
+    out, _, _ = chain_speculative_sampling(flat, ids, flat, seed=1, offset=0, ref_probs=target, shift=1.0)
+    assert out.tolist() == [[2]] * 3  # p* ∝ target (draft/ref): ref_probs is 0 except at token 2

@@ -92,7 +92,7 @@ def _check_counter(name: str, counter, batch: int, device) -> torch.Tensor:
 def _check_arguments(draft_probs, draft_token_ids, target_probs, ref_probs, deterministic, shift):
     """Metadata of a call; returns (batch, num_draft_tokens, vocab_size). No value is read."""
     for name, probs in (("draft_probs", draft_probs), ("target_probs", target_probs), ("ref_probs", ref_probs)):
-        if probs is not None:
+        if probs is not None or name != "ref_probs":
             check_probabilities_meta(name, probs)
             if probs.dim() != 3:
                 raise ValueError(f"{name} must be 3-D (B, {'K' if name == 'draft_probs' else 'K+1'}, V), got shape {tuple(probs.shape)}")
