@@ -181,7 +181,7 @@ BAD = [
     ("seed bool", replaced(seed=True, offset=0), "seed must be an int"),
     ("seed negative", replaced(seed=-1, offset=0), r"seed must be an int in \[0, 2\*\*64\) \(FlashInfer's uint64\), got -1"),
     ("offset too big", replaced(seed=0, offset=2**64), r"offset must be an int in \[0, 2\*\*64\)"),
-    ("seed int32 tensor", replaced(seed=torch.tensor([1], dtype=torch.int32), offset=0), "seed must be an int or a one-element int64 tensor, got a int32"),
+    ("seed int32 tensor", replaced(seed=torch.tensor([1], dtype=torch.int32), offset=0), "seed must be an int or a one-element int64 tensor, got a tensor of dtype int32"),
     ("per-row seeds", replaced(seed=torch.tensor([1, 2]), offset=0), "per-row seeds are not supported"),
     ("per-row offsets", replaced(seed=0, offset=torch.zeros(2, dtype=torch.int64)), "per-row offsets are not supported"),
     ("deterministic string", replaced(deterministic="yes"), "deterministic must be a bool"),

@@ -41,11 +41,12 @@ def _seed_word(name: str, value, device) -> torch.Tensor:
     """
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.int64:
-            raise ValueError(f"{name} must be an int or a one-element int64 tensor, got a {str(value.dtype).replace('torch.', '')} tensor")
+            raise ValueError(f"{name} must be an int or a one-element int64 tensor, got a tensor of dtype "
+                             f"{str(value.dtype).replace('torch.', '')}")
         if value.numel() != 1:
             raise ValueError(
                 f"{name} must be an int or a one-element int64 tensor, got shape {tuple(value.shape)}: per-row "
-                f"{name}s are not supported (FlashInfer's CUDA kernel reads element 0 of a longer tensor)"
+                f"{name}s are not supported (one {name} per call; every row draws from its own stream of it)"
             )
         return value.reshape(1).to(device)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -225,7 +226,9 @@ def chain_speculative_sampling(
         device (None: torch's default generator of that device). It advances by the draws.
     seed, offset : int or torch.Tensor, optional
         Given together, they fix the uniforms: ints in ``[0, 2**64)`` or one-element int64
-        tensors (read on the device, no host synchronisation); row ``b`` draws from a
+        tensors (read on the device, no host synchronisation; a tensor on another device is
+        copied to the probabilities' device first, which waits for a GPU tensor when the
+        probabilities are on the CPU); row ``b`` draws from a
         counter-based hash of ``(seed, b, offset + 1 ... offset + K + 1)`` (see
         :func:`seeded_uniforms`). Same role as FlashInfer's Philox seed and offset, different
         bits. One without the other raises (FlashInfer would ignore both).
