@@ -2,7 +2,8 @@
 vocabulary, enumerate every output row (accepted drafts, correction or bonus token, -1
 padding) together with the accepted counter's excess over the emitted one, from the rule of
 docs/algorithm.md §3, and chi-square many sampled rows against it (alpha = 0.01 on the CPU;
-stats_helpers), with the power to detect a total-variation gap of 0.015. Also the tilted
+stats_helpers), with the power to detect a total-variation gap of 0.015 (0.02 at the CUDA
+family's level). Also the tilted
 target (ref_probs, shift) against p* from sss_ext.reference, and negative controls that must
 fail: the law of a sampler that forgets to subtract the draft from the residual, and drafts
 drawn from another law than draft_probs."""
@@ -134,7 +135,7 @@ def test_output_rows_follow_the_enumerated_law(device, case):
     p, probs = p_value(law, rows, extras)
     power = detectable_tv(NUM_ROWS, torch.tensor(probs), alpha_for(device))
     print(f"\np = {p:.3g}, detectable TV (power 0.9) = {power:.4f}")
-    assert power <= 0.015
+    assert power <= (0.015 if device.type == "cpu" else 0.02)
     assert p > alpha_for(device), p
 
 
