@@ -277,7 +277,9 @@ def chain_speculative_sampling(
     ``min(1, target(x) / draft(x))`` whenever ``draft(x) > 0``; a draft token of draft
     probability 0 (which the draft cannot have proposed) is always rejected here, where
     FlashInfer accepts it iff ``target(x) > 0``. A rejection whose residual is zero draws
-    from ``target`` (FlashInfer reads an unset index).
+    from ``target`` (FlashInfer reads an unset index). The accepted counter counts a position
+    after the first rejection by its own uniform; FlashInfer re-tests the rejected position
+    itself with a fresh uniform, which can count it too.
 
     Shape
     -----
