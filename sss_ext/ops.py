@@ -87,6 +87,10 @@ def verify(
     ``p* ∝ warp(q (r/d)^shift)`` and the proposal ``r~ = warp(r)``; emits the accepted drafts
     followed by one correction (from ``(p* - r~)+``) or bonus (from ``p*[K]``) token.
 
+    Probabilities instead of logits: pass ``sss_ext.logits_from_probs(probs)`` for each of
+    ``target_logits``, ``draft_logits`` and ``ref_logits`` (float32 ``log p``, ``-inf`` where
+    ``p = 0``, rows checked to sum to 1) and keep ``temperature=1.0``, ``top_k=0``, ``top_p=1.0``.
+
     Parameters
     ----------
     target_logits : torch.Tensor
@@ -191,6 +195,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
 
     The draw is the inverse CDF in vocabulary order driven by ``uniforms``, so it matches
     :func:`sss_ext.reference.sample` token for token; ``temperature=0`` is the argmax.
+    Probabilities instead of logits: ``sample(sss_ext.logits_from_probs(probs))`` draws from
+    ``probs`` (keep ``temperature=1.0``, ``top_k=0``, ``top_p=1.0``).
 
     Parameters
     ----------
