@@ -135,8 +135,39 @@ def check_num_draft_tokens(num_draft_tokens, batch: int, num_draft_tokens_max: i
     return num_draft_tokens
 
 
-def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode):
-    """Validate metadata of a verify call; returns (batch, num_draft_tokens, vocab_size) and scalars."""
+def tilt_logits(draft_logits, aligned_logits, ref_logits, shift, mode):
+    """The logits of the aligned draft ``r`` a verify call reads, or None when none is read.
+
+    ``draft_logits`` (the proposal, also in the tilt) when given; for one-hot drafts
+    (``draft_logits`` None, docs/algorithm.md §11) ``aligned_logits``, which only the tilt
+    reads: needed with ``ref_logits`` and ``shift > 0``, refused without ``ref_logits``.
+    Checks the combination only; shapes and dtypes are checked by :func:`check_verify_args`.
+    """
+    if aligned_logits is not None and ref_logits is None:
+        raise ValueError("aligned_logits without ref_logits has no use: it enters only the tilt q (r/d)^shift")
+    if draft_logits is not None:
+        if aligned_logits is not None:
+            raise ValueError("aligned_logits is only for one-hot drafts (draft_logits=None); with draft_logits given, "
+                             "the tilt reads draft_logits")
+        return draft_logits
+    if mode == "paper":
+        raise ValueError("mode='paper' needs draft_logits: the paper's rule divides by the draft's probabilities, "
+                         "which one-hot drafts (draft_logits=None) do not have")
+    if ref_logits is None or (isinstance(shift, (int, float)) and shift == 0):
+        return None
+    if aligned_logits is None:
+        raise ValueError("one-hot drafts (draft_logits=None) with ref_logits and shift > 0 need aligned_logits (B, K+1, V): "
+                         "the tilt q (r/d)^shift reads the aligned draft r")
+    return aligned_logits
+
+
+def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode,
+                      aligned_logits=None):
+    """Validate metadata of a verify call; returns (batch, num_draft_tokens, vocab_size) and scalars.
+
+    ``draft_logits`` None is a one-hot proposal; then ``aligned_logits`` stands for ``r`` in
+    the tilt (see :func:`tilt_logits`).
+    """
     check_tensor("target_logits", target_logits, ndim=3, dtypes=LOGIT_DTYPES)
     check_tensor("draft_tokens", draft_tokens, ndim=2, dtypes=(torch.int64,))
     batch, num_draft_tokens = draft_tokens.shape
@@ -144,21 +175,26 @@ def check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, tem
     if vocab_size < 1:
         raise ValueError("target_logits must have a vocabulary dimension of size >= 1")
     check_shape("target_logits", target_logits, (batch, num_draft_tokens + 1, vocab_size), "(B, K+1, V)")
-    check_tensor("draft_logits", draft_logits, ndim=3, dtypes=LOGIT_DTYPES)
+    r_logits = tilt_logits(draft_logits, aligned_logits, ref_logits, shift, mode)
+    r_name = "draft_logits" if draft_logits is not None else "aligned_logits"
+    if r_logits is not None:
+        check_tensor(r_name, r_logits, ndim=3, dtypes=LOGIT_DTYPES)
     if ref_logits is None:
-        if tuple(draft_logits.shape) not in ((batch, num_draft_tokens, vocab_size), (batch, num_draft_tokens + 1, vocab_size)):
+        if r_logits is not None and tuple(r_logits.shape) not in ((batch, num_draft_tokens, vocab_size),
+                                                                  (batch, num_draft_tokens + 1, vocab_size)):
             raise ValueError(
-                f"draft_logits must have shape (B, K, V) = {(batch, num_draft_tokens, vocab_size)} or (B, K+1, V), "
-                f"got {tuple(draft_logits.shape)}"
+                f"{r_name} must have shape (B, K, V) = {(batch, num_draft_tokens, vocab_size)} or (B, K+1, V), "
+                f"got {tuple(r_logits.shape)}"
             )
     else:
-        check_shape("draft_logits", draft_logits, (batch, num_draft_tokens + 1, vocab_size), "(B, K+1, V) when ref_logits is given")
+        if r_logits is not None:
+            check_shape(r_name, r_logits, (batch, num_draft_tokens + 1, vocab_size), "(B, K+1, V) when ref_logits is given")
         check_tensor("ref_logits", ref_logits, ndim=3, dtypes=LOGIT_DTYPES)
         check_shape("ref_logits", ref_logits, (batch, num_draft_tokens + 1, vocab_size), "(B, K+1, V)")
-    for name, tensor in (("draft_logits", draft_logits), ("ref_logits", ref_logits)):
+    for name, tensor in ((r_name, r_logits), ("ref_logits", ref_logits)):
         if tensor is not None and tensor.dtype != target_logits.dtype:
             raise ValueError(f"{name} must have the dtype of target_logits ({target_logits.dtype}), got {tensor.dtype}")
-    check_same_device(target_logits=target_logits, draft_logits=draft_logits, draft_tokens=draft_tokens, ref_logits=ref_logits)
+    check_same_device(target_logits=target_logits, **{r_name: r_logits}, draft_tokens=draft_tokens, ref_logits=ref_logits)
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     shift = check_shift(shift)
     mode = check_mode(mode, ref_logits)

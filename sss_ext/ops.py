@@ -79,6 +79,7 @@ def verify(
     generator=None,
     validate=True,
     top_k_ties="keep",
+    aligned_logits=None,
 ) -> VerifyOutput:
     """One batched round of Reward-Shifted Speculative Sampling verification.
 
@@ -86,16 +87,24 @@ def verify(
     ``p* ∝ warp(q (r/d)^shift)`` and the proposal ``r~ = warp(r)``; emits the accepted drafts
     followed by one correction (from ``(p* - r~)+``) or bonus (from ``p*[K]``) token.
 
+    Probabilities instead of logits: pass ``sss_ext.logits_from_probs(probs)`` for each of
+    ``target_logits``, ``draft_logits`` and ``ref_logits`` (float32 ``log p``, ``-inf`` where
+    ``p = 0``, rows checked to sum to 1) and keep ``temperature=1.0``, ``top_k=0``, ``top_p=1.0``.
+
     Parameters
     ----------
     target_logits : torch.Tensor
         Logits of the target ``q`` after the prefix and after each draft token.
-    draft_logits : torch.Tensor
+    draft_logits : torch.Tensor or None
         Logits of the aligned draft ``r`` (the proposer). Position ``K`` may be omitted
-        when ``ref_logits`` is None.
+        when ``ref_logits`` is None. None: one-hot drafts from a deterministic proposer
+        (n-gram / prompt lookup, greedy drafts): ``x[i]`` is accepted with probability
+        ``p*(x[i])`` and the correction is drawn from ``p*`` without ``x[i]``
+        (docs/algorithm.md §11); ``mode="paper"`` is refused.
     draft_tokens : torch.Tensor
         int64 draft tokens, drawn from
-        ``sss_ext.warp_probs(draft_logits[:, :K], temperature, top_k, top_p, top_k_ties=top_k_ties)``.
+        ``sss_ext.warp_probs(draft_logits[:, :K], temperature, top_k, top_p, top_k_ties=top_k_ties)``
+        (any tokens for one-hot drafts).
     ref_logits : torch.Tensor, optional
         Logits of the reference draft ``d``. None gives standard speculative sampling.
     temperature : float
@@ -132,6 +141,10 @@ def verify(
         ``top_k``-th largest (HF's and vLLM's rule, for drafts proposed by their samplers);
         ``"exact-k"``: exactly ``top_k`` tokens, ties to the lower index. Applies to ``p*``
         (ranked by the tilted score) and ``r~`` alike (docs/algorithm.md §2).
+    aligned_logits : torch.Tensor, optional
+        One-hot drafts only: the aligned draft ``r``'s logits for the tilt
+        ``q (r/d)^shift``; needed with ``ref_logits`` and ``shift > 0`` when
+        ``draft_logits`` is None, refused otherwise.
 
     Returns
     -------
@@ -140,8 +153,8 @@ def verify(
 
     Shape
     -----
-    target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V); draft_tokens: (B, K);
-    ref_logits: (B, K+1, V); num_draft_tokens: (B,); uniforms: (B, K+1)
+    target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V) or None; draft_tokens: (B, K);
+    ref_logits, aligned_logits: (B, K+1, V); num_draft_tokens: (B,); uniforms: (B, K+1)
     -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
     """
     try:
@@ -152,21 +165,21 @@ def verify(
         if uniforms is None:
             uniforms = draw_uniforms((draft_tokens.shape[0], draft_tokens.shape[1] + 1), target_logits.device, generator)
         args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
-                num_draft_tokens, top_k_ties)
+                num_draft_tokens, top_k_ties, aligned_logits)
         tokens, num_accepted, log_z = _VERIFY(*args)
     except (TypeError, RuntimeError, AttributeError, IndexError):
         _name_bad_verify_arguments(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k,
-                                   top_p, shift, mode, num_draft_tokens, top_k_ties)
+                                   top_p, shift, mode, num_draft_tokens, top_k_ties, aligned_logits)
         raise
     _validated_on_device(_VERIFY, args, num_accepted, validate)
     return VerifyOutput(tokens, num_accepted, log_z)
 
 
 def _name_bad_verify_arguments(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p,
-                               shift, mode, num_draft_tokens, top_k_ties) -> None:
+                               shift, mode, num_draft_tokens, top_k_ties, aligned_logits) -> None:
     """The Python checks of a verify call the op refused: raise the named ``ValueError`` if one applies."""
     (batch, num_draft_max, _), _scalars = check_verify_args(
-        target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
+        target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode, aligned_logits
     )
     check_top_k_ties(top_k_ties)
     _check_device_built("target_logits", target_logits)
@@ -182,6 +195,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
 
     The draw is the inverse CDF in vocabulary order driven by ``uniforms``, so it matches
     :func:`sss_ext.reference.sample` token for token; ``temperature=0`` is the argmax.
+    Probabilities instead of logits: ``sample(sss_ext.logits_from_probs(probs))`` draws from
+    ``probs`` (keep ``temperature=1.0``, ``top_k=0``, ``top_p=1.0``).
 
     Parameters
     ----------
@@ -230,10 +245,11 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
 
 @torch.library.register_fake("sss_ext::verify")
 def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
-                 num_draft_tokens=None, top_k_ties="keep"):
+                 num_draft_tokens=None, top_k_ties="keep", aligned_logits=None):
     # Mixed devices would dispatch here (a meta tensor to the fake kernel): refuse them.
     check_same_device(target_logits=target_logits, draft_logits=draft_logits, draft_tokens=draft_tokens,
-                      ref_logits=ref_logits, uniforms=uniforms, num_draft_tokens=num_draft_tokens)
+                      ref_logits=ref_logits, uniforms=uniforms, num_draft_tokens=num_draft_tokens,
+                      aligned_logits=aligned_logits)
     if num_draft_tokens is not None:
         check_num_draft_tokens_meta(num_draft_tokens, draft_tokens.shape[0], draft_tokens.device)
     batch, num_draft_tokens = draft_tokens.shape

@@ -9,7 +9,10 @@ Notation (per batch row, positions ``i = 0..K``):
 * ``s = zq/tau + lambda * (zr/tau - zd/tau)``: tilted scores, ``p* = warp(softmax(s))``;
 * ``r~ = warp(softmax(zr/tau))``: the proposal the draft tokens ``x`` were drawn from;
 * accept ``x[i]`` iff ``log u[i] < log p*(x[i]) - log r~(x[i])``; correct from
-  ``normalize((p* - r~)+)`` at the first rejection, or draw the bonus from ``p*[K]``.
+  ``normalize((p* - r~)+)`` at the first rejection, or draw the bonus from ``p*[K]``;
+* one-hot drafts (``draft_logits`` None, a deterministic proposer): ``r~ = 1[v = x]``, so
+  ``x`` is accepted with probability ``p*(x)`` and the correction is ``p*`` without ``x``;
+  ``zr`` then comes from ``aligned_logits`` and enters only the tilt (docs/algorithm.md §11).
 
 Paper mode replaces ``p*`` by ``m = Z * p*`` in the acceptance ratio and the residual,
 ``Z = sum_v q (r/d)**lambda``; for ``lambda = 1`` and no truncation that is the published
@@ -140,17 +143,19 @@ def verify(
     uniforms=None,
     generator=None,
     top_k_ties="keep",
+    aligned_logits=None,
 ) -> VerifyOutput:
     """Reference SSS verification; same signature and results as :func:`sss_ext.verify`.
 
     Shape
     -----
-    target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V) without ref;
-    draft_tokens: (B, K); ref_logits: (B, K+1, V); num_draft_tokens: (B,); uniforms: (B, K+1)
+    target_logits: (B, K+1, V); draft_logits: (B, K+1, V) or (B, K, V) without ref, or None
+    (one-hot drafts); draft_tokens: (B, K); ref_logits, aligned_logits: (B, K+1, V);
+    num_draft_tokens: (B,); uniforms: (B, K+1)
     -> tokens (B, K+1), num_accepted (B,), log_z (B, K+1)
     """
     (batch, K, V), (tau, top_k, top_p, lam, mode) = check_verify_args(
-        target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode
+        target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode, aligned_logits
     )
     top_k_ties = check_top_k_ties(top_k_ties)
     device = target_logits.device
@@ -159,9 +164,9 @@ def verify(
         if uniforms is None:
             uniforms = draw_uniforms((batch, K + 1), device, generator)
         check_uniforms_meta(uniforms, (batch, K + 1), "(B, K+1)", device)
-        return _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, num_draft_tokens, uniforms,
-                              dict(temperature=tau, top_k=top_k, top_p=top_p, shift=lam, mode=mode,
-                                   top_k_ties=top_k_ties))
+        return _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, aligned_logits, num_draft_tokens,
+                              uniforms, dict(temperature=tau, top_k=top_k, top_p=top_p, shift=lam, mode=mode,
+                                             top_k_ties=top_k_ties))
     check_token_ids("draft_tokens", draft_tokens, V)
     if uniforms is None:
         u = draw_uniforms((batch, K + 1), device, generator)
@@ -169,17 +174,22 @@ def verify(
         u = check_uniforms(uniforms, (batch, K + 1), "(B, K+1)", device)
     # shift = 0 removes the tilt (p* = warp(q), Z = 1): the reference is never used. Without
     # it, draft_logits[:, K] (if given) is never used either. Unused logits are not checked.
-    if lam == 0.0:
+    one_hot = draft_logits is None
+    r_logits = draft_logits if not one_hot else aligned_logits
+    if lam == 0.0 or (one_hot and ref_logits is None):
         ref_logits = None
-    used_draft = draft_logits if ref_logits is not None else draft_logits[:, :K]
+    if one_hot and ref_logits is None:
+        r_logits = None
+    used_draft = r_logits if ref_logits is not None or r_logits is None else r_logits[:, :K]
     inverse_temperature = 1.0 if tau == 0.0 else 1.0 / tau
-    for name, logits in (("target_logits", target_logits), ("draft_logits", used_draft), ("ref_logits", ref_logits)):
+    for name, logits in (("target_logits", target_logits), ("aligned_logits" if one_hot else "draft_logits", used_draft),
+                         ("ref_logits", ref_logits)):
         if logits is not None:
             check_logit_values(name, logits)
             check_scaled_range(name, logits, inverse_temperature)
 
     zq = target_logits.to(torch.float64)
-    zr = draft_logits.to(torch.float64)
+    zr = None if r_logits is None else r_logits.to(torch.float64)
     zd = None if ref_logits is None else ref_logits.to(torch.float64)
     x = draft_tokens
     rows = torch.arange(batch, device=device)
@@ -203,8 +213,11 @@ def verify(
     else:
         log_z = log_normaliser_z(s, zq * inv_tau, zr[:, : K + 1] * inv_tau, zd * inv_tau, lam)
 
-    # 2. Proposal r~ the drafts were drawn from.
-    log_r_tilde = warp_log_probs(zr[:, :K] * inv_tau, top_k, top_p, top_k_ties)  # (B, K, V)
+    # 2. Proposal r~ the drafts were drawn from; one-hot at the drafts for a deterministic proposer.
+    if one_hot:
+        log_r_tilde = torch.full((batch, K, V), NEG_INF, dtype=torch.float64, device=device).scatter(-1, x[..., None], 0.0)
+    else:
+        log_r_tilde = warp_log_probs(zr[:, :K] * inv_tau, top_k, top_p, top_k_ties)  # (B, K, V)
 
     # 3. Accept x[i] iff log u < log m(x) - log r~(x); zero r~ or zero p* rejects.
     log_p_x = log_p_star[:, :K].gather(-1, x[..., None]).squeeze(-1)
@@ -237,7 +250,8 @@ def verify(
     return VerifyOutput(tokens, num_accepted, log_z.to(torch.float32))
 
 
-def _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, num_draft_tokens, uniforms, options) -> VerifyOutput:
+def _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, aligned_logits, num_draft_tokens, uniforms,
+                   options) -> VerifyOutput:
     """Rows with ``n`` drafts are the uniform call on positions ``0..n`` of those rows; outputs
     are padded with ``-1`` tokens and ``log_z = 0`` past the bonus position ``n``.
 
@@ -253,10 +267,11 @@ def _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, num_dr
         rows = (num_draft_tokens == n).nonzero().flatten()
         out = verify(
             target_logits[rows, : n + 1],
-            draft_logits[rows, : n + 1] if ref_logits is not None else draft_logits[rows, :n],
+            None if draft_logits is None else draft_logits[rows, : n + 1] if ref_logits is not None else draft_logits[rows, :n],
             draft_tokens[rows, :n],
             None if ref_logits is None else ref_logits[rows, : n + 1],
             uniforms=uniforms[rows, : n + 1],
+            aligned_logits=None if aligned_logits is None else aligned_logits[rows, : n + 1],
             **options,
         )
         tokens[rows, : n + 1] = out.tokens

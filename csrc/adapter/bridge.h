@@ -199,7 +199,8 @@ inline bool is_given(const std::optional<Tensor>& t) { return t.has_value() && t
 
 // A checked verify call: tensors with unit vocabulary stride, sizes and scalars.
 struct VerifyInputs {
-  Tensor target, draft, draft_tokens, uniforms;
+  Tensor target, draft_tokens, uniforms;
+  std::optional<Tensor> draft;             // r (draft_logits, or aligned_logits for one-hot drafts); nullopt: not read
   std::optional<Tensor> ref;               // nullopt: standard SD
   std::optional<Tensor> num_draft_tokens;  // (batch,) int64; nullopt: K for every row
   int64_t batch, num_draft, vocab;
@@ -207,6 +208,7 @@ struct VerifyInputs {
   Sampling sampling;
   double shift;
   bool paper_mode;
+  bool one_hot_proposal;
 };
 
 struct VerifyOutputs {
@@ -222,12 +224,42 @@ inline VerifyOutputs empty_verify_outputs(const VerifyInputs& in) {
                        empty_on(in.target, rows, OutputDtype::kInt64), empty_on(in.target, rows_positions, OutputDtype::kFloat32)};
 }
 
-inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor& draft_logits, const Tensor& draft_tokens,
+// r's logits as the kernels read them: draft_logits (the proposal, also in the tilt), or for
+// one-hot drafts (draft_logits None) aligned_logits, which only the tilt reads. Checks the
+// combination; nullopt when nothing reads r.
+inline std::optional<Tensor> checked_draft(const std::optional<Tensor>& draft_logits, const std::optional<Tensor>& aligned_logits,
+                                           bool tilts, std::string_view mode) {
+  if (is_given(draft_logits)) {
+    SSS_CHECK_VALUE(!is_given(aligned_logits),
+                    "aligned_logits is only for one-hot drafts (draft_logits=None); with draft_logits given, the tilt reads "
+                    "draft_logits");
+    check_logits(*draft_logits, "draft_logits", 3, "(B, K+1, V)");
+    return draft_logits;
+  }
+  SSS_CHECK_VALUE(mode == "exact",
+                  "mode='paper' needs draft_logits: the paper's rule divides by the draft's probabilities, which one-hot "
+                  "drafts (draft_logits=None) do not have");
+  if (!tilts) return std::nullopt;  // no reference or shift 0: p* = warp(q), r is never read
+  SSS_CHECK_VALUE(is_given(aligned_logits),
+                  "one-hot drafts (draft_logits=None) with ref_logits and shift > 0 need aligned_logits (B, K+1, V): the tilt "
+                  "q (r/d)^shift reads the aligned draft r");
+  check_logits(*aligned_logits, "aligned_logits", 3, "(B, K+1, V)");
+  return aligned_logits;
+}
+
+inline VerifyInputs check_verify_args(const Tensor& target_logits, const std::optional<Tensor>& draft_logits, const Tensor& draft_tokens,
                                       const std::optional<Tensor>& ref_logits, const Tensor& uniforms, double temperature,
                                       int64_t top_k, double top_p, double shift, std::string_view mode,
-                                      const std::optional<Tensor>& num_draft_tokens, std::string_view top_k_ties) {
+                                      const std::optional<Tensor>& num_draft_tokens, std::string_view top_k_ties,
+                                      const std::optional<Tensor>& aligned_logits) {
   check_logits(target_logits, "target_logits", 3, "(B, K+1, V)");
-  check_logits(draft_logits, "draft_logits", 3, "(B, K+1, V)");
+  const bool one_hot = !is_given(draft_logits);
+  const bool has_ref_given = is_given(ref_logits);
+  SSS_CHECK_VALUE(!is_given(aligned_logits) || has_ref_given,
+                  "aligned_logits without ref_logits has no use: it enters only the tilt q (r/d)^shift");
+  // One-hot drafts without a tilt never read r or d: the reference is dropped like the CPU kernel's shift-0 path.
+  const std::optional<Tensor> draft = checked_draft(draft_logits, aligned_logits, has_ref_given && shift != 0.0, mode);
+  const char* draft_name = one_hot ? "aligned_logits" : "draft_logits";
   const ScalarType dtype = target_logits.scalar_type();
   SSS_CHECK_VALUE(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == ScalarType::Long,
                   "draft_tokens must be a 2-D int64 tensor (B, K), got ", draft_tokens.scalar_type(), " of shape ",
@@ -237,17 +269,20 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor&
   SSS_CHECK_VALUE(target_logits.size(0) == batch && target_logits.size(1) == num_draft + 1,
                   "target_logits must have shape (B, K+1, V) = (", batch, ", ", num_draft + 1, ", ", vocab, "), got ",
                   target_logits.sizes());
-  const bool has_ref = is_given(ref_logits);
-  const bool draft_ok = draft_logits.size(0) == batch && draft_logits.size(2) == vocab &&
-                        (draft_logits.size(1) == num_draft + 1 || (!has_ref && draft_logits.size(1) == num_draft));
-  SSS_CHECK_VALUE(draft_ok, "draft_logits must have shape (B, K+1, V) = (", batch, ", ", num_draft + 1, ", ", vocab,
-                  has_ref ? ")" : ") or (B, K, V)", ", got ", draft_logits.sizes());
-  SSS_CHECK_VALUE(draft_logits.scalar_type() == dtype, "draft_logits must have the dtype of target_logits (", dtype, "), got ",
-                  draft_logits.scalar_type());
-  check_same_device(target_logits, "target_logits", draft_logits, "draft_logits");
+  const bool has_ref = has_ref_given && (!one_hot || draft.has_value());
+  if (draft) {
+    const Tensor& r = *draft;
+    const bool draft_ok = r.size(0) == batch && r.size(2) == vocab &&
+                          (r.size(1) == num_draft + 1 || (!has_ref && r.size(1) == num_draft));
+    SSS_CHECK_VALUE(draft_ok, draft_name, " must have shape (B, K+1, V) = (", batch, ", ", num_draft + 1, ", ", vocab,
+                    has_ref ? ")" : ") or (B, K, V)", ", got ", r.sizes());
+    SSS_CHECK_VALUE(r.scalar_type() == dtype, draft_name, " must have the dtype of target_logits (", dtype, "), got ",
+                    r.scalar_type());
+    check_same_device(target_logits, "target_logits", r, draft_name);
+  }
   check_same_device(target_logits, "target_logits", draft_tokens, "draft_tokens");
   check_same_device(target_logits, "target_logits", uniforms, "uniforms");
-  if (has_ref) {
+  if (has_ref_given) {
     const Tensor& ref = *ref_logits;
     check_logits(ref, "ref_logits", 3, "(B, K+1, V)");
     SSS_CHECK_VALUE(ref.sizes().equals(target_logits.sizes()), "ref_logits must have shape (B, K+1, V) = ", target_logits.sizes(),
@@ -263,7 +298,7 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor&
   check_sampling(temperature, top_k, top_p);
   SSS_CHECK_VALUE(std::isfinite(shift) && shift >= 0, "shift (lambda) must be a finite float >= 0, got ", shift);
   SSS_CHECK_VALUE(mode == "exact" || mode == "paper", "mode must be 'exact' or 'paper', got '", mode, "'");
-  SSS_CHECK_VALUE(mode == "exact" || has_ref, "mode='paper' needs ref_logits: the paper's rule divides by the reference draft d");
+  SSS_CHECK_VALUE(mode == "exact" || has_ref_given, "mode='paper' needs ref_logits: the paper's rule divides by the reference draft d");
   const TopKTies ties = parse_top_k_ties(top_k_ties);
   const bool ragged = is_given(num_draft_tokens);
   if (ragged) {  // values in [0, K] are checked by the kernels (kBadNumDraft)
@@ -277,9 +312,9 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor&
     check_same_device(target_logits, "target_logits", counts, "num_draft_tokens");
   }
   return VerifyInputs{vocab_contiguous(target_logits),
-                      vocab_contiguous(draft_logits),
                       draft_tokens,
                       uniforms,
+                      draft ? std::optional<Tensor>(vocab_contiguous(*draft)) : std::nullopt,
                       has_ref ? std::optional<Tensor>(vocab_contiguous(*ref_logits)) : std::nullopt,
                       ragged ? num_draft_tokens : std::nullopt,
                       batch,
@@ -288,14 +323,15 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const Tensor&
                       dtype,
                       Sampling{temperature, top_k, top_p, ties},
                       shift,
-                      mode == "paper"};
+                      mode == "paper",
+                      one_hot};
 }
 
 template <typename T>
 VerifyParams<T> verify_params(const VerifyInputs& in, const VerifyOutputs& out) {
   VerifyParams<T> p;
   p.target = logits_view<T>(in.target);
-  p.draft = logits_view<T>(in.draft);
+  if (in.draft) p.draft = logits_view<T>(*in.draft);
   if (in.ref) p.ref = logits_view<T>(*in.ref);
   p.draft_tokens = input_data<int64_t>(in.draft_tokens);
   p.draft_tokens_stride_batch = in.draft_tokens.stride(0);
@@ -313,6 +349,7 @@ VerifyParams<T> verify_params(const VerifyInputs& in, const VerifyOutputs& out) 
   p.sampling = in.sampling;
   p.shift = in.shift;
   p.paper_mode = in.paper_mode;
+  p.one_hot_proposal = in.one_hot_proposal;
   p.tokens = output_data<int64_t>(out.tokens);
   p.num_accepted = output_data<int64_t>(out.num_accepted);
   p.log_z = output_data<float>(out.log_z);
@@ -364,8 +401,11 @@ SampleParams<T> sample_params(const SampleInputs& in, const Tensor& tokens) {
 inline std::string at_position(int64_t position) { return position >= 0 ? ", position " + std::to_string(position) : std::string(); }
 
 // Raises a ValueError for a kernel-reported error; returns normally when ok. num_draft: K of
-// a verify call.
-inline void raise_if_error(const Error& e, int64_t vocab, int64_t num_draft = 0) {
+// a verify call; one_hot: its drafts are one-hot, so the kernels' draft tensor is aligned_logits.
+inline void raise_if_error(const Error& e, int64_t vocab, int64_t num_draft = 0, bool one_hot = false) {
+  const auto tensor_name = [one_hot](Which which) {
+    return one_hot && which == Which::kDraft ? "aligned_logits" : sss_ext::tensor_name(which);
+  };
   switch (e.status) {
     case Status::kOk: return;
     case Status::kBadNumDraft:

@@ -16,16 +16,19 @@ struct StableParallelFor {
 };
 
 // Returns tokens (B, K+1) int64, num_accepted (B,) int64, log_z (B, K+1) float32.
-std::tuple<Tensor, Tensor, Tensor> verify_cpu(const Tensor& target_logits, const Tensor& draft_logits, const Tensor& draft_tokens,
+std::tuple<Tensor, Tensor, Tensor> verify_cpu(const Tensor& target_logits, const std::optional<Tensor>& draft_logits, const Tensor& draft_tokens,
                                               const std::optional<Tensor>& ref_logits, const Tensor& uniforms, double temperature,
                                               int64_t top_k, double top_p, double shift, const std::string& mode,
-                                              const std::optional<Tensor>& num_draft_tokens, const std::string& top_k_ties) {
+                                              const std::optional<Tensor>& num_draft_tokens, const std::string& top_k_ties,
+                                              const std::optional<Tensor>& aligned_logits) {
   const adapter::VerifyInputs in = adapter::check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, uniforms,
-                                                              temperature, top_k, top_p, shift, mode, num_draft_tokens, top_k_ties);
+                                                              temperature, top_k, top_p, shift, mode, num_draft_tokens, top_k_ties,
+                                                              aligned_logits);
   const adapter::VerifyOutputs out = adapter::empty_verify_outputs(in);
   adapter::dispatch_logits(in.dtype, [&](auto tag) {
     using T = decltype(tag);
-    adapter::raise_if_error(cpu::verify(adapter::verify_params<T>(in, out), StableParallelFor{}), in.vocab, in.num_draft);
+    adapter::raise_if_error(cpu::verify(adapter::verify_params<T>(in, out), StableParallelFor{}), in.vocab, in.num_draft,
+                            in.one_hot_proposal);
   });
   return {out.tokens, out.num_accepted, out.log_z};
 }

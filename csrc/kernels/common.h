@@ -121,7 +121,10 @@ struct LogitsView {
 template <typename T>
 struct VerifyParams {
   LogitsView<T> target;  // (batch, num_draft + 1, vocab)
-  LogitsView<T> draft;   // (batch, num_draft + 1, vocab), or (batch, num_draft, vocab) without ref
+  // (batch, num_draft + 1, vocab), or (batch, num_draft, vocab) without ref: the aligned draft r,
+  // which is the proposal and enters the tilt. With one_hot_proposal it enters only the tilt and
+  // is read only with a reference (data == nullptr without one).
+  LogitsView<T> draft;
   LogitsView<T> ref;     // (batch, num_draft + 1, vocab); data == nullptr: standard speculative sampling
   const int64_t* draft_tokens = nullptr;  // (batch, num_draft)
   int64_t draft_tokens_stride_batch = 0, draft_tokens_stride_position = 0;
@@ -136,6 +139,10 @@ struct VerifyParams {
   Sampling sampling;
   double shift = 1.0;       // lambda
   bool paper_mode = false;  // accept/correct with m = Z * p* instead of p*
+  // The drafts come from a deterministic proposer: the proposal is one-hot at the draft token,
+  // so x is accepted with probability p*(x) and the correction is drawn from p* without x
+  // (docs/algorithm.md §11). Never with paper_mode.
+  bool one_hot_proposal = false;
   int64_t* tokens = nullptr;        // (batch, num_draft + 1), contiguous
   int64_t* num_accepted = nullptr;  // (batch,)
   float* log_z = nullptr;           // (batch, num_draft + 1), contiguous

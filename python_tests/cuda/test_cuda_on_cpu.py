@@ -107,6 +107,19 @@ def build_cases() -> dict[str, dict]:
         add(f"greedy-constant-{dtype}", dtype=dtype, B=2, K=3, V=111, temp=0.0, ref=1, pattern="constant")
         add(f"greedy-flat-{dtype}", dtype=dtype, B=3, K=3, V=4099, temp=0.0, ref=1, pattern="flat", seed=14)
         add(f"paper-flat-{dtype}", dtype=dtype, B=3, K=3, V=111, temp=1.0, ref=1, paper=1, shift=0.5, pattern="flat", seed=15)
+    # One-hot drafts (a deterministic proposer): sd with no draft tensor at all, the tilt with
+    # r only in the tilt; plain, truncated (the bucketed selection without a proposal stream),
+    # ragged, greedy.
+    for dtype in DTYPES:
+        for with_ref in (0, 1):
+            common = dict(dtype=dtype, ref=with_ref, one_hot=1, shift=1.5)
+            add(f"onehot-{dtype}-ref{with_ref}", **common, B=4, K=3, V=111, temp=0.8, scale=1.0, seed=21)
+            add(f"onehot-ragged-topk-{dtype}-ref{with_ref}", **common, B=5, K=4, V=111, temp=1.0, top_k=5, top_p=0.9, ragged=1,
+                seed=22)
+        add(f"onehot-trunc-{dtype}", dtype=dtype, ref=1, one_hot=1, B=2, K=2, V=6144, temp=1.0, top_k=3000, top_p=0.7,
+            pattern="close", seed=23)
+        add(f"onehot-greedy-{dtype}", dtype=dtype, ref=1, one_hot=1, B=3, K=3, V=111, temp=0.0, ragged=1, seed=24)
+        add(f"onehot-accepts-{dtype}", dtype=dtype, ref=0, one_hot=1, B=32, K=3, V=3, temp=1.0, scale=0.5, seed=25)
     # sample (K = 0).
     for dtype in DTYPES:
         add(f"sample-{dtype}", op="sample", dtype=dtype, B=3, V=111, temp=1.0, seed=16)
@@ -122,7 +135,7 @@ CASES = build_cases()
 
 # Paths the matrix must reach (driver.cpp's census).
 REQUIRED_PATHS = ("collect", "collect_level2", "ties_counted", "ties_level2", "radix_plan", "radix_blocks", "minus_inf_kb",
-                  "greedy", "exact_exp", "fast_exp", "invalid_rows", "ragged_rows", "rejections", "sample")
+                  "greedy", "exact_exp", "fast_exp", "invalid_rows", "ragged_rows", "rejections", "acceptances", "sample")
 
 
 def case_line(name: str, keys: dict) -> str:
@@ -214,6 +227,7 @@ def census(run: Run) -> dict[str, int]:
 RACE = ("cuda/bucket_select.cuh", "  } else if (ties) {", "  } else if (!use_radix) {")  # the tie branch as it was
 MISSING_BARRIER = ("cuda/device_utils.cuh", "  if (lane == 0) scratch[warp] = value;\n  __syncthreads();",
                    "  if (lane == 0) scratch[warp] = value;")
+ONE_HOT_RESIDUAL = ("cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : w_p[e];", "w_res[e] = w_p[e];")  # x not removed
 READ_PAST_ROW = ("cuda/device_utils.cuh", "words[w] = v < vocab ? element_bits(row, v)", "words[w] = v <= vocab ? element_bits(row, v)")
 
 
@@ -300,14 +314,29 @@ def build_mutants(tmp_path_factory, specs):
 
 @pytest.fixture(scope="module")
 def control_drivers(tmp_path_factory):
-    race, barrier = build_mutants(tmp_path_factory, [("plain", RACE, "race"), ("plain", MISSING_BARRIER, "barrier")])
-    return {"race": race, "barrier": barrier}
+    race, barrier, one_hot = build_mutants(tmp_path_factory, [("plain", RACE, "race"), ("plain", MISSING_BARRIER, "barrier"),
+                                                              ("plain", ONE_HOT_RESIDUAL, "one-hot")])
+    return {"race": race, "barrier": barrier, "one_hot": one_hot}
 
 
 def test_control_the_fixed_race_is_caught(control_drivers):
     """The resolve kernel as it was (branches on the shared flag thread 0 writes): barrier divergence."""
     run = run_driver(control_drivers["race"], ["trunc-close-p999-f32-keep"])
     assert run.returncode == 86 and "barrier divergence" in run.fatal, (run.returncode, run.stdout[-2000:])
+
+
+def test_one_hot_cases_accept_and_reject(plain_run):
+    """The one-hot cases reach both outcomes of the acceptance test p*(x) on every dtype."""
+    for dtype in DTYPES:
+        line = plain_run.results[f"onehot-accepts-{dtype}"]
+        assert "acceptances:" in line and "rejections:" in line, line
+
+
+def test_control_one_hot_residual_keeping_the_draft_is_caught(control_drivers):
+    """One-hot drafts corrected from p* instead of p* without the rejected draft: wrong rows."""
+    names = [n for n in CASES if n.startswith("onehot-accepts-")]
+    run = run_driver(control_drivers["one_hot"], names)
+    assert any(line.startswith("FAIL") for line in run.results.values()), run.stdout[-2000:]
 
 
 def test_control_missing_barrier_is_caught(control_drivers):

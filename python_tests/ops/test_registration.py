@@ -21,8 +21,10 @@ def test_schemas_are_registered():
     assert "sss_ext::verify" in str(torch.ops.sss_ext.verify.default._schema)
     assert "Tensor? ref_logits" in str(torch.ops.sss_ext.verify.default._schema)
     assert "sss_ext::sample" in str(torch.ops.sss_ext.sample.default._schema)
-    for op in (torch.ops.sss_ext.verify.default, torch.ops.sss_ext.sample.default):
-        assert 'str top_k_ties="keep") ->' in str(op._schema), op._schema  # the last argument
+    assert 'str top_k_ties="keep") ->' in str(torch.ops.sss_ext.sample.default._schema)  # the last argument
+    verify_schema = str(torch.ops.sss_ext.verify.default._schema)
+    assert "Tensor? draft_logits" in verify_schema  # None: one-hot drafts
+    assert 'str top_k_ties="keep", Tensor? aligned_logits=None) ->' in verify_schema, verify_schema
 
 
 @pytest.mark.parametrize(

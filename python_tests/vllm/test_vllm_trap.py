@@ -1,9 +1,10 @@
 """The tied-embedding trap in vLLM itself, on a tiny tied Llama (head_dim 32, vocabulary 16).
 
-A checkpoint holding the tied tensor only as ``lm_head.weight`` loads in vLLM with zero
-embeddings and uniform logprobs, without an error; the same model written by
-``sss_ext.vllm.export.export_model`` (both tensors) loads with real logits. The check that
-passes on the export must fail on the tied-only checkpoint.
+A checkpoint holding the tied tensor only as ``lm_head.weight`` loads in vLLM without an
+error, but with embeddings that were never written (zeros or whatever the allocator held), so
+its logprobs are not the model's; the same model written by
+``sss_ext.vllm.export.export_model`` (both tensors) loads with the model's logprobs. The check
+that passes on the export must fail on the tied-only checkpoint.
 """
 
 import pytest
@@ -12,6 +13,8 @@ pytest.importorskip("vllm.v1.sample.logits_processor", reason="vLLM is not insta
 
 import json  # noqa: E402
 import math  # noqa: E402
+
+import torch  # noqa: E402
 
 import vllm_helpers as H  # noqa: E402
 from sss_ext.vllm.export import check_checkpoint, export_model  # noqa: E402
@@ -37,20 +40,29 @@ def _tied_only(model, dest):
     return dest
 
 
-def _real_logits(model_dir) -> None:
-    """AssertionError when vLLM's logprobs are uniform (zero embeddings)."""
+def _model_logprobs(model_dir, model) -> None:
+    """AssertionError unless vLLM's logprobs on ``model_dir`` are ``model``'s own (transformers)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    prompt = [1, 5, 7]
     llm = H.start_engine(model_dir, skip_tokenizer_init=True, max_model_len=64, num_gpu_blocks_override=8)
     try:
-        out = llm.generate([TokensPrompt(prompt_token_ids=[1, 5, 7])],
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
                            SamplingParams(max_tokens=3, logprobs=H.TINY_VOCAB, detokenize=False), use_tqdm=False)[0]
     finally:
         H.shutdown(llm)
-    for entry in out.outputs[0].logprobs:
-        values = [lp.logprob for lp in entry.values()]
-        assert max(values) - min(values) > 1e-3, f"uniform logprobs {values[:3]} (-ln V = {-math.log(H.TINY_VOCAB):.4f})"
+    completion = out.outputs[0]
+    sequence = prompt + list(completion.token_ids)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([sequence[:-1]])).logits[0, len(prompt) - 1:].double()
+    expected = torch.log_softmax(logits, dim=-1)
+    for position, entry in enumerate(completion.logprobs):
+        got = torch.tensor([entry[token].logprob for token in range(H.TINY_VOCAB)], dtype=torch.float64)
+        gap = (got - expected[position]).abs().max().item()
+        assert math.isfinite(gap) and gap < 1e-3, (
+            f"logprobs at generated position {position} differ from the model's by {gap:.3g} "
+            f"(vLLM {got[:3].tolist()}, transformers {expected[position, :3].tolist()})")
 
 
 def test_trap_caught_in_vllm(tmp_path):
@@ -60,6 +72,6 @@ def test_trap_caught_in_vllm(tmp_path):
     check_checkpoint(exported)
     with pytest.raises(ValueError, match="model.embed_tokens.weight"):
         check_checkpoint(tied_only)
-    _real_logits(exported)
-    with pytest.raises(AssertionError, match="uniform logprobs"):  # negative control: the trap is real
-        _real_logits(tied_only)
+    _model_logprobs(exported, model)
+    with pytest.raises(AssertionError, match="differ from the model's"):  # negative control: the trap is real
+        _model_logprobs(tied_only, model)

@@ -4,8 +4,8 @@ vLLM's Llama loader ties ``lm_head`` to ``model.embed_tokens`` when the config s
 ``tie_word_embeddings`` and reads the embedding **only** from ``model.embed_tokens.weight``.
 A checkpoint that stores the tied tensor once, as ``lm_head.weight`` (what
 ``safetensors.torch.save_model`` keeps of a tied pair, e.g. the converted default target in
-``~/.cache/sss_ext``), loads with zero embeddings and no error: every logit is 0 and vLLM
-samples uniformly. :func:`export_model` always writes both names, and
+``~/.cache/sss_ext``), loads with no error and embeddings that were never written: zeros
+(every logit 0, uniform sampling) or whatever the allocator held. :func:`export_model` always writes both names, and
 :func:`check_checkpoint` refuses a checkpoint that lacks ``model.embed_tokens.weight`` or
 holds an all-zero one.
 
@@ -88,7 +88,7 @@ def check_checkpoint(path) -> None:
                     raise ValueError(f"{file}: {EMBED} is all zeros")
                 return
     raise ValueError(
-        f"{path} has no {EMBED} (only a tied {HEAD}?): vLLM would load zero embeddings and sample uniformly; "
+        f"{path} has no {EMBED} (only a tied {HEAD}?): vLLM would load unwritten embeddings (zeros or garbage) without an error; "
         "re-export it with sss_ext.vllm.export.export_model, which writes both tensors")
 
 

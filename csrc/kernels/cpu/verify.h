@@ -92,7 +92,8 @@ SSS_FORCE_INLINE double log_normaliser_z(double m_s, double l_s, double m_q, dou
 template <typename T, bool kTilt>
 SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int64_t b, int64_t i, int64_t num_draft, Scratch& scratch) {
   PositionStats out;
-  const bool has_proposal = i < num_draft;
+  const bool has_draft = i < num_draft;                              // a draft token to accept or reject
+  const bool has_proposal = has_draft && !p.one_hot_proposal;        // ... drawn from r~, not one-hot
   const bool has_ref = p.has_ref();
   const bool greedy = p.sampling.greedy();
   const PositionScores<T, kTilt> scores{p.target.row(b, i), (has_proposal || has_ref) ? p.draft.row(b, i) : nullptr,
@@ -117,7 +118,7 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
   }
   if (greedy) {
     out.greedy_token = row_argmax(tilted, p.vocab);
-    out.accept = has_proposal && draft_token(p, b, i) == out.greedy_token;
+    out.accept = has_draft && draft_token(p, b, i) == out.greedy_token;
     return out;
   }
 
@@ -167,11 +168,11 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
   }
   if (has_ref) out.log_z = log_normaliser_z(tilted_max, l_s, target_max_t, l_q, proposal_max, l_r, ref_max_t, l_d, p.shift);
 
-  if (has_proposal) {
+  if (has_draft) {
     const int64_t x = draft_token(p, b, i);
     const double u = uniform(p, b, i);
     const double log_p = out.p_star.log_prob(scores.tilted(x), x);
-    const double log_r = out.proposal.log_prob(scores.proposal(x), x);
+    const double log_r = has_proposal ? out.proposal.log_prob(scores.proposal(x), x) : 0.0;  // one-hot: r~(x) = 1
     const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
     out.accept = log_p > -kInf && log_r > -kInf && std::log(u) < log_m - log_r;
   }
@@ -184,7 +185,8 @@ template <typename T, bool kTilt>
 SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b, int64_t j, int64_t num_draft, const PositionStats& stats,
                                              Scratch& scratch) {
   if (p.sampling.greedy()) return stats.greedy_token;
-  const PositionScores<T, kTilt> scores{p.target.row(b, j), (j < num_draft || p.has_ref()) ? p.draft.row(b, j) : nullptr,
+  const bool reads_draft = (j < num_draft && !p.one_hot_proposal) || p.has_ref();
+  const PositionScores<T, kTilt> scores{p.target.row(b, j), reads_draft ? p.draft.row(b, j) : nullptr,
                                         p.has_ref() ? p.ref.row(b, j) : nullptr, 1.0 / p.sampling.temperature, p.shift};
   const double u = uniform(p, b, num_draft);
   const auto p_star = [&](int64_t v) { return stats.p_star.prob(scores.tilted(v), v); };
@@ -195,6 +197,12 @@ SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b
       const double log_r = stats.proposal.log_prob(scores.proposal(v), v);
       return residual_weight(p_star(v), log_r == -kInf ? 0.0 : std::exp(log_r - log_z));
     };
+    const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
+    if (token >= 0) return token;
+  } else if (j < num_draft && p.one_hot_proposal) {
+    // (p* - 1[v = x])+ = p* without the rejected draft x.
+    const int64_t x = draft_token(p, b, j);
+    const auto residual = [&](int64_t v) { return v == x ? 0.0 : p_star(v); };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
   } else if (j < num_draft) {

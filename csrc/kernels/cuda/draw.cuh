@@ -89,7 +89,8 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
   const VerifyParams<T>& p = pr.p;
   PositionInfo out{true, false, 0.0, 0.0, 0.0, 0.0, 0.0, KeptSet::all(), KeptSet::all(), -1};
   const int64_t row_position = b * pr.positions() + i;
-  const bool has_proposal = i < pr.num_draft(b);
+  const bool has_draft = i < pr.num_draft(b);         // a draft token to accept or reject
+  const bool has_proposal = pr.has_proposal(b, i);    // ... drawn from r~, not one-hot
   const T* q = pr.target_row(b, i);
   const T* r = pr.draft_row(b, i);
   const T* d = pr.ref_row(b, i);
@@ -105,7 +106,7 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
   const double u = pr.uniform(b, i);
   out.valid &= u > 0.0 && u < 1.0;
   int64_t x = -1;
-  if (has_proposal) {
+  if (has_draft) {
     x = pr.draft_token(b, i);
     out.valid &= x >= 0 && x < p.vocab;
   }
@@ -113,7 +114,7 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
 
   if (pr.greedy) {
     out.greedy_token = c.best_index;
-    out.accept = has_proposal && x == c.best_index;
+    out.accept = has_draft && x == c.best_index;
     return out;
   }
   if (pr.tilt) {
@@ -138,12 +139,13 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
     out.max_r = c.max[kProposal];
     out.log_sum_r = c.log_sum[kProposal];
   }
-  if (has_proposal) {
-    const double zr = load_double(r, x);
+  if (has_draft) {
+    const double zr = r != nullptr ? load_double(r, x) : -kInfD;
     const double sx = tilted_score(load_double(q, x), zr, d != nullptr ? load_double(d, x) : -kInfD, pr.score);
     const double rx = temper(zr, pr.score);
     const double log_p = out.kept_s.contains(sx, x) ? (sx - out.max_s) - out.log_sum_s : -kInfD;
-    const double log_r = out.kept_r.contains(rx, x) ? (rx - out.max_r) - out.log_sum_r : -kInfD;
+    // One-hot drafts: r~(x) = 1.
+    const double log_r = !has_proposal ? 0.0 : out.kept_r.contains(rx, x) ? (rx - out.max_r) - out.log_sum_r : -kInfD;
     const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
     out.accept = log_p > -kInfD && log_r > -kInfD && log(u) < log_m - log_r;
   }
@@ -217,12 +219,16 @@ struct DrawRow {
   int skew_q, skew_r, skew_d;
   int64_t vocab;
   ScoreParams sp;
-  bool residual;  // j < the row's draft count
-  double log_z;   // paper mode: log Z; exact mode: 0
+  bool residual;           // j < the row's draft count
+  bool one_hot;            // ... and the drafts are one-hot: the residual is p* without the rejected draft
+  int64_t one_hot_token;   // that draft
+  double log_z;            // paper mode: log Z; exact mode: 0
   PositionInfo info;
 
   __device__ __forceinline__ DrawRow(const Problem<T>& pr, int64_t b, int64_t j, const PositionInfo& at_j) {
     residual = j < pr.num_draft(b);
+    one_hot = residual && pr.p.one_hot_proposal;
+    one_hot_token = one_hot ? pr.draft_token(b, j) : -1;
     q = pr.target_row(b, j);
     r = (pr.tilt || residual) ? pr.draft_row(b, j) : nullptr;
     d = pr.tilt ? pr.ref_row(b, j) : nullptr;
@@ -250,7 +256,9 @@ struct DrawRow {
       const double s = tilted_score(zq, zr, zd, sp);
       w_p[e] = info.kept_s.contains(s, v) ? fast_exp(__dsub_rn(__dsub_rn(s, info.max_s), info.log_sum_s), table) : 0.0;
       w_res[e] = 0.0;
-      if (residual) {
+      if (one_hot) {
+        w_res[e] = v == one_hot_token ? 0.0 : w_p[e];
+      } else if (residual) {
         const double rs = temper(zr, sp);
         // exp(log r~(v) - log Z); an argument >= 0 gives a weight >= 1 >= p*(v): residual 0.
         const double log_r = __dsub_rn(__dsub_rn(__dsub_rn(rs, info.max_r), info.log_sum_r), log_z);

@@ -139,10 +139,13 @@ struct Problem {
     return p.valid_row_draft(n) ? n : 0;
   }
   __device__ __forceinline__ const T* target_row(int64_t b, int64_t i) const { return p.target.row(b, i); }
-  // The draft row exists at the row's draft positions, and at its bonus position when a ref is given.
+  // The draft row is read at the row's draft positions (the proposal, unless the drafts are
+  // one-hot) and wherever a ref is given (the tilt).
   __device__ __forceinline__ const T* draft_row(int64_t b, int64_t i) const {
-    return (i < num_draft(b) || p.has_ref()) ? p.draft.row(b, i) : nullptr;
+    return ((i < num_draft(b) && !p.one_hot_proposal) || p.has_ref()) ? p.draft.row(b, i) : nullptr;
   }
+  // A proposal r~ to normalise at (b, i): a draft position whose drafts are not one-hot.
+  __device__ __forceinline__ bool has_proposal(int64_t b, int64_t i) const { return i < num_draft(b) && !p.one_hot_proposal; }
   // The ref row, whenever the launch keeps it: at shift 0 the launcher drops the ref (p* = warp(q),
   // Z = 1), so it is neither read nor checked.
   __device__ __forceinline__ const T* ref_row(int64_t b, int64_t i) const { return p.has_ref() ? p.ref.row(b, i) : nullptr; }

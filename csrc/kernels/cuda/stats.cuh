@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocks) stats_kernel(c
   const T* r = pr.draft_row(b, i);
   const T* d = pr.ref_row(b, i);
   const int skew_q = row_skew(q), skew_r = row_skew(r), skew_d = row_skew(d);
-  const bool proposal_stream = r != nullptr && (i < num_draft || kTilt);
+  const bool proposal_stream = r != nullptr && (pr.has_proposal(b, i) || kTilt);
   const int64_t begin = split * kSplitVectors, end = min(num_vectors<T>(vocab), begin + kSplitVectors);
   const ScoreParams sp = pr.score;
 

@@ -34,6 +34,7 @@ struct Case {
   double temperature = 1.0, top_p = 1.0, shift = 1.0;
   int64_t top_k = 0;
   bool keep_ties = true, with_ref = true, paper = false, ragged = false, misalign = false;
+  bool one_hot = false;  // one-hot drafts: the draft tensor is only the tilt's r (absent without a ref)
   // normal | constant | narrow | close | masked | flat
   std::string pattern = "normal";
   double scale = 2.0;
@@ -64,6 +65,7 @@ Case parse(const std::string& line) {
     else if (key == "shift") c.shift = std::stod(value);
     else if (key == "paper") c.paper = value == "1";
     else if (key == "ragged") c.ragged = value == "1";
+    else if (key == "one_hot") c.one_hot = value == "1";
     else if (key == "misalign") c.misalign = value == "1";
     else if (key == "pattern") c.pattern = value;
     else if (key == "scale") c.scale = std::stod(value);
@@ -184,7 +186,7 @@ void plan_paths(const sss_ext::VerifyParams<T>& p, const std::vector<int64_t>& c
     if (n < 0 || n > p.num_draft) continue;
     for (int64_t i = 0; i <= n; ++i) {
       for (int stream = 0; stream < 2; ++stream) {
-        if (stream == 1 && i == n) continue;
+        if (stream == 1 && (i == n || p.one_hot_proposal)) continue;
         const TruncPlan& plan = plans[(b * (p.num_draft + 1) + i) * 2 + stream];
         const char* mode = plan.mode == kCollect ? "collect" : plan.mode == kTies ? "ties" : plan.mode == kRadix ? "radix_plan"
                            : plan.mode == kTiesCounted ? "ties_counted" : "refine_unresolved";
@@ -238,6 +240,7 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
   sss_ext::VerifyParams<T> p;
   p.target = {target.data, P * V, V};
   p.draft = {draft.data, (c.with_ref ? P : K) * V, V};
+  if (c.one_hot && !c.with_ref) p.draft = {};  // never read: a read dereferences null
   if (c.with_ref) p.ref = {ref.data, P * V, V};
   p.draft_tokens = tokens_in.data;
   p.draft_tokens_stride_batch = K;
@@ -255,6 +258,7 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
   p.sampling = sampling_of(c);
   p.shift = c.shift;
   p.paper_mode = c.paper;
+  p.one_hot_proposal = c.one_hot;
 
   // CPU kernel, one row at a time: a row it refuses must be an invalid row of the CUDA call.
   std::vector<int64_t> cpu_tokens(static_cast<size_t>(B * P), -1), cpu_accepted(static_cast<size_t>(B), -1);
@@ -321,6 +325,7 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
         if (accepted[b] < 0) paths.add("invalid_rows");
         else if (counts[b] < K) paths.add("ragged_rows");
         if (accepted[b] >= 0 && accepted[b] < counts[b]) paths.add("rejections");
+        if (accepted[b] > 0) paths.add("acceptances");
       }
     }
   }
