@@ -183,3 +183,11 @@ def test_sss_with_the_ngram_proposer_still_needs_r_and_d(models):
         sss_ext.generate(q, None, [PROMPT], ref_model=d, method="sss", proposer="ngram", max_new_tokens=2)
     with pytest.raises(ValueError, match="needs ref_model"):
         sss_ext.generate(q, r, [PROMPT], method="sss", proposer="ngram", max_new_tokens=2)
+
+
+def test_sss_without_shift_gives_the_sd_tokens(models):
+    """shift = 0: the tilted target is q, and the same uniforms give sd's tokens (r is not read)."""
+    sd = _generate(models, "sd", rows=64, seed=23, temperature=0.9)
+    sss = _generate(models, "sss", rows=64, seed=23, temperature=0.9, shift=0.0)
+    assert [s.tolist() for s in sss.sequences] == [s.tolist() for s in sd.sequences]
+    assert sss.stats.total.accepted_drafts > 0
