@@ -191,3 +191,20 @@ def test_sss_without_shift_gives_the_sd_tokens(models):
     sss = _generate(models, "sss", rows=64, seed=23, temperature=0.9, shift=0.0)
     assert [s.tolist() for s in sss.sequences] == [s.tolist() for s in sd.sequences]
     assert sss.stats.total.accepted_drafts > 0
+
+
+def test_sd_through_custom_generate_equals_hf_greedy_with_a_repetition_penalty(deep_models):
+    """The HF hook takes the proposer through sampling_config; with transformers' repetition penalty the
+    prefix-dependent processor runs at every verified position, and sd with lookup still equals HF's
+    own greedy decoding (no draft model given)."""
+    import sss_ext.hf
+
+    q, _, _ = deep_models
+    input_ids = torch.tensor([[5, 6, 5, 6, 5, 6, 5]])
+    expected = q.generate(input_ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.3)
+    result = q.generate(input_ids, custom_generate=sss_ext.hf.decode, method="sd", max_new_tokens=12, do_sample=False,
+                        repetition_penalty=1.3, sampling_config=sss_ext.SamplingConfig(proposer="ngram"),
+                        return_dict_in_generate=True)
+    assert torch.equal(result.sequences, expected)
+    stats = result.sss_output.stats.total
+    assert stats.proposed_drafts > 0 and stats.draft_calls == 0
