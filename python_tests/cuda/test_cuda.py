@@ -212,6 +212,23 @@ def test_large_vocabulary_matches_reference(dtype, temperature, top_k, top_p):
     torch.testing.assert_close(got.log_z, expected.log_z, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_ref", [False, True], ids=["sd", "tilted"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (0.0, 0, 1.0)])
+def test_one_hot_drafts_match_reference(dtype, with_ref, temperature, top_k, top_p):
+    """draft_logits=None (docs/algorithm.md §11): the drafts' own logits become the tilt's aligned_logits.
+    Tokens must be equal; a difference can only come from float32 rounding at a decision
+    boundary (probability ~1e-6 per decision here), and is then to be examined."""
+    kwargs = make_inputs(99, 4, 50272, dtype, with_ref, temperature, top_k, top_p, seed=4)
+    draft_logits = kwargs.pop("draft_logits")
+    if with_ref:
+        kwargs["aligned_logits"] = draft_logits
+    expected = sss_ext.reference.verify(draft_logits=None, **kwargs)
+    got = sss_ext.verify(draft_logits=None, **kwargs)
+    assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.num_accepted, expected.num_accepted)
+    torch.testing.assert_close(got.log_z, expected.log_z, rtol=1e-4, atol=1e-4)
+
+
 def test_sample_matches_reference():
     g = torch.Generator(device=DEVICE).manual_seed(3)
     rows = equal = 0

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sss_ext
+from sss_ext.checks import check_logit_values, check_scaled_range, check_token_ids
 
 EXAMPLES = int(os.environ.get("SSS_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=True,
@@ -45,7 +46,7 @@ def record(outcome_kind: str) -> None:
     if CENSUS:
         with open(CENSUS, "a") as census:
             census.write(outcome_kind + "\n")
-NAMED = re.compile(r"\b(target_logits|draft_logits|ref_logits|logits|draft_tokens|uniforms|temperature|top_k|top_p|"
+NAMED = re.compile(r"\b(target_logits|draft_logits|aligned_logits|ref_logits|logits|draft_tokens|uniforms|temperature|top_k|top_p|"
                    r"top_k_ties|shift|mode|generator|tilted)\b")
 TOP_K_TIES = ("keep", "exact-k")
 
@@ -114,14 +115,21 @@ def verify_calls(draw):
                                    max_size=num_draft_tokens), min_size=batch, max_size=batch)),
             dtype=torch.int64).reshape(batch, num_draft_tokens)
         draft_tokens = draft_tokens.clamp(max=vocab_size - 1) if draw(st.booleans()) else draft_tokens
+    # One call in three has one-hot drafts (draft_logits None): r then enters only the tilt as
+    # aligned_logits, which an invalid call may leave out or pass without a reference.
+    aligned = None
+    if draw(st.integers(0, 2)) == 0:
+        if with_ref or not valid:
+            aligned = draft if valid or draw(st.booleans()) else None
+        draft = None
     return dict(
-        target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, ref_logits=ref,
+        target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, ref_logits=ref, aligned_logits=aligned,
         temperature=draw(st.sampled_from(VALID_TEMPERATURES if valid else TEMPERATURES)),
         top_k=draw(st.sampled_from((0, 1, 2, vocab_size, vocab_size + 3, 2**62))),
         top_p=draw(st.sampled_from((1.0, 0.95, 0.5, 1e-9))),
         top_k_ties=draw(st.sampled_from(TOP_K_TIES)),
         shift=draw(st.sampled_from(VALID_SHIFTS if valid else SHIFTS)),
-        mode=draw(st.sampled_from(("exact", "paper"))) if with_ref else "exact",
+        mode=draw(st.sampled_from(("exact", "paper"))) if with_ref and (draft is not None or not valid) else "exact",
         uniforms=draw(uniforms_tensors((batch, positions), valid)),
     )
 
@@ -149,9 +157,45 @@ def assert_well_formed(result, batch, num_draft_tokens, vocab_size):
         assert bool((padding == -1).all()), tokens[row]
 
 
+def _scaled_range(name, call):
+    temperature = call["temperature"]
+    check_scaled_range(name, call[name], 1.0 if temperature == 0 else 1.0 / temperature)
+
+
+def _uniforms_open(call):
+    if not bool(((call["uniforms"] > 0) & (call["uniforms"] < 1)).all()):
+        raise ValueError("uniforms outside (0, 1)")
+
+
+# Value defects a call can hold several of (the op meets them row by row, the reference input
+# by input): the rule's message, and the reference check that confirms the call has it.
+VALUE_DEFECTS = (
+    (re.compile(r"(target_logits|draft_logits|aligned_logits|ref_logits) (has a row with every logit -inf|must be finite or -inf)"),
+     lambda m, call: check_logit_values(m.group(1), call[m.group(1)])),
+    (re.compile(r"(target_logits|draft_logits|aligned_logits|ref_logits) / temperature leaves the supported range"),
+     lambda m, call: _scaled_range(m.group(1), call)),
+    (re.compile(r"draft_tokens must hold token ids"),
+     lambda m, call: check_token_ids("draft_tokens", call["draft_tokens"], call["target_logits"].shape[-1])),
+    (re.compile(r"uniforms must lie in the open interval"), lambda m, call: _uniforms_open(call)),
+)
+
+
+def confirmed_defect(message: str, call: dict) -> bool:
+    """Whether ``message`` states a value defect that ``call`` has by the reference's own checks."""
+    for rule, check in VALUE_DEFECTS:
+        match = rule.match(message)
+        if match:
+            try:
+                check(match, call)
+            except ValueError:
+                return True
+            return False
+    return False
+
+
 def first_clause(message: str) -> str:
     """The rule a refusal states, without where it was found (op and reference locate it differently)."""
-    return re.split(r";| at (?:row|index|position|batch)\b", message)[0].strip()
+    return re.split(r";|: | at (?:row|index|position|batch)\b| at \(", message)[0].strip()
 
 
 def op_and_reference(op, reference, call, batch):
@@ -160,8 +204,11 @@ def op_and_reference(op, reference, call, batch):
     expected_kind, expected = outcome(reference, call)
     assert got_kind == expected_kind, f"op: {got_kind} {got if got_kind == 'error' else ''}; reference: {expected_kind} " \
                                       f"{expected if expected_kind == 'error' else ''}"
-    if got_kind == "error":  # the same rule: the same clause before the details (';'), naming the same argument
-        assert first_clause(got) == first_clause(expected), f"op and reference refuse differently:\n  op: {got}\n  reference: {expected}"
+    if got_kind == "error" and first_clause(got) != first_clause(expected):
+        # Several value defects: the op reports the first it meets row by row, the reference
+        # input by input. Each must name a defect the call really has.
+        assert confirmed_defect(got, call) and confirmed_defect(expected, call), \
+            f"op and reference refuse differently:\n  op: {got}\n  reference: {expected}"
     record("refused" if got_kind == "error" else "empty" if batch == 0 else "compared")
     return got_kind == "ok", got, expected
 
@@ -221,7 +268,7 @@ WRONG_VALUES = (None, 3, 1.5, "x", torch.zeros(0), torch.zeros(2, 2, dtype=torch
 
 
 @FUZZ
-@given(st.sampled_from(("target_logits", "draft_logits", "draft_tokens", "ref_logits", "uniforms", "temperature", "top_k",
+@given(st.sampled_from(("target_logits", "draft_logits", "aligned_logits", "draft_tokens", "ref_logits", "uniforms", "temperature", "top_k",
                         "top_p", "top_k_ties", "shift", "mode", "generator")),
        st.sampled_from(WRONG_VALUES + (float("nan"), -1, 2.0, float("inf"), "paper", True)),
        st.sampled_from(("op", "reference")))
@@ -229,7 +276,7 @@ def test_bad_arguments_raise_named_errors(name, value, entry):
     generator = torch.Generator().manual_seed(0)
     t = torch.randn(2, 3, 5, generator=generator)
     call = dict(target_logits=t, draft_logits=t + 0.1, draft_tokens=torch.zeros(2, 2, dtype=torch.int64), ref_logits=t - 0.1,
-                temperature=1.0, top_k=0, top_p=1.0, top_k_ties="keep", shift=1.0, mode="exact", uniforms=None, generator=None)
+                aligned_logits=None, temperature=1.0, top_k=0, top_p=1.0, top_k_ties="keep", shift=1.0, mode="exact", uniforms=None, generator=None)
     call[name] = value
     fn = sss_ext.verify if entry == "op" else sss_ext.reference.verify
     kind, result = outcome(fn, call)

@@ -205,8 +205,7 @@ class SpeculativeRun(SamplerRun):
         config = self.config
         width = draft_tokens.shape[1] + 1
         uniforms = self.streams.draw(self.book.active, width, used=None if row_draft is None else row_draft + 1)
-        # the op reads r only for a tilt (shift > 0) and refuses it otherwise
-        one_hot = {"aligned_logits": aligned_logits if config.shift > 0 else None} if self.ngram else {}
+        one_hot = {"aligned_logits": aligned_logits} if self.ngram else {}  # r for the tilt; unread at shift 0
         return self.monitor.op(ops.verify, target_logits, draft_logits, draft_tokens, ref_logits, temperature=config.temperature,
                                top_k=config.top_k, top_p=config.top_p, top_k_ties=config.top_k_ties, shift=config.shift,
                                mode=self.mode if self.ref is not None else "exact", num_draft_tokens=row_draft,
