@@ -15,7 +15,8 @@ touched and ``--jobs`` copies can run side by side:
 Outcomes: ``killed`` (the tests fail), ``survived`` (they pass), ``invalid`` (the mutant does
 not build; not counted), ``timeout`` (counted as killed, as a hang is a detected change),
 ``equivalent`` (argued in the list, not run and not counted), ``error`` (the test selection
-itself is broken; not counted). Score = killed / (killed + survived).
+itself is broken; not counted), ``interrupted`` (the tests were stopped from outside, as when
+the run is stopped; not counted). Score = killed / (killed + survived).
 
 The report (``benchmarks/results/mutation.{md,csv}``) holds one row per mutant and, for each
 row, the run it came from (start, commit of the tree, command, wall time, whether the run
@@ -39,6 +40,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -58,7 +60,7 @@ OPS_UNIFORMS = ["python_tests/ops/test_uniforms.py", "python_tests/ops/test_bad_
                 "-k", f"test_uniforms or test_bad_input or {_QUICK}"]
 DECODING = ["python_tests/decoding/test_decoding_cache.py", "python_tests/decoding/test_decoding_greedy.py",
             "python_tests/decoding/test_randomness.py", "python_tests/decoding/test_decoding_stats.py",
-            "python_tests/decoding/test_decoding_observer.py", "-m", "not slow and not models"]
+            "python_tests/decoding/test_decoding_observer.py", "python_tests/decoding/test_rows.py", "-m", "not slow and not models"]
 CUDA_ALL = "cuda:all"  # the CUDA-on-CPU case matrix
 
 
@@ -215,7 +217,7 @@ MUTANTS = [
 class Result:
     id: str
     area: str
-    outcome: str   # killed / survived / invalid / timeout / equivalent
+    outcome: str   # killed / survived / invalid / timeout / equivalent / error / interrupted
     seconds: float
     detail: str
     run: dict = dataclasses.field(default_factory=dict)  # the run the row came from (RUN_FIELDS)
@@ -274,6 +276,8 @@ def run_python_tests(mutant: Mutant, copy: Path, log: Path, timeout: float) -> t
                            log)
     if code is None:
         return "timeout", f"tests ran past {timeout:.0f} s"
+    if code in (-signal.SIGINT, -signal.SIGTERM) or (code == 2 and "KeyboardInterrupt" in log.read_text(errors="replace")):
+        return "interrupted", last_lines(log)  # stopped from outside (the run was stopped): nothing was detected
     if code == 0:
         return "survived", last_lines(log)
     if code in (4, 5):  # usage error / nothing collected: the selection is broken, not the mutant caught
@@ -450,7 +454,8 @@ def write_report(results: list[Result], merge: bool) -> None:
             writer.writerow([r.id, r.area, m.file, r.outcome, f"{r.seconds:.1f}", m.description, r.detail, fingerprint(m),
                              *(r.run.get(field, "") for field in RUN_FIELDS)])
     killed, survived, fraction = score(results)
-    counts = {o: sum(r.outcome == o for r in results) for o in ("killed", "timeout", "survived", "invalid", "equivalent", "error")}
+    counts = {o: sum(r.outcome == o for r in results)
+              for o in ("killed", "timeout", "survived", "invalid", "equivalent", "error", "interrupted")}
     missing = [m.id for m in MUTANTS if m.id not in {r.id for r in results}]
     runs = {}  # run key -> label, in order of start
     ran = sorted((r for r in results if r.outcome != "equivalent"), key=lambda r: r.run.get("run_started", ""))
@@ -464,6 +469,7 @@ def write_report(results: list[Result], merge: bool) -> None:
         f"**Score: {killed} killed of {killed + survived} = {100 * fraction:.1f}%** "
         f"(killed {counts['killed']}, timeout {counts['timeout']} counted as killed, survived {counts['survived']}; "
         f"not counted: equivalent {counts['equivalent']}, invalid {counts['invalid']}, selection error {counts['error']}, "
+        f"interrupted {counts['interrupted']}, "
         f"not run {len(missing)}) over the {len(MUTANTS)} mutants of `scripts/mutation_test.py`.",
         "",
         (f"Every mutant of the list has a row, from {len(runs)} run{'s' if len(runs) > 1 else ''} "
