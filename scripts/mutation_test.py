@@ -532,6 +532,9 @@ def main(argv=None) -> int:
     merge = bool(args.only) if args.merge is None else args.merge
     for m in selected:  # fail early if the list has rotted
         apply((ROOT / m.file).read_text(), m)
+    if any(m.kind == "python" for m in selected) and not list((ROOT / "sss_ext").glob("_C*.so")):
+        # the copies import sss_ext from themselves: without the extension every test would fail and "kill"
+        parser.error(f"no built extension in {ROOT / 'sss_ext'}: run `python setup.py build_ext --inplace` in this tree first")
     SCRATCH.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     run = {"run_started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "run_commit": tree_commit(),

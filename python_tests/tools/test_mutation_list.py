@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("mutation_test", ROOT / "scripts" / "mutation_test.py")
 mutation_test = importlib.util.module_from_spec(spec)
@@ -66,3 +68,16 @@ def test_a_partial_run_merges_into_the_report_with_each_rows_run(tmp_path, monke
     mutation_test.write_report([Result(first.id, first.area, "killed", 1.0, "x", _run("R-third"))], merge=False)
     rows = list(mutation_test.csv.DictReader(open(tmp_path / "mutation.csv", newline="")))
     assert [row["id"] for row in rows] == [first.id]  # a run without merging replaces the report
+
+
+def test_python_mutants_need_the_extension_built_in_the_tree(tmp_path, monkeypatch, capsys):
+    """Without sss_ext/_C*.so in the tree the copies cannot import the op: the runner refuses
+    rather than count every failing import as a killed mutant."""
+    (tmp_path / "sss_ext").mkdir()
+    python = next(m for m in MUTANTS if m.kind == "python")
+    (tmp_path / python.file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / python.file).write_text((ROOT / python.file).read_text())
+    monkeypatch.setattr(mutation_test, "ROOT", tmp_path)
+    with pytest.raises(SystemExit):
+        mutation_test.main(["--only", python.id, "--no-report"])
+    assert "no built extension" in capsys.readouterr().err
