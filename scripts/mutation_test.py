@@ -14,7 +14,16 @@ touched and ``--jobs`` copies can run side by side:
 
 Outcomes: ``killed`` (the tests fail), ``survived`` (they pass), ``invalid`` (the mutant does
 not build; not counted), ``timeout`` (counted as killed, as a hang is a detected change),
-``equivalent`` (argued in the list, not run and not counted). Score = killed / (killed + survived).
+``equivalent`` (argued in the list, not run and not counted), ``error`` (the test selection
+itself is broken; not counted), ``interrupted`` (the tests were stopped from outside, as when
+the run is stopped; not counted). Score = killed / (killed + survived).
+
+The report (``benchmarks/results/mutation.{md,csv}``) holds one row per mutant and, for each
+row, the run it came from (start, commit of the tree, command, wall time, whether the run
+finished, machine). A run of every mutant replaces the report; a run of some (``--only``)
+merges into it (``--merge``/``--no-merge`` override): the rows of the mutants it ran are
+replaced, the others kept with their runs, except rows of a mutant whose definition (file,
+texts, tests) changed since, which are dropped and listed as not run.
 
     python scripts/mutation_test.py               # every mutant, report to benchmarks/results/mutation.{md,csv}
     python scripts/mutation_test.py --list        # the mutants, one a line
@@ -27,9 +36,11 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +59,8 @@ OPS = ["python_tests/ops/test_verify_matches_reference.py", "python_tests/ops/te
 OPS_UNIFORMS = ["python_tests/ops/test_uniforms.py", "python_tests/ops/test_bad_input.py", *OPS[:4], "-m", "not slow and not models",
                 "-k", f"test_uniforms or test_bad_input or {_QUICK}"]
 DECODING = ["python_tests/decoding/test_decoding_cache.py", "python_tests/decoding/test_decoding_greedy.py",
-            "python_tests/decoding/test_randomness.py", "python_tests/decoding/test_decoding_stats.py", "-m", "not slow and not models"]
+            "python_tests/decoding/test_randomness.py", "python_tests/decoding/test_decoding_stats.py",
+            "python_tests/decoding/test_decoding_observer.py", "python_tests/decoding/test_rows.py", "-m", "not slow and not models"]
 CUDA_ALL = "cuda:all"  # the CUDA-on-CPU case matrix
 
 
@@ -144,8 +156,7 @@ MUTANTS = [
     M("uniforms-scale", "sss_ext/uniforms.py", ".mul_(2.0**-53)", ".mul_(2.0**-52)", OPS_UNIFORMS,
       "CPU uniforms on (0, 2) instead of (0, 1)"),
     M("uniforms-grid-cuda", "sss_ext/uniforms.py", "grid.to(torch.float64) * 2.0**-53", "grid.to(torch.float64) * 2.0**-52",
-      OPS_UNIFORMS, "non-CPU uniforms on (0, 2)",
-      equivalent="only the CUDA path reads it; no device here (test_cuda.py covers it on a GPU)"),
+      OPS_UNIFORMS, "uniforms of the integer-grid path (every device but the plain CPU) on (0, 2)"),
     M("ops-swap-temperature-shift", "sss_ext/ops.py", "args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift,",
       "args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, shift, top_k, top_p, temperature,", OPS_UNIFORMS, "temperature and shift passed to the op swapped"),
     M("ops-drop-ragged", "sss_ext/ops.py", "        num_draft_tokens, top_k_ties, aligned_logits)\n        tokens, num_accepted",
@@ -206,9 +217,10 @@ MUTANTS = [
 class Result:
     id: str
     area: str
-    outcome: str   # killed / survived / invalid / timeout / equivalent
+    outcome: str   # killed / survived / invalid / timeout / equivalent / error / interrupted
     seconds: float
     detail: str
+    run: dict = dataclasses.field(default_factory=dict)  # the run the row came from (RUN_FIELDS)
 
 
 def tracked_files() -> list[str]:
@@ -264,6 +276,8 @@ def run_python_tests(mutant: Mutant, copy: Path, log: Path, timeout: float) -> t
                            log)
     if code is None:
         return "timeout", f"tests ran past {timeout:.0f} s"
+    if code in (-signal.SIGINT, -signal.SIGTERM) or (code == 2 and "KeyboardInterrupt" in log.read_text(errors="replace")):
+        return "interrupted", last_lines(log)  # stopped from outside (the run was stopped): nothing was detected
     if code == 0:
         return "survived", last_lines(log)
     if code in (4, 5):  # usage error / nothing collected: the selection is broken, not the mutant caught
@@ -370,59 +384,124 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def fingerprint(mutant: Mutant) -> str:
+    """A short hash of what the mutant plants and runs: a report row of another definition is stale."""
+    text = "\0".join([mutant.file, mutant.old, mutant.new, *mutant.tests, mutant.equivalent])
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def tree_commit() -> str:
+    """HEAD's short hash, with "+local changes" when the tree the copies are made of differs from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=10", "HEAD") or "unknown"
+    report = [f":(exclude)benchmarks/results/mutation.{ext}" for ext in ("md", "csv")]
+    return head + (" +local changes" if git("status", "--porcelain", "--", ".", *report) else "")
+
+
+def run_command(argv: list[str], ran: int) -> str:
+    """The command line as typed, with the --only list shortened to its count."""
+    words, skipping = ["python", "scripts/mutation_test.py"], False
+    for word in argv:
+        if word == "--only":
+            words.append(f"--only ({ran} ids)")
+            skipping = True
+        elif skipping and not word.startswith("-"):
+            continue
+        else:
+            skipping = False
+            words.append(word)
+    return " ".join(words)
+
+
+RUN_FIELDS = ("run_started", "run_commit", "run_command", "run_wall_s", "run_state", "run_machine")
+CSV_FIELDS = ("id", "area", "file", "outcome", "seconds", "description", "detail", "mutant", *RUN_FIELDS)
+
+
 def earlier_results(skip: set) -> list[Result]:
-    """Rows of the last report for mutants of the current list that this run did not run (``--only``)."""
+    """Rows of the last report for mutants of the current list that this run did not run, with the run
+    each came from; a row of a mutant whose definition changed since is dropped (that mutant is not run)."""
     path = RESULTS / "mutation.csv"
     if not path.exists():
         return []
-    known = {m.id for m in MUTANTS}
+    current = {m.id: fingerprint(m) for m in MUTANTS}
+    kept = []
     with open(path, newline="") as rows:
-        return [Result(row["id"], row["area"], row["outcome"], float(row["seconds"]), row["detail"])
-                for row in csv.DictReader(rows) if row["id"] in known and row["id"] not in skip]
+        for row in csv.DictReader(rows):
+            if (row["id"] not in current or row["id"] in skip or row["outcome"] == "equivalent"
+                    or row.get("mutant", current[row["id"]]) != current[row["id"]]):
+                continue
+            run = {field: row.get(field) or "" for field in RUN_FIELDS}
+            kept.append(Result(row["id"], row["area"], row["outcome"], float(row["seconds"]), row["detail"], run))
+    return kept
 
 
-def write_report(results: list[Result], wall: float, selected: list[Mutant], complete: bool) -> None:
+def write_report(results: list[Result], merge: bool) -> None:
+    """benchmarks/results/mutation.{csv,md}: one row per mutant, each with the run it came from."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     by_id = {m.id: m for m in MUTANTS}
-    ran = len(results)
-    if not complete:  # keep the last report's rows of the mutants not run now
-        order = {m.id: i for i, m in enumerate(MUTANTS)}
-        results = sorted(results + earlier_results({r.id for r in results}), key=lambda r: order[r.id])
+    order = {m.id: i for i, m in enumerate(MUTANTS)}
+    if merge:  # keep the last report's rows of the mutants not run now
+        results = results + earlier_results({r.id for r in results})
+    results += [Result(m.id, m.area, "equivalent", 0.0, m.equivalent) for m in MUTANTS  # argued in the list, never run
+                if m.equivalent and m.id not in {r.id for r in results}]
+    results = sorted(results, key=lambda r: order[r.id])
     with open(RESULTS / "mutation.csv", "w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(["id", "area", "file", "outcome", "seconds", "description", "detail"])
+        writer.writerow(CSV_FIELDS)
         for r in results:
-            writer.writerow([r.id, r.area, by_id[r.id].file, r.outcome, f"{r.seconds:.1f}", by_id[r.id].description, r.detail])
+            m = by_id[r.id]
+            writer.writerow([r.id, r.area, m.file, r.outcome, f"{r.seconds:.1f}", m.description, r.detail, fingerprint(m),
+                             *(r.run.get(field, "") for field in RUN_FIELDS)])
     killed, survived, fraction = score(results)
-    counts = {o: sum(r.outcome == o for r in results) for o in ("killed", "timeout", "survived", "invalid", "equivalent", "error")}
-    machine = f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    counts = {o: sum(r.outcome == o for r in results)
+              for o in ("killed", "timeout", "survived", "invalid", "equivalent", "error", "interrupted")}
+    missing = [m.id for m in MUTANTS if m.id not in {r.id for r in results}]
+    runs = {}  # run key -> label, in order of start
+    ran = sorted((r for r in results if r.outcome != "equivalent"), key=lambda r: r.run.get("run_started", ""))
+    for r in ran:
+        runs.setdefault(tuple(r.run.get(f, "") for f in RUN_FIELDS), f"R{len(runs) + 1}")
+    label = {r.id: "-" for r in results}
+    label.update({r.id: runs[tuple(r.run.get(f, "") for f in RUN_FIELDS)] for r in ran})
     lines = [
         "# Mutation score",
         "",
-        f"`python scripts/mutation_test.py` ({len(results)} of {len(MUTANTS)} mutants reported; the last run, "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}, ran {ran}{'' if complete else ', the other rows are from the run before'}).",
-        "",
         f"**Score: {killed} killed of {killed + survived} = {100 * fraction:.1f}%** "
         f"(killed {counts['killed']}, timeout {counts['timeout']} counted as killed, survived {counts['survived']}; "
-        f"not counted: equivalent {counts['equivalent']}, invalid {counts['invalid']}, selection error {counts['error']}).",
+        f"not counted: equivalent {counts['equivalent']}, invalid {counts['invalid']}, selection error {counts['error']}, "
+        f"interrupted {counts['interrupted']}, "
+        f"not run {len(missing)}) over the {len(MUTANTS)} mutants of `scripts/mutation_test.py`.",
         "",
-        f"Wall time of the last run {wall / 60:.1f} min ({sum(r.seconds for r in results) / 60:.1f} min of mutant time over"
-        f" every row) on {machine} (`nice -n 15`, machine shared with other jobs). Each mutant runs in its own",
-        "copy of the tree: Python mutants run their pytest selection, C++ mutants rebuild the extension first, CUDA",
-        "mutants build the CUDA-on-CPU driver against the mutated kernels and run its case matrix.",
+        (f"Every mutant of the list has a row, from {len(runs)} run{'s' if len(runs) > 1 else ''} "
+         f"({sum(r.seconds for r in results) / 60:.1f} min of mutant time over every row):" if not missing else
+         f"**Incomplete**: {len(missing)} mutants have no row (not run, or their definition changed since their run): "
+         + ", ".join(f"`{i}`" for i in missing) + f". The {len(results)} rows come from {len(runs)} runs:"),
         "",
-        *([f"Not run yet (no row below): {', '.join(f'`{m.id}`' for m in MUTANTS if m.id not in {r.id for r in results})}.", ""]
-          if len(results) < len(MUTANTS) else []),
+        "| run | started (UTC) | tree (commit) | command | rows | wall time | state | machine |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, name in runs.items():
+        info = dict(zip(RUN_FIELDS, key))
+        wall = f"{float(info['run_wall_s']) / 60:.1f} min" if info["run_wall_s"] else "not recorded"
+        lines.append(f"| {name} | {info['run_started'] or 'not recorded'} | `{info['run_commit'] or '?'}` | "
+                     f"`{info['run_command'] or '?'}` | {sum(v == name for v in label.values())} | {wall} | "
+                     f"{info['run_state'] or '?'} | {info['run_machine'] or '?'} |")
+    lines += [
+        "",
+        "Each mutant runs in its own copy of the tree: Python mutants run their pytest selection, C++ mutants rebuild",
+        "the extension first, CUDA mutants build the CUDA-on-CPU driver against the mutated kernels and run its case",
+        "matrix. A run's wall time includes the mutants of it whose rows were later replaced by a newer run.",
+        "",
         *([f"Argued equivalent (not run, not counted): "
            + "; ".join(f"`{m.id}`: {m.equivalent}" for m in MUTANTS if m.equivalent) + ".", ""]
           if any(m.equivalent for m in MUTANTS) else []),
-        "| id | area | file | outcome | s | mutation | detail |",
-        "|---|---|---|---|---|---|---|",
+        "| id | area | file | outcome | s | run | mutation | detail |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = by_id[r.id]
         detail = r.detail.replace("|", "/").replace("\n", " ")
-        lines.append(f"| `{r.id}` | {r.area} | `{m.file}` | {r.outcome} | {r.seconds:.0f} | {m.description} | {detail} |")
+        lines.append(f"| `{r.id}` | {r.area} | `{m.file}` | {r.outcome} | {r.seconds:.0f} | {label[r.id]} | {m.description} | {detail} |")
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -430,10 +509,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--only", nargs="+", metavar="ID", help="run only these mutants")
+    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the report's rows of the mutants not run now, each with its run "
+                             "(default: with --only; --no-merge writes only this run's rows)")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run side by side (default 1)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's tests (default 900)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies in build/mutation/")
     parser.add_argument("--no-report", action="store_true", help="print only; leave benchmarks/results/ alone")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
 
     if args.list:
@@ -446,11 +529,26 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown mutant ids: {sorted(unknown)}")
         selected = [m for m in MUTANTS if m.id in args.only]
+    merge = bool(args.only) if args.merge is None else args.merge
     for m in selected:  # fail early if the list has rotted
         apply((ROOT / m.file).read_text(), m)
+    if any(m.kind == "python" for m in selected) and not list((ROOT / "sss_ext").glob("_C*.so")):
+        # the copies import sss_ext from themselves: without the extension every test would fail and "kill"
+        parser.error(f"no built extension in {ROOT / 'sss_ext'}: run `python setup.py build_ext --inplace` in this tree first")
     SCRATCH.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    run = {"run_started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "run_commit": tree_commit(),
+           "run_command": run_command(argv, len(selected)),
+           "run_machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+                          f"Python {platform.python_version()}, nice {os.nice(0)}"}
     results = []
+
+    def report(state: str) -> None:
+        run.update(run_wall_s=f"{time.monotonic() - start:.0f}", run_state=state)
+        for r in results:
+            r.run = {} if r.outcome == "equivalent" else run
+        write_report(list(results), merge)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         # fastest kinds first: Python, then the CUDA harness, then the C++ rebuilds
         ordered = sorted(selected, key=lambda m: ("python", "cuda", "cpp").index(m.kind))
@@ -459,16 +557,13 @@ def main(argv=None) -> int:
             r = future.result()
             results.append(r)
             print(f"{r.outcome:10s} {r.id:28s} {r.seconds:6.0f} s  {r.detail[:120]}", flush=True)
-            if not args.no_report:  # a partial report after every mutant
-                write_report(sorted(results, key=lambda r: [m.id for m in MUTANTS].index(r.id)), time.monotonic() - start,
-                             selected, complete=False)
-    order = {m.id: i for i, m in enumerate(MUTANTS)}
-    results.sort(key=lambda r: order[r.id])
+            if not args.no_report:  # a report after every mutant: a stopped run leaves what it did
+                report(f"stopped after {len(results)} of {len(selected)}" if len(results) < len(selected) else "finished")
     wall = time.monotonic() - start
     killed, survived, fraction = score(results)
-    print(f"\nscore {killed}/{killed + survived} = {100 * fraction:.1f}% killed; {wall / 60:.1f} min")
+    print(f"\nthis run: {killed}/{killed + survived} = {100 * fraction:.1f}% killed; {wall / 60:.1f} min")
     if not args.no_report:
-        write_report(results, wall, selected, complete=len(selected) == len(MUTANTS))
+        report("finished")
         print(f"report: {RESULTS / 'mutation.md'}, {RESULTS / 'mutation.csv'}")
     return 0
 

@@ -669,6 +669,14 @@ V atomicMin(V* address, V value) {
   }
   return old;
 }
+template <class V>
+V atomicMax(V* address, V value) {
+  std::atomic_ref<V> ref(*address);
+  V old = ref.load();
+  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <class P>
 P __ldg(const P* address) {
