@@ -61,6 +61,7 @@ OPS_UNIFORMS = ["python_tests/ops/test_uniforms.py", "python_tests/ops/test_bad_
 DECODING = ["python_tests/decoding/test_decoding_cache.py", "python_tests/decoding/test_decoding_greedy.py",
             "python_tests/decoding/test_randomness.py", "python_tests/decoding/test_decoding_stats.py",
             "python_tests/decoding/test_decoding_observer.py", "python_tests/decoding/test_rows.py", "-m", "not slow and not models"]
+ONE_HOT = ["python_tests/ops/test_one_hot_drafts.py", "-m", "not slow and not models"]
 CUDA_ALL = "cuda:all"  # the CUDA-on-CPU case matrix
 
 
@@ -124,6 +125,10 @@ MUTANTS = [
       "paper-mode acceptance divides by Z instead of multiplying"),
     M("cpu-logz-sign", CPU_VERIFY, "(l_s - l_q - shift * (l_r - l_d))", "(l_s - l_q + shift * (l_r - l_d))", OPS,
       "log Z adds the draft/ref log-sum difference instead of subtracting it"),
+    M("cpu-one-hot-residual", CPU_VERIFY, "return v == x ? 0.0 : p_star(v);", "return p_star(v);", ONE_HOT,
+      "one-hot drafts: the correction is drawn from p* with the rejected draft kept"),
+    M("cpu-one-hot-accept", CPU_VERIFY, ": 0.0;  // one-hot: r~(x) = 1", ": -0.6931471805599453;  // one-hot: r~(x) = 1", ONE_HOT,
+      "one-hot drafts accepted with probability min(1, 2 p*(x))"),
     M("cpu-tilt-mask", CPU_VERIFY, "(q == -kInf || r == -kInf || d == -kInf) ? -kInf : s", "(q == -kInf || r == -kInf) ? -kInf : s",
       OPS, "a token masked only in the reference d gets +inf tilted score instead of -inf"),
     # --- the reference and the warping (pure Python) ---
@@ -150,6 +155,8 @@ MUTANTS = [
       "masked = torch.isneginf(zq) | torch.isneginf(zr)", OPS, "a token masked only in d is not masked in the tilted score"),
     M("ref-ragged-uniforms", "sss_ext/reference.py", "uniforms=uniforms[rows, : n + 1],", "uniforms=uniforms[rows, -(n + 1):],", OPS,
       "ragged rows take their uniforms from the right end"),
+    M("ref-one-hot-proposal", "sss_ext/reference.py", ".scatter(-1, x[..., None], 0.0)", ".scatter(-1, x[..., None], -0.5)",
+      ONE_HOT, "one-hot drafts: the reference takes r~(x) = exp(-0.5) instead of 1"),
     M("ref-greedy-token", "sss_ext/reference.py", "tokens = _emit(x, num_accepted, best[rows, num_accepted])",
       "tokens = _emit(x, num_accepted, best[rows, 0])", OPS, "greedy correction token taken at position 0"),
     # --- the op wrapper and the uniforms ---
@@ -206,6 +213,8 @@ MUTANTS = [
       "atomicMax(&out.first_rejection, static_cast<int>(i));", [CUDA_ALL], "the last rejection ends the row instead of the first"),
     M("cuda-cdf-unnormalised", "csrc/kernels/cuda/draw.cuh", "const double threshold = __dmul_rn(u, total);", "const double threshold = u;",
       [CUDA_ALL], "the draw does not scale u by the total mass"),
+    M("cuda-one-hot-residual", "csrc/kernels/cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : w_p[e];", "w_res[e] = w_p[e];",
+      [CUDA_ALL], "one-hot drafts: the correction is drawn from p* with the rejected draft kept"),
     M("cuda-residual-logz", "csrc/kernels/cuda/draw.cuh", "log_z = pr.p.paper_mode ? at_j.log_z : 0.0;", "log_z = at_j.log_z;",
       [CUDA_ALL], "exact mode's residual divides the proposal by Z"),
 ]

@@ -62,7 +62,7 @@ def test_a_partial_run_merges_into_the_report_with_each_rows_run(tmp_path, monke
     assert rows[second.id]["outcome"] == "survived" and rows[second.id]["run_started"] == "R-second"
     assert changed.id not in rows
     report = (tmp_path / "mutation.md").read_text()
-    assert "**Score: 1 killed of 2 = 50.0%**" in report and "not run 46" in report and f"`{changed.id}`" in report
+    assert "**Score: 1 killed of 2 = 50.0%**" in report and f"not run {len(MUTANTS) - 2}" in report and f"`{changed.id}`" in report
     assert "(R-first)" in report and "(R-second)" in report
 
     mutation_test.write_report([Result(first.id, first.area, "killed", 1.0, "x", _run("R-third"))], merge=False)
