@@ -229,6 +229,28 @@ def test_one_hot_drafts_match_reference(dtype, with_ref, temperature, top_k, top
     torch.testing.assert_close(got.log_z, expected.log_z, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_ref", [False, True], ids=["sd", "tilted"])
+def test_flashinfer_drop_in_matches_cpu(with_ref):
+    """sss_ext.compat.flashinfer on CUDA tensors: the seeded uniforms are the CPU's (integer hash),
+    so the tokens and counters equal the CPU call's (up to float32 rounding at a decision
+    boundary, then to be examined)."""
+    from sss_ext.compat.flashinfer import chain_speculative_sampling, seeded_uniforms
+
+    g = torch.Generator().manual_seed(12)
+    batch, num_draft, vocab = 99, 4, 32000
+    positions = num_draft + 1 if with_ref else num_draft
+    probs = [torch.softmax(2 * torch.randn(batch, n, vocab, generator=g), -1) for n in (positions, num_draft + 1, num_draft + 1)]
+    draft_probs, target_probs, ref_probs = probs
+    ids = torch.multinomial(draft_probs[:, :num_draft].reshape(-1, vocab), 1, generator=g).view(batch, num_draft).int()
+    extra = dict(ref_probs=ref_probs, shift=1.0) if with_ref else {}
+    assert torch.equal(seeded_uniforms(7, 3, batch, num_draft + 1, "cpu"), seeded_uniforms(7, 3, batch, num_draft + 1, DEVICE).cpu())
+    cpu = chain_speculative_sampling(draft_probs, ids, target_probs, seed=7, offset=3, **extra)
+    cuda = chain_speculative_sampling(draft_probs.to(DEVICE), ids.to(DEVICE), target_probs.to(DEVICE), seed=7, offset=3,
+                                      **{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
+    for a, b in zip(cpu, cuda):
+        assert torch.equal(a, b.cpu())
+
+
 def test_sample_matches_reference():
     g = torch.Generator(device=DEVICE).manual_seed(3)
     rows = equal = 0
