@@ -35,6 +35,7 @@ from .checks import (
     check_uniforms_meta,
     check_verify_args,
     MAX_SCALED_SCORE,
+    tilt_logits,
 )
 from .outputs import VerifyOutput
 from .uniforms import draw_uniforms
@@ -175,11 +176,9 @@ def verify(
     # shift = 0 removes the tilt (p* = warp(q), Z = 1): the reference is never used. Without
     # it, draft_logits[:, K] (if given) is never used either. Unused logits are not checked.
     one_hot = draft_logits is None
-    r_logits = draft_logits if not one_hot else aligned_logits
-    if lam == 0.0 or (one_hot and ref_logits is None):
+    r_logits = tilt_logits(draft_logits, aligned_logits, ref_logits, lam, mode)  # what the op reads as r
+    if lam == 0.0:
         ref_logits = None
-    if one_hot and ref_logits is None:
-        r_logits = None
     used_draft = r_logits if ref_logits is not None or r_logits is None else r_logits[:, :K]
     inverse_temperature = 1.0 if tau == 0.0 else 1.0 / tau
     for name, logits in (("target_logits", target_logits), ("aligned_logits" if one_hot else "draft_logits", used_draft),
