@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("vllm.v1.sample.logits_processor", reason="vLLM is not installed here (scripts/vllm_check.sh builds .venv-vllm)")
 
+import torch  # noqa: E402
+
 import vllm_helpers as H  # noqa: E402
 from sss_ext.vllm.export import export_model  # noqa: E402
 from sss_ext.vllm.processor import load_drafts, parse_config, request_shift  # noqa: E402
@@ -112,3 +114,44 @@ def test_engine_start_with_missing_draft_fails_naming_it(tiny_paths, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     assert "additional_config['sss']['draft']" in proc.stderr and "is not a folder" in proc.stderr, proc.stderr[-3000:]
+
+
+def _processor(tiny_paths):
+    """An active processor on the tiny drafts, built without an engine (vLLM's constructor
+    needs a full VllmConfig; the state it sets is the same)."""
+    from sss_ext.vllm.drafts import DraftBatch
+    from sss_ext.vllm.processor import SSSLogitsProcessor
+
+    cfg = {"draft": str(tiny_paths["draft"]), "ref_draft": str(tiny_paths["ref_draft"]), "dtype": "float32"}
+    processor = SSSLogitsProcessor.__new__(SSSLogitsProcessor)
+    processor.cfg, processor.duplicate, processor.rows = cfg, False, {}
+    processor.device = torch.device("cpu")
+    processor.batch = DraftBatch(*load_drafts(cfg, H.TINY_VOCAB, None), processor.device)
+    return processor
+
+
+def _added(*requests):
+    from vllm import SamplingParams
+
+    added = [(index, SamplingParams(extra_args=extra), prompt, []) for index, extra, prompt in requests]
+    return SimpleNamespace(removed=[], added=added, moved=[])
+
+
+def test_untilted_rows_are_never_touched(tiny_paths):
+    """λ = 0 and no ``sss_shift`` leave vLLM's logits bit for bit; only tilted rows change,
+    by λ·(zr − zd). A batch without tilted rows is returned as the same tensor, unread."""
+    processor = _processor(tiny_paths)
+    logits = torch.randn(4, H.TINY_VOCAB, generator=torch.Generator().manual_seed(0))
+    processor.update_state(_added((0, None, [1, 5, 7]), (1, {"sss_shift": 0.0}, [3, 3, 9])))
+    untilted = logits.clone()
+    assert processor.apply(untilted) is untilted and torch.equal(untilted, logits)
+
+    processor.update_state(_added((2, {"sss_shift": 2.0}, [1, 5, 7]), (3, {"other_plugin": 1}, [4])))
+    mixed = processor.apply(logits.clone())
+    for row in (0, 1, 3):
+        assert torch.equal(mixed[row], logits[row]), row  # bit for bit, not just close
+    draft, ref = (H.load_hf(tiny_paths[role]) for role in ("draft", "ref_draft"))
+    with torch.no_grad():
+        ids = torch.tensor([[1, 5, 7]])
+        tilt = draft(ids).logits[0, -1] - ref(ids).logits[0, -1]
+    torch.testing.assert_close(mixed[2], logits[2] + 2.0 * tilt, atol=1e-5, rtol=1e-5)

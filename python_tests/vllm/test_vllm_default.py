@@ -3,7 +3,7 @@
 Two engines for the module, one after the other: one with the processor passed as ``logits_processors=[...]`` and
 ``additional_config["sss"]``, one plain (no ``additional_config``: the entry point's processor
 is loaded but inactive). Law of the returned logprobs against the reference log p*, λ = 0 and
-no extra args bit for bit equal to the plain engine, staggered continuous batching, the tied
+no extra args equal to the plain engine, staggered continuous batching, the tied
 embedding trap, and the cost per token.
 """
 
@@ -108,16 +108,29 @@ def test_logprobs_equal_reference(default_models, sss_engine, shift):
         _check_law(m, prompt, out.outputs[0], shift)
 
 
-def test_shift_zero_is_plain_vllm_bit_for_bit(sss_engine, plain_outputs):
+def _tokens_and_logprobs(outputs):
+    return [(list(o.outputs[0].token_ids), [{k: v.logprob for k, v in e.items()} for e in o.outputs[0].logprobs])
+            for o in outputs]
+
+
+def test_shift_zero_is_plain_vllm(sss_engine, plain_outputs):
+    """λ = 0 and no extra args: bit for bit the same on the SSS engine (the processor leaves
+    untilted rows untouched, checked bit for bit in test_vllm_config.py), and plain vLLM's
+    tokens and top-3 logprobs on an engine without the processor. Across two engines the
+    logprobs are compared within 2e-3: two vLLM CPU engines started one after the other in one
+    process need not agree in the last bits (about 5e-4 seen on one machine, none on another)."""
     plain, plain_greedy = plain_outputs
+    runs = {}
     for shift in (None, 0.0):
         outs = sss_engine.generate(PROMPTS, _params(shift, max_tokens=12, seed=5, logprobs=3), use_tqdm=False)
         greedy = sss_engine.generate(PROMPTS, _params(shift, max_tokens=8, temperature=0.0, logprobs=3), use_tqdm=False)
-        for a, b in zip(outs + greedy, plain + plain_greedy):
-            ca, cb = a.outputs[0], b.outputs[0]
-            assert list(ca.token_ids) == list(cb.token_ids)
-            assert [{k: v.logprob for k, v in e.items()} for e in ca.logprobs] == \
-                   [{k: v.logprob for k, v in e.items()} for e in cb.logprobs]
+        runs[shift] = _tokens_and_logprobs(outs + greedy)
+    assert runs[None] == runs[0.0]
+    for (tokens, logprobs), (plain_tokens, plain_logprobs) in zip(runs[0.0], _tokens_and_logprobs(plain + plain_greedy)):
+        assert tokens == plain_tokens
+        for step, plain_step in zip(logprobs, plain_logprobs):
+            assert step.keys() == plain_step.keys()
+            assert max(abs(step[k] - plain_step[k]) for k in step) < 2e-3, (step, plain_step)
 
 
 def test_truncation_and_prompt_logprobs(default_models, sss_engine):
@@ -191,7 +204,7 @@ def test_cost_per_token(sss_engine, capsys):
     cost: at batch 8 SSS may take at most 6x plain vLLM's time per token (2-3x measured; a
     processor that re-ran the drafts over the whole prefix every step would exceed it).
 
-    λ = 0 rows are never touched by the processor (bit for bit plain vLLM, tested above), so
+    λ = 0 rows are never touched by the processor (bit for bit, test_vllm_config.py), so
     this is the cost of SSS against plain vLLM sampling on the same machine and moment.
     A measurement: it runs with ``--run-slow`` (``bash scripts/vllm_check.sh --run-slow``).
     """
