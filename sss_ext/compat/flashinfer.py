@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_same_device, check_shape, check_shift
-from ..decoding.randomness import mix64, uniforms_from_bits
+from ..decoding.randomness import absorb, counter_uniforms, seed_key
 from ..ops import verify
 from ..probabilities import (
     check_probabilities_meta,
@@ -26,8 +26,6 @@ from ..probabilities import (
 )
 from ..uniforms import draw_uniforms
 
-# SplitMix64's increment 0x9E3779B97F4A7C15 as a signed int64 (docs/algorithm.md §5).
-_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
 _WORD_RANGE = 1 << 64
 
 
@@ -74,9 +72,9 @@ def seeded_uniforms(seed, offset, batch: int, count: int, device) -> torch.Tenso
     seed_word = _seed_word("seed", seed, device)
     offset_word = _seed_word("offset", offset, device)
     rows = torch.arange(batch, dtype=torch.int64, device=device)
-    keys = mix64((mix64(seed_word + _GAMMA) ^ rows) + _GAMMA)  # (B,)
+    keys = absorb(seed_key(seed_word), rows)  # (B,)
     counters = offset_word + torch.arange(1, count + 1, dtype=torch.int64, device=device)  # (count,)
-    return uniforms_from_bits(mix64(keys[:, None] + counters[None, :] * _GAMMA))
+    return counter_uniforms(keys, counters)
 
 
 def _check_counter(name: str, counter, batch: int, device) -> torch.Tensor:

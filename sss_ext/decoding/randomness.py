@@ -63,10 +63,28 @@ def stream_keys(seed: int, prompt_indices: torch.Tensor, sample_indices: torch.T
     -----
     prompt_indices, sample_indices: (R,) int64 -> (R,) int64
     """
-    key = mix64(torch.full_like(prompt_indices, _int64(seed)) + _GAMMA)
-    key = mix64((key ^ prompt_indices) + _GAMMA)
-    key = mix64((key ^ sample_indices) + _GAMMA)
-    return mix64((key ^ purpose) + _GAMMA)
+    key = seed_key(torch.full_like(prompt_indices, _int64(seed)))
+    return absorb(absorb(absorb(key, prompt_indices), sample_indices), purpose)
+
+
+def seed_key(seed_words: torch.Tensor) -> torch.Tensor:
+    """``mix(seed + g)``, the key a stream starts from. Shape: any int64 -> same shape."""
+    return mix64(seed_words + _GAMMA)
+
+
+def absorb(keys: torch.Tensor, words) -> torch.Tensor:
+    """``mix((key ^ word) + g)``: a key that also depends on ``words``. Shape: broadcast of both, int64."""
+    return mix64((keys ^ words) + _GAMMA)
+
+
+def counter_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Draw ``counter`` of each key's stream: ``bits_to_uniform(mix(key + counter g))``.
+
+    Shape
+    -----
+    keys: (B,) int64; counters: (B, C) or (C,) int64 -> (B, C) float64 in (0, 1)
+    """
+    return uniforms_from_bits(mix64(keys[:, None] + counters * _GAMMA))
 
 
 def uniforms_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -147,7 +165,7 @@ class RowStreams:
         if where is not None:
             used = count * where.to(torch.int64)
         self.counters[rows] += count if used is None else used
-        return uniforms_from_bits(mix64(self.keys[rows][:, None] + position * _GAMMA))
+        return counter_uniforms(self.keys[rows], position)
 
 
 def check_prompt_indices(prompt_indices, num_prompts: int) -> torch.Tensor:
