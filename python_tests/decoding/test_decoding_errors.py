@@ -188,3 +188,18 @@ def test_reward_model_in_training_mode_is_refused(models, no_forward):
     reward_model = LlamaForSequenceClassification(config)  # a constructor returns training mode
     with pytest.raises(ValueError, match=r"reward_fn is in training mode .*call reward_fn\.eval\(\)"):
         sss_ext.generate(q, None, [[1, 2]], method="bon", reward_fn=reward_model)
+
+
+@pytest.mark.parametrize("method", ["sss", "sd", "vanilla"])
+def test_a_round_that_emits_nothing_raises_instead_of_looping(models, monkeypatch, method):
+    """Every round must emit at least one token per active row; one that does not (a broken
+    emit) ends the run with a RuntimeError within max_new_tokens rounds, not a hang."""
+    from sss_ext.decoding.rows import RowBook
+
+    append = RowBook.append
+    monkeypatch.setattr(RowBook, "append", lambda self, new, count=None, log_z=None:
+                        append(self, new, torch.zeros(new.shape[0], dtype=torch.int64, device=new.device), log_z))
+    q, r, d = models
+    config = SamplingConfig(max_new_tokens=5, num_draft_tokens=2, seed=0)
+    with pytest.raises(RuntimeError, match=r"after 5 rounds with max_new_tokens = 5: a round emitted no token"):
+        sss_ext.generate(q, r, [[1, 2, 3]], ref_model=d, config=config, method=method)

@@ -57,6 +57,7 @@ class SamplerRun:
         self.logits_hooks = ctx.hooks if ctx.hooks is not None and ctx.hooks.logits_processor is not None else None
         self.monitor = ctx.monitor.run(sampler, self.book, cost_meter)
         self.pending = None
+        self.rounds = 0  # rounds run so far, over every call of ``run``
 
     @property
     def states(self) -> list[KVState]:
@@ -116,8 +117,18 @@ class SamplerRun:
         raise NotImplementedError
 
     def run(self, max_rounds: int | None = None) -> None:
-        """Rounds until every row finished, or ``max_rounds`` rounds."""
+        """Rounds until every row finished, or ``max_rounds`` rounds.
+
+        Every round emits at least one token per active row, so a run finishes within
+        ``max_new_tokens`` rounds; a round that emitted nothing for a row raises instead of looping.
+        """
         rounds = 0
         while self.book.num_active and (max_rounds is None or rounds < max_rounds):
+            if self.rounds >= self.book.max_new_tokens:
+                raise RuntimeError(
+                    f"{type(self).__name__}: rows still active after {self.rounds} rounds with max_new_tokens = "
+                    f"{self.book.max_new_tokens}: a round emitted no token for some row (each must emit at least one)"
+                )
             self.round()
             rounds += 1
+            self.rounds += 1
