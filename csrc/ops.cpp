@@ -19,6 +19,13 @@ STABLE_TORCH_LIBRARY(sss_ext, m) {
   // One token per row from warp(softmax(logits / temperature)). logits: (B, V); uniforms: (B,). Returns (B,).
   // top_k_ties: "keep" (every token tied with the k-th largest score) or "exact-k" (docs/algorithm.md §2).
   m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, str top_k_ties=\"keep\") -> Tensor");
+  // Tree verification (docs/algorithm.md §12). logits: (B, N, V) at nodes 0..N-1 (node 0 the root); draft_tokens,
+  // parents, uniforms: (B, N); num_nodes: (B,) in [1, N], None for N in every row. CPU kernel only.
+  // Returns path (B, N), tokens (B, N), num_accepted (B,), log_z (B, N).
+  m.def(
+      "verify_tree(Tensor target_logits, Tensor draft_logits, Tensor draft_tokens, Tensor parents, Tensor? ref_logits, "
+      "Tensor uniforms, float temperature, int top_k, float top_p, float shift, str mode, bool replacement, "
+      "Tensor? num_nodes=None, str top_k_ties=\"keep\") -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {
@@ -43,6 +50,8 @@ PyObject* string_or_none(const char* value) {
 }
 
 PyObject* kernel_names(bool built) { return built ? Py_BuildValue("(ss)", "verify", "sample") : PyTuple_New(0); }
+
+PyObject* cpu_kernel_names() { return Py_BuildValue("(sss)", "verify", "sample", "verify_tree"); }
 
 PyObject* build_info(PyObject* /*module*/, PyObject* /*args*/) {
 #ifdef SSS_EXT_WITH_CUDA
@@ -73,7 +82,7 @@ PyObject* build_info(PyObject* /*module*/, PyObject* /*args*/) {
                   set_item(info, "torch_version", PyUnicode_FromString(SSS_EXT_TORCH_VERSION)) &&
                   set_item(info, "torch_target_version", string_or_none(torch_target_version)) &&
                   set_item(info, "python_limited_api", string_or_none(python_limited_api)) &&
-                  set_item(info, "cpu_kernels", kernel_names(true));
+                  set_item(info, "cpu_kernels", cpu_kernel_names());
   if (!ok) {
     Py_DECREF(info);
     return nullptr;
