@@ -183,6 +183,55 @@ class KVState:
         self.lengths = new_lengths
         return output.logits
 
+    def forward_tree(self, tokens: torch.Tensor, first_node: int, ancestors: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """Feed nodes ``first_node ..`` of this round's token tree after the round's earlier nodes.
+
+        The round's slots hold nodes ``0 .. first_node - 1`` in order (every row the same tree,
+        fed level by level). A node attends to the row's slots from before the round and to its
+        own ancestors (itself included), through a 4-D mask; its position is the row's length
+        at the start of the round plus its depth, so each root-to-node path reads exactly as
+        the sequence it spells.
+
+        Shape
+        -----
+        tokens: (B, W) the nodes first_node .. first_node + W - 1; ancestors: (N, N) bool,
+        ancestors[c, a] iff a is on the path of c; depth: (N,) int64 -> logits (B, W, V)
+        """
+        batch, width = tokens.shape
+        end = first_node + width
+        if self.width - self.round_start != first_node:
+            raise RuntimeError(f"forward_tree: the round holds {self.width - self.round_start} nodes, got nodes from {first_node}")
+        before = self.slot_mask[:, :self.round_start]  # (B, C0)
+        allowed = torch.cat([before[:, None, :].expand(batch, width, before.shape[1]),
+                             ancestors[first_node:end, :end].to(before.device)[None].expand(batch, width, end)], dim=2)
+        dtype = next(self.model.parameters()).dtype
+        attention_mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, W, C0 + end)
+        round_lengths = self.lengths - first_node
+        position_ids = round_lengths[:, None] + depth[first_node:end].to(tokens.device)[None]
+        start = self.clock() if self.clock is not None else None
+        output = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=width)
+        self.record(self.role, width, self.clock() - start if start is not None else None)
+        self.slot_mask = torch.cat([self.slot_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+        self.lengths = self.lengths + width
+        return output.logits
+
+    def keep_nodes(self, keep: torch.Tensor) -> None:
+        """Keep the tree nodes marked in ``keep`` (a root-to-node path per row) of this round's slots, drop the rest, re-align.
+
+        Shape
+        -----
+        keep: (B, N) bool over the round's nodes, in the order they were fed
+        """
+        new = self.slot_mask[:, self.round_start:]
+        if new.shape[1] != keep.shape[1]:
+            raise RuntimeError(f"keep_nodes: the round holds {new.shape[1]} nodes, keep covers {keep.shape[1]}")
+        kept = new & keep
+        self.lengths = self.lengths - new.sum(dim=1) + kept.sum(dim=1)
+        self.slot_mask = torch.cat([self.slot_mask[:, :self.round_start], kept], dim=1)
+        self.compact()
+
     def begin_round(self) -> None:
         """Mark where the slots of this round start (rollback acts on slots after it)."""
         self.round_start = self.width

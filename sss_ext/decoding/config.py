@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..checks import check_sampling, check_shift, check_top_k_ties
+from .draft_tree import check_tree_shape
 
 REWARD_INPUTS = ("auto", "text", "ids")
 DRAFT_LENGTH_POLICIES = ("fixed", "adaptive")
@@ -62,6 +63,15 @@ class SamplingConfig:
     ngram_sizes : (int, int)
         ``(largest n, smallest n)`` of the n-grams the ``"ngram"`` proposer looks up, longest
         first; ``largest >= smallest >= 1``.
+    draft_tree : tuple of int or None
+        sss and sd draft a token tree instead of a chain: ``(b_1, .., b_D)`` children per node
+        at each depth (e.g. ``(4, 2, 1)``: 4 + 8 + 8 drafted tokens), verified by recursive
+        rejection sampling in one target forward (:mod:`sss_ext.decoding.tree_run`);
+        ``num_draft_tokens`` is then unused. None: a chain of ``num_draft_tokens``. Only with
+        the draft proposer and the fixed draft-length policy.
+    tree_replacement : bool
+        Siblings of a draft tree are drawn i.i.d. from ``warp(r)`` (True) or without
+        replacement (False, default: a rejected token is not proposed again, which accepts more).
     temperature : float
         ``> 0`` tempers every model; ``0`` is greedy.
     top_k, top_p : int, float
@@ -104,6 +114,8 @@ class SamplingConfig:
     draft_cost_ratio: float | None = None
     proposer: str = "draft"
     ngram_sizes: tuple[int, int] = (3, 1)
+    draft_tree: tuple[int, ...] | None = None
+    tree_replacement: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -138,6 +150,13 @@ class SamplingConfig:
         if self.proposer == "ngram" and self.draft_length_policy != "fixed":
             raise ValueError("proposer='ngram' needs draft_length_policy='fixed' (the adaptive policy weighs "
                              f"draft-model steps), got {self.draft_length_policy!r}")
+        if self.draft_tree is not None:
+            object.__setattr__(self, "draft_tree", check_tree_shape(self.draft_tree))
+            if self.proposer != "draft" or self.draft_length_policy != "fixed":
+                raise ValueError("draft_tree needs proposer='draft' and draft_length_policy='fixed', got "
+                                 f"proposer={self.proposer!r}, draft_length_policy={self.draft_length_policy!r}")
+        if not isinstance(self.tree_replacement, bool):
+            raise ValueError(f"tree_replacement must be a bool, got {self.tree_replacement!r}")
         try:
             check_sampling(self.temperature, self.top_k, self.top_p)
             check_top_k_ties(self.top_k_ties)
@@ -181,6 +200,8 @@ class SamplingConfig:
         """Plain JSON-able dict of the fields."""
         out = dataclasses.asdict(self)
         out["ngram_sizes"] = list(out["ngram_sizes"])
+        if out["draft_tree"] is not None:
+            out["draft_tree"] = list(out["draft_tree"])
         if out["eos_token_id"] is not None:
             out["eos_token_id"] = list(out["eos_token_id"])
         return out

@@ -18,6 +18,7 @@ from .context import MethodResult, RunContext
 from .roles import MODEL_ARGUMENTS
 from .sir import sss_sir
 from .speculative import run_speculative
+from .tree_run import run_tree
 
 __all__ = ["Method", "METHODS", "METHOD_NAMES", "register", "get_method", "RunContext", "MethodResult"]
 
@@ -44,6 +45,8 @@ class Method:
     proposers : tuple of str
         The ``SamplingConfig.proposer`` values it takes (:data:`~sss_ext.decoding.config.PROPOSERS`);
         the default proposer ``"draft"`` is taken by every method.
+    takes_trees : bool
+        Runs ``SamplingConfig.draft_tree`` (tree drafts verified by ``sss_ext.verify_tree``).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Method:
     needs_reward: bool = False
     description: str = ""
     proposers: tuple[str, ...] = ("draft",)
+    takes_trees: bool = False
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in MODEL_ARGUMENTS]
@@ -68,6 +72,9 @@ class Method:
         if config.proposer not in self.proposers:
             takers = ", ".join(name for name, method in METHODS.items() if config.proposer in method.proposers)
             raise ValueError(f"method={self.name!r} does not take proposer={config.proposer!r} (methods that do: {takers})")
+        if config.draft_tree is not None and not self.takes_trees:
+            takers = ", ".join(name for name, method in METHODS.items() if method.takes_trees)
+            raise ValueError(f"method={self.name!r} does not take draft_tree={config.draft_tree} (methods that do: {takers})")
 
     def models_for(self, config) -> tuple[str, ...]:
         """The model arguments the method runs under ``config``: without the draft when nothing needs ``r``
@@ -89,17 +96,24 @@ def register(method: Method) -> Method:
     return method
 
 
+def _chain_or_tree(ctx: RunContext, use_ref: bool) -> MethodResult:
+    """sss (exact rule) and sd: a tree run under ``SamplingConfig.draft_tree``, else a chain run."""
+    if ctx.config.draft_tree is not None:
+        return run_tree(ctx, use_ref)
+    return run_speculative(ctx, use_ref, "exact")
+
+
 for _method in (
-    Method("sss", partial(run_speculative, use_ref=True, mode="exact"), ("target", "draft", "ref_model"),
+    Method("sss", partial(_chain_or_tree, use_ref=True), ("target", "draft", "ref_model"),
            description="reward-shifted speculative sampling, exact rule (tilted target q(r/d)^lambda)",
-           proposers=("draft", "ngram")),
+           proposers=("draft", "ngram"), takes_trees=True),
     Method("sss-paper", partial(run_speculative, use_ref=True, mode="paper"), ("target", "draft", "ref_model"),
            description="reward-shifted speculative sampling, the published rule without the normaliser Z"),
     Method("sss-sir", sss_sir, ("target", "draft", "ref_model"),
            description="sampling-importance-resampling of num_candidates SSS samples by prod Z: the sequence-level tilt"),
-    Method("sd", partial(run_speculative, use_ref=False), ("target", "draft"),
+    Method("sd", partial(_chain_or_tree, use_ref=False), ("target", "draft"),
            description="standard speculative sampling: the draft proposes, the target verifies",
-           proposers=("draft", "ngram")),
+           proposers=("draft", "ngram"), takes_trees=True),
     Method("vanilla", partial(run_autoregressive, role="target"), ("target",), description="sampling from the target"),
     Method("draft", partial(run_autoregressive, role="draft"), ("draft",), description="sampling from the aligned draft alone"),
     Method("bon", best_of_n, ("target",), needs_reward=True, description="best-of-N target samples by reward"),

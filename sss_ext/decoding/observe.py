@@ -119,12 +119,17 @@ class RoundRecord:
     carried : torch.Tensor or None
         Standard speculative sampling: rows whose first draft step fed the carried last draft
         of the previous round (a width-2 step).
+    tree_parents : torch.Tensor or None
+        Tree rounds (``SamplingConfig.draft_tree``): the parent of every node (-1 at the root);
+        ``draft_tokens`` then holds every node's token (the root's is the pending token),
+        ``verify`` is a ``TreeVerifyOutput`` and the logits are per node.
     caches : dict of str to CacheInfo
         Every KV cache of the run after the round (finished rows already removed).
 
     Shape
     -----
-    rows, prompts, num_emitted, finished, carried: (B,); draft_tokens: (B, K');
+    rows, prompts, num_emitted, finished, carried: (B,); draft_tokens: (B, K') chain, (B, N) tree;
+    tree_parents: (N,);
     logits (round): target / ref (B, K'+1, V), draft (B, K' or K'+1, V); logits (step): (B, V);
     tokens: (B, K'+1) round, (B, 1) step
     """
@@ -146,6 +151,7 @@ class RoundRecord:
     num_emitted: torch.Tensor | None = None
     finished: torch.Tensor | None = None
     carried: torch.Tensor | None = None
+    tree_parents: torch.Tensor | None = None
     caches: dict[str, CacheInfo] = field(default_factory=dict)
 
     @property

@@ -189,7 +189,7 @@ class SpeculativeRun(SamplerRun):
         aligned_logits = self.processed(drafts, aligned_logits) if aligned_logits is not None else None
         if draft_logits is None and not self.ngram:
             draft_logits = target_logits.new_zeros((draft_tokens.shape[0], 0, target_logits.shape[-1]))
-        return _common_dtype(target_logits, draft_logits, ref_logits, aligned_logits)
+        return common_dtype(target_logits, draft_logits, ref_logits, aligned_logits)
 
     def _verify(self, target_logits, draft_logits, draft_tokens, ref_logits, aligned_logits, row_draft):
         """3. ``sss_ext.verify`` of the active rows with their next uniforms; row ``b`` verifies its first
@@ -252,7 +252,8 @@ class SpeculativeRun(SamplerRun):
         self.lengths.select_rows(stay)
 
 
-def _common_dtype(*logits):
+def common_dtype(*logits):
+    """The logits in one dtype (float32 when they differ); None entries stay None."""
     dtypes = {t.dtype for t in logits if t is not None}
     if len(dtypes) <= 1:
         return logits
