@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "in the prompt and output (prompt lookup; sd then runs the target alone)")
     sampling.add_argument("--ngram-sizes", type=int, nargs=2, default=list(defaults.ngram_sizes), metavar=("MAX", "MIN"),
                           help="ngram proposer: the longest and the shortest suffix looked up, longest first")
+    sampling.add_argument("--draft-tree", type=int, nargs="+", default=None, metavar="B",
+                          help="sd / sss: draft a token tree with B children per node at each depth (e.g. 4 2 1) "
+                               "instead of a chain of K, verified in one target forward")
+    sampling.add_argument("--tree-replacement", action="store_true",
+                          help="draft tree siblings i.i.d. (default: without replacement, which accepts more)")
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 is greedy")
     sampling.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 disables")
     sampling.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 disables")
@@ -241,7 +246,8 @@ def check_args(args) -> tuple[SamplingConfig, list[dict], object]:
     try:
         get_method(args.method).check_config(config)
     except ValueError as error:
-        raise ValueError(f"--proposer {config.proposer}: {error}") from None
+        flag = f"--draft-tree {' '.join(map(str, config.draft_tree))}" if config.draft_tree else f"--proposer {config.proposer}"
+        raise ValueError(f"{flag}: {error}") from None
     if get_method(args.method).needs_reward and args.reward is None and args.reward_fn is None:
         raise ValueError(f"--method {args.method} needs --reward DIR or --reward-fn MODULE:FUNCTION "
                          f"(the embedded models' proxy reward: --reward-fn {_PROXY_REWARD_FN})")

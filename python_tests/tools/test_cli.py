@@ -141,6 +141,9 @@ def _bad_file(tmp_path, name, text):
     (["--proposer", "ngram", "--method", "vanilla"], "--proposer ngram: method='vanilla' does not take proposer='ngram'"),
     (["--proposer", "ngram", "--ngram-sizes", "1", "2"], "--ngram-sizes must be two ints (largest, smallest)"),
     (["--proposer", "ngram", "--draft-length-policy", "adaptive"], "proposer='ngram' needs draft_length_policy='fixed'"),
+    (["--draft-tree", "2", "0"], "--draft-tree must be a non-empty tuple of ints >= 1"),
+    (["--draft-tree", "2", "--method", "vanilla"], "--draft-tree 2: method='vanilla' does not take draft_tree=(2,)"),
+    (["--draft-tree", "2", "--proposer", "ngram"], "--draft-tree needs proposer='draft'"),
     (["--method", "soft-bon"], "--method soft-bon needs --reward"),
     (["--reward-fn", "no_colon"], "--reward-fn must look like MODULE:FUNCTION"),
     (["--reward-fn", "no_such_module_xyz:score"], "--reward-fn 'no_such_module_xyz:score': cannot import"),
@@ -261,6 +264,16 @@ def test_sd_with_the_ngram_proposer_loads_no_draft(fake_defaults, model_dirs, pr
     assert cli.main(["generate", "--target", model_dirs["target"], "--method", "sss", "--proposer", "ngram",
                      "--prompts", str(prompts_file), "--out", str(out), "--max-new-tokens", "6", "--no-progress"]) == 0
     assert fake_defaults == [{"rewards": False, "aligned": True}]
+
+
+def test_generate_with_a_draft_tree(fake_defaults, model_dirs, prompts_file, tmp_path):
+    out = tmp_path / "tree.jsonl"
+    assert cli.main(["generate", "--target", model_dirs["target"], "--draft", model_dirs["draft"], "--ref", model_dirs["ref"],
+                     "--method", "sss", "--draft-tree", "2", "2", "--tree-replacement", "--prompts", str(prompts_file),
+                     "--out", str(out), "--max-new-tokens", "6", "--no-progress"]) == 0
+    records = _read(out)
+    assert len(records) == 3 and records[0]["config"]["draft_tree"] == [2, 2] and records[0]["config"]["tree_replacement"]
+    assert all(1 <= len(r["token_ids"]) <= 6 for r in records) and records[0]["stats"]["target_calls"] > 0
 
 
 def test_paths_override_their_role(fake_defaults, model_dirs, prompts_file, tmp_path):
