@@ -91,6 +91,20 @@ def test_greedy_with_processors_equals_transformers_greedy(models, processors, m
     assert not torch.equal(expected[:, 5:], plain[:, 5: expected.shape[1]])  # the processors matter here
 
 
+@pytest.mark.parametrize("replacement", [False, True])
+def test_greedy_tree_with_processors_equals_transformers_greedy(models, replacement):
+    """sd with a draft tree through custom_generate: every node's logits pass the prefix
+    processors with the node's own path, so greedy decoding is transformers' greedy."""
+    q, r, _ = models
+    processors = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3, bad_words_ids=[[4], [5, 6]])
+    common = dict(attention_mask=PADDED_MASK, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=EOS)
+    expected = q.generate(PADDED_IDS, **common, **processors)
+    config = sss_ext.SamplingConfig(draft_tree=(3, 2), tree_replacement=replacement)
+    out = q.generate(PADDED_IDS, custom_generate=sss_ext.hf.decode, draft_model=r, method="sd", sampling_config=config,
+                     **common, **processors)
+    assert torch.equal(out[:, : expected.shape[1]], expected)
+
+
 def test_forced_bos_on_a_one_token_prompt(models):
     q, r, _ = models
     common = dict(max_new_tokens=6, do_sample=False, forced_bos_token_id=9, no_repeat_ngram_size=1)
