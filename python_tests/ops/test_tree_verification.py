@@ -431,6 +431,22 @@ def test_op_matches_reference_on_random_trees(case, replacement):
             assert torch.equal(getattr(got, name), getattr(expected, name)), (vocab_size, name, got, expected)
 
 
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_proposal_exhausted_without_replacement(top_k):
+    """More children than tokens in r~'s support (top-1: one token): once every token is removed,
+    q has no mass and the remaining children are rejected; the last token comes from p."""
+    logits = lambda values: torch.tensor(values).expand(3, 5, 2)  # noqa: E731  (B, N, V) = (3, 5, 2)
+    call = dict(target_logits=logits([0.0, 6.0]), draft_logits=logits([3.0, 0.0]), ref_logits=logits([0.0, 0.0]),
+                draft_tokens=torch.tensor([[0, 0, 1, 0, 1]] * 3), parents=torch.tensor([[-1, 0, 0, 0, 0]] * 3),
+                uniforms=torch.tensor([[1 - 2**-53] * 5, [0.3, 0.9, 0.2, 0.7, 0.4], [0.5] * 5], dtype=torch.float64))
+    expected = sss_ext.reference_tree.verify_tree(**call, replacement=False, top_k=top_k)
+    got = sss_ext.verify_tree(**call, replacement=False, top_k=top_k)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    if top_k == 1:  # p* = 1[v = 1], r~ = 1[v = 0]: child 0 rejected, then q is empty
+        assert expected.num_accepted.tolist() == [0, 0, 0] and expected.tokens[:, 0].tolist() == [1, 1, 1]
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) Bad input: a ValueError naming the argument and what was expected.
 
