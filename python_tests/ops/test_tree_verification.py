@@ -20,6 +20,7 @@ from sss_ext.reference_tree import Law, children_of
 from sss_ext.testing import make_logits
 from sss_ext.warp import warp_log_probs
 from stats_helpers import chi_square_from_counts
+from test_bad_input import replace, with_value
 
 IMPLEMENTATIONS = {"reference": sss_ext.reference_tree.verify_tree, "op": sss_ext.verify_tree}
 
@@ -284,7 +285,7 @@ def realised_outcomes(models, tree, replacement, contexts):
                 rows.append((tree.contexts(context, tokens), tokens, uniforms))
                 paths.append(path + [-1] * (tree.size - len(path)))
                 emitted.append([tokens[c] for c in path[1:]] + [last] + [-1] * (tree.size - len(path)))
-    inputs = tree_inputs(models, tree, [(contexts_, tokens) for contexts_, tokens, _ in rows])
+    inputs = tree_inputs(models, tree, [(node_contexts, tokens) for node_contexts, tokens, _ in rows])
     inputs["uniforms"] = torch.tensor([u for _, _, u in rows], dtype=torch.float64)
     return inputs, torch.tensor(paths), torch.tensor(emitted)
 
@@ -349,16 +350,18 @@ def test_op_samples_follow_the_tilted_target(shape, replacement):
     assert pvalue > 1e-3
 
 
+correct_after_rejection = sss_ext.reference_tree.after_rejection
+
+
 def unnormalised_residual(p, q, token, replacement):
+    """Wrong rule: the residual (p - q)+ is kept without dividing by its mass."""
     p_next, q_next = correct_after_rejection(p, q, token, replacement)
     return (Law(p_next.weights, 1.0) if p_next is not p else p), q_next
 
 
 def residual_without_subtraction(p, q, token, replacement):
+    """Wrong rule: p is kept after a rejection."""
     return p, correct_after_rejection(p, q, token, replacement)[1]
-
-
-correct_after_rejection = sss_ext.reference_tree.after_rejection
 
 
 @pytest.mark.parametrize("control", ["honest", "unnormalised-residual", "no-subtraction", "iid-drafts-verified-without-replacement"])
@@ -447,6 +450,29 @@ def test_proposal_exhausted_without_replacement(top_k):
         assert expected.num_accepted.tolist() == [0, 0, 0] and expected.tokens[:, 0].tolist() == [1, 1, 1]
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_empty_batch_and_root_only_trees(implementation):
+    verify_tree = IMPLEMENTATIONS[implementation]
+    empty = verify_tree(torch.zeros(0, 3, 5), torch.zeros(0, 3, 5), torch.zeros(0, 3, dtype=torch.int64),
+                        torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, 3, 5))
+    assert [tuple(t.shape) for t in empty] == [(0, 3), (0, 3), (0,), (0, 3)]
+    logits = torch.tensor([[[0.0, 1.0, 5.0]], [[9.0, 0.0, 0.0]]])  # (B, N, V) = (2, 1, 3): one draw from p* at the root
+    root = verify_tree(logits, logits, torch.zeros(2, 1, dtype=torch.int64), torch.full((2, 1), -1), None, temperature=0.0)
+    assert root.path.tolist() == [[0], [0]] and root.tokens.tolist() == [[2], [0]] and root.num_accepted.tolist() == [0, 0]
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    call = random_tree_call(64, 8, 300, torch.float32, True, torch.Generator().manual_seed(3), ragged=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = sss_ext.verify_tree(**call, replacement=False, top_k=50)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(sss_ext.verify_tree(**call, replacement=False, top_k=50), serial):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) Bad input: a ValueError naming the argument and what was expected.
 
@@ -464,19 +490,6 @@ def good_tree_call():
         uniforms=torch.full((B, N), 0.5, dtype=torch.float64),
         num_nodes=None, temperature=1.0, top_k=0, top_p=1.0, shift=1.0, mode="exact", top_k_ties="keep", replacement=True,
     )
-
-
-def with_value(name, index, value):
-    def mutate(kwargs):
-        kwargs[name] = kwargs[name].clone()
-        kwargs[name][index] = value
-    return mutate
-
-
-def replace(name, value):
-    def mutate(kwargs):
-        kwargs[name] = value(kwargs) if callable(value) else value
-    return mutate
 
 
 # (id, mutation of the keyword arguments, pattern the message must contain)
