@@ -67,7 +67,9 @@ def accepts(p: Law, q: Law, token: int, uniform: torch.Tensor) -> bool:
 def after_rejection(p: Law, q: Law, token: int, replacement: bool) -> tuple[Law, Law]:
     """``p <- normalize((p - q)+)`` (``p`` kept when the residual has no mass, entries within
     ``RESIDUAL_TOLERANCE * p`` counted as zero, as the chain reference); without replacement
-    also ``q <- normalize(q with q(x) = 0)``."""
+    also ``q <- normalize(q with q(x) = 0)``. A ``q`` without mass changes nothing."""
+    if q.total == 0.0:
+        return p, q
     p_probabilities, q_probabilities = p.probabilities(), q.probabilities()
     difference = p_probabilities - q_probabilities
     residual = torch.where(difference > RESIDUAL_TOLERANCE * p_probabilities, difference, 0.0)

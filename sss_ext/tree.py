@@ -105,9 +105,9 @@ def verify_tree(
     """
     del validate  # the CPU kernel always validates
     try:
-        if isinstance(target_logits, torch.Tensor) and target_logits.device.type not in ("cpu", "meta"):
-            raise ValueError(f"target_logits is on {target_logits.device}, but verify_tree has a CPU kernel only: "
-                             "move the tensors to the CPU")
+        device = getattr(target_logits, "device", None)
+        if isinstance(device, torch.device) and device.type not in ("cpu", "meta"):
+            raise ValueError(f"target_logits is on {device}, but verify_tree has a CPU kernel only: move the tensors to the CPU")
         if isinstance(temperature, bool) or isinstance(top_k, bool) or isinstance(top_p, bool) or isinstance(shift, bool):
             raise TypeError("a bool where the op takes a number")
         if not isinstance(replacement, bool):

@@ -44,6 +44,7 @@ inline TreeInputs check_tree_args(const Tensor& target_logits, const Tensor& dra
                   PyShape{target_logits.sizes()});
   SSS_CHECK_VALUE(vocab >= 1, "target_logits must have a vocabulary dimension of size >= 1");
   const ScalarType dtype = target_logits.scalar_type();
+  SSS_CHECK_VALUE(draft_logits.defined(), "draft_logits must be a torch.Tensor of shape (B, N, V), got None");
   const bool has_ref = is_given(ref_logits);
   for (const auto& [tensor, name] : {std::pair<const Tensor*, const char*>{&draft_logits, "draft_logits"},
                                      std::pair<const Tensor*, const char*>{has_ref ? &*ref_logits : nullptr, "ref_logits"}}) {

@@ -6,6 +6,7 @@ a proper torch.library citizen."""
 import functools
 import itertools
 import math
+import types
 import zlib
 
 import numpy as np
@@ -19,6 +20,7 @@ from sss_ext.reference_tree import Law, children_of
 from sss_ext.testing import make_logits
 from sss_ext.warp import warp_log_probs
 from stats_helpers import chi_square_from_counts
+from test_bad_input import replace, with_value
 
 IMPLEMENTATIONS = {"reference": sss_ext.reference_tree.verify_tree, "op": sss_ext.verify_tree}
 
@@ -283,7 +285,7 @@ def realised_outcomes(models, tree, replacement, contexts):
                 rows.append((tree.contexts(context, tokens), tokens, uniforms))
                 paths.append(path + [-1] * (tree.size - len(path)))
                 emitted.append([tokens[c] for c in path[1:]] + [last] + [-1] * (tree.size - len(path)))
-    inputs = tree_inputs(models, tree, [(contexts_, tokens) for contexts_, tokens, _ in rows])
+    inputs = tree_inputs(models, tree, [(node_contexts, tokens) for node_contexts, tokens, _ in rows])
     inputs["uniforms"] = torch.tensor([u for _, _, u in rows], dtype=torch.float64)
     return inputs, torch.tensor(paths), torch.tensor(emitted)
 
@@ -348,16 +350,18 @@ def test_op_samples_follow_the_tilted_target(shape, replacement):
     assert pvalue > 1e-3
 
 
+correct_after_rejection = sss_ext.reference_tree.after_rejection
+
+
 def unnormalised_residual(p, q, token, replacement):
+    """Wrong rule: the residual (p - q)+ is kept without dividing by its mass."""
     p_next, q_next = correct_after_rejection(p, q, token, replacement)
     return (Law(p_next.weights, 1.0) if p_next is not p else p), q_next
 
 
 def residual_without_subtraction(p, q, token, replacement):
+    """Wrong rule: p is kept after a rejection."""
     return p, correct_after_rejection(p, q, token, replacement)[1]
-
-
-correct_after_rejection = sss_ext.reference_tree.after_rejection
 
 
 @pytest.mark.parametrize("control", ["honest", "unnormalised-residual", "no-subtraction", "iid-drafts-verified-without-replacement"])
@@ -376,3 +380,261 @@ def test_chi_square_rejects_the_wrong_rules(control, monkeypatch):
     pvalue = sampled_stream_pvalue(models, tree, num_samples=6000, seed=7, **options)
     print(f"chi-square p-value of the control {control}: {pvalue:.3g}")
     assert pvalue > 1e-3 if control == "honest" else pvalue < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The op equals the reference token for token on random trees.
+
+
+def random_tree_call(batch, max_nodes, vocab_size, dtype, with_ref, generator, ragged):
+    """Random trees (parents[c] uniform in [0, c)), drafts partly from the draft's argmax so that
+    some are accepted, ragged node counts with garbage past them. Shape: (B, N, V) ..."""
+    target, draft, ref = (x.to(dtype) for x in make_logits(batch, max_nodes, vocab_size, generator))
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(0, c, (1,), generator=generator)) for c in range(1, max_nodes)])
+                           for _ in range(batch)])
+    parent_draft = draft.gather(1, parents.clamp(min=0)[..., None].expand(-1, -1, vocab_size))  # (B, N, V)
+    likely = parent_draft.float().argmax(dim=-1)
+    draft_tokens = torch.where(torch.rand(batch, max_nodes, generator=generator) < 0.5, likely,
+                               torch.randint(0, vocab_size, (batch, max_nodes), generator=generator))
+    uniforms = torch.randint(1, 2**53, (batch, max_nodes), generator=generator, dtype=torch.float64) * 2.0**-53
+    call = dict(target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, parents=parents,
+                ref_logits=ref if with_ref else None, uniforms=uniforms)
+    if ragged:
+        num_nodes = torch.randint(1, max_nodes + 1, (batch,), generator=generator)
+        unused = torch.arange(max_nodes) >= num_nodes[:, None]
+        call.update(num_nodes=num_nodes, parents=parents.masked_fill(unused, 77), draft_tokens=draft_tokens.masked_fill(unused, -5),
+                    uniforms=uniforms.masked_fill(unused, 2.0), target_logits=target.masked_fill(unused[..., None], math.inf))
+    return call
+
+
+RANDOM_TREE_CASES = [
+    # (dtype, with_ref, temperature, top_k, top_p, shift, top_k_ties)
+    (torch.float32, True, 1.0, 0, 1.0, 1.0, "keep"),
+    (torch.float32, True, 0.6, 4, 1.0, 2.0, "exact-k"),
+    (torch.float32, False, 1.0, 0, 0.85, 1.0, "keep"),
+    (torch.bfloat16, True, 0.9, 3, 0.9, 1.0, "keep"),
+    (torch.float16, True, 1.2, 0, 1.0, 0.5, "keep"),
+    (torch.float32, True, 1.0, 0, 1.0, 0.0, "keep"),
+    (torch.float32, True, 0.0, 0, 1.0, 1.0, "keep"),
+    (torch.bfloat16, False, 0.0, 0, 1.0, 1.0, "keep"),
+]
+
+
+@pytest.mark.parametrize("replacement", [True, False], ids=["iid", "without-replacement"])
+@pytest.mark.parametrize("case", RANDOM_TREE_CASES, ids=lambda c: f"{str(c[0])[6:]}-ref{c[1]}-tau{c[2]}-k{c[3]}-p{c[4]}-lam{c[5]}-{c[6]}")
+def test_op_matches_reference_on_random_trees(case, replacement):
+    dtype, with_ref, temperature, top_k, top_p, shift, top_k_ties = case
+    generator = torch.Generator().manual_seed(zlib.crc32(repr((case, replacement)).encode()))
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, shift=shift, top_k_ties=top_k_ties, replacement=replacement)
+    for vocab_size, max_nodes in [(1, 4), (2, 7), (99, 9), (111, 6), (989, 5)]:
+        call = random_tree_call(5, max_nodes, vocab_size, dtype, with_ref, generator, ragged=vocab_size % 2 == 1)
+        expected = sss_ext.reference_tree.verify_tree(**call, **options)
+        got = sss_ext.verify_tree(**call, **options)
+        for name in ("path", "tokens", "num_accepted", "log_z"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (vocab_size, name, got, expected)
+
+
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_proposal_exhausted_without_replacement(top_k):
+    """More children than tokens in r~'s support (top-1: one token): once every token is removed,
+    q has no mass and the remaining children are rejected; the last token comes from p."""
+    logits = lambda values: torch.tensor(values).expand(3, 5, 2)  # noqa: E731  (B, N, V) = (3, 5, 2)
+    call = dict(target_logits=logits([0.0, 6.0]), draft_logits=logits([3.0, 0.0]), ref_logits=logits([0.0, 0.0]),
+                draft_tokens=torch.tensor([[0, 0, 1, 0, 1]] * 3), parents=torch.tensor([[-1, 0, 0, 0, 0]] * 3),
+                uniforms=torch.tensor([[1 - 2**-53] * 5, [0.3, 0.9, 0.2, 0.7, 0.4], [0.5] * 5], dtype=torch.float64))
+    expected = sss_ext.reference_tree.verify_tree(**call, replacement=False, top_k=top_k)
+    got = sss_ext.verify_tree(**call, replacement=False, top_k=top_k)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    if top_k == 1:  # p* = 1[v = 1], r~ = 1[v = 0]: child 0 rejected, then q is empty
+        assert expected.num_accepted.tolist() == [0, 0, 0] and expected.tokens[:, 0].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_empty_batch_and_root_only_trees(implementation):
+    verify_tree = IMPLEMENTATIONS[implementation]
+    empty = verify_tree(torch.zeros(0, 3, 5), torch.zeros(0, 3, 5), torch.zeros(0, 3, dtype=torch.int64),
+                        torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, 3, 5))
+    assert [tuple(t.shape) for t in empty] == [(0, 3), (0, 3), (0,), (0, 3)]
+    logits = torch.tensor([[[0.0, 1.0, 5.0]], [[9.0, 0.0, 0.0]]])  # (B, N, V) = (2, 1, 3): one draw from p* at the root
+    root = verify_tree(logits, logits, torch.zeros(2, 1, dtype=torch.int64), torch.full((2, 1), -1), None, temperature=0.0)
+    assert root.path.tolist() == [[0], [0]] and root.tokens.tolist() == [[2], [0]] and root.num_accepted.tolist() == [0, 0]
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    call = random_tree_call(64, 8, 300, torch.float32, True, torch.Generator().manual_seed(3), ragged=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = sss_ext.verify_tree(**call, replacement=False, top_k=50)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(sss_ext.verify_tree(**call, replacement=False, top_k=50), serial):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) Bad input: a ValueError naming the argument and what was expected.
+
+B, N, V = 2, 4, 7
+
+
+def good_tree_call():
+    generator = torch.Generator().manual_seed(0)
+    return dict(
+        target_logits=torch.randn(B, N, V, generator=generator),
+        draft_logits=torch.randn(B, N, V, generator=generator),
+        draft_tokens=torch.randint(0, V, (B, N), generator=generator),
+        parents=torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]]),
+        ref_logits=torch.randn(B, N, V, generator=generator),
+        uniforms=torch.full((B, N), 0.5, dtype=torch.float64),
+        num_nodes=None, temperature=1.0, top_k=0, top_p=1.0, shift=1.0, mode="exact", top_k_ties="keep", replacement=True,
+    )
+
+
+# (id, mutation of the keyword arguments, pattern the message must contain)
+BAD_INPUT = [
+    ("target 2-D", replace("target_logits", lambda k: k["target_logits"][0]), r"target_logits must be 3-D"),
+    ("target int", replace("target_logits", lambda k: k["target_logits"].long()), r"target_logits must have dtype float32, bfloat16 or float16"),
+    ("draft shape", replace("draft_logits", lambda k: k["draft_logits"][:, :N - 1]), r"draft_logits must have shape \(B, N, V\) = \(2, 4, 7\)"),
+    ("draft None", replace("draft_logits", None), r"draft_logits must be a torch.Tensor"),
+    ("ref vocab", replace("ref_logits", lambda k: k["ref_logits"][..., :V - 1]), r"ref_logits must have shape \(B, N, V\) = \(2, 4, 7\)"),
+    ("mixed dtypes", replace("draft_logits", lambda k: k["draft_logits"].half()), r"draft_logits must have the dtype of target_logits"),
+    ("tokens int32", replace("draft_tokens", lambda k: k["draft_tokens"].int()), r"draft_tokens must (have dtype int64|be an int64 tensor)"),
+    ("tokens shape", replace("draft_tokens", lambda k: k["draft_tokens"][:, :N - 1]),
+     r"draft_tokens must (have shape|be an int64 tensor of shape) \(B, N\)"),
+    ("parents int32", replace("parents", lambda k: k["parents"].int()), r"parents must (have dtype int64|be an int64 tensor)"),
+    ("parents shape", replace("parents", lambda k: k["parents"][:1]), r"parents must (have shape|be an int64 tensor of shape) \(B, N\)"),
+    ("parents list", replace("parents", [[-1, 0, 0, 1], [-1, 0, 1, 2]]), r"parents must be a torch.Tensor"),
+    ("root parent", with_value("parents", (1, 0), 0), r"parents\[b, 0\] must be -1 \(node 0 is the root\), found 0 at row 1"),
+    ("parent = own index", with_value("parents", (0, 2), 2), r"parents must satisfy 0 <= parents\[b, c\] < c .*found 2 at \(row, node\) \(0, 2\)"),
+    ("parent after node", with_value("parents", (1, 3), 5), r"parents must satisfy 0 <= parents\[b, c\] < c .*found 5"),
+    ("parent -1", with_value("parents", (1, 1), -1), r"parents must satisfy 0 <= parents\[b, c\] < c .*found -1"),
+    ("num_nodes 0", replace("num_nodes", torch.tensor([2, 0])), r"num_nodes must hold values in \[1, N\] = \[1, 4\], found 0 at row 1"),
+    ("num_nodes N+1", replace("num_nodes", torch.tensor([5, 1])), r"num_nodes must hold values in \[1, N\] = \[1, 4\], found 5 at row 0"),
+    ("num_nodes int32", replace("num_nodes", torch.tensor([2, 1], dtype=torch.int32)), r"num_nodes must (have dtype int64|be an int64 tensor)"),
+    ("num_nodes shape", replace("num_nodes", torch.tensor([2])), r"num_nodes must (have shape|be an int64 tensor of shape) \(B,\)"),
+    ("token id V", with_value("draft_tokens", (1, 2), V), r"draft_tokens must hold token ids in \[0, 7\) at nodes c >= 1, found 7"),
+    ("token id -1", with_value("draft_tokens", (0, 3), -1), r"draft_tokens must hold token ids in \[0, 7\) at nodes c >= 1, found -1"),
+    ("uniform 0", with_value("uniforms", (0, 1), 0.0), r"uniforms must lie in the open interval \(0, 1\)"),
+    ("uniform 1", with_value("uniforms", (1, N - 1), 1.0), r"uniforms must lie in the open interval \(0, 1\)"),
+    ("uniform NaN", with_value("uniforms", (1, 0), math.nan), r"uniforms must lie in the open interval \(0, 1\)"),
+    ("uniforms float32", replace("uniforms", lambda k: k["uniforms"].float()), r"uniforms must (have dtype float64|be a float64 tensor)"),
+    ("uniforms shape", replace("uniforms", lambda k: k["uniforms"][:, : N - 1]), r"uniforms must (have shape|be a float64 tensor of shape) \(B, N\)"),
+    ("NaN target", with_value("target_logits", (1, 1, 3), math.nan), r"target_logits must be finite or -inf"),
+    ("+inf draft", with_value("draft_logits", (0, 3, 0), math.inf), r"draft_logits must be finite or -inf"),
+    ("NaN ref", with_value("ref_logits", (0, 0, 6), math.nan), r"ref_logits must be finite or -inf"),
+    ("-inf row", with_value("ref_logits", (1, 2), -math.inf), r"ref_logits has a row with every logit -inf"),
+    ("devices", replace("draft_logits", lambda k: k["draft_logits"].to("meta")), r"all tensors must be on one device"),
+    ("temperature", replace("temperature", -0.5), r"temperature must be a finite float >= 0"),
+    ("top_p", replace("top_p", 1.5), r"top_p must be a float in \(0, 1\]"),
+    ("top_k", replace("top_k", -1), r"top_k must be an int >= 0"),
+    ("shift", replace("shift", -1.0), r"shift \(lambda\) must be a finite float >= 0"),
+    ("top_k_ties", replace("top_k_ties", "ties"), r"top_k_ties must be"),
+    ("mode paper", replace("mode", "paper"), r"mode must be 'exact' for tree verification"),
+    ("replacement", replace("replacement", "yes"), r"replacement must be a bool"),
+]
+# Row 0 has 2 nodes: nothing past them is read or checked.
+UNREAD = [with_value("parents", (0, 3), 9), with_value("draft_tokens", (0, 2), -3), with_value("uniforms", (0, 3), 0.0),
+          with_value("target_logits", (0, 2, 1), math.nan), with_value("ref_logits", (0, 3), -math.inf)]
+
+
+def bad_tree_call(mutate):
+    kwargs = good_tree_call()
+    mutate(kwargs)
+    return kwargs
+
+
+@pytest.mark.parametrize("case_id,mutate,pattern", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+@pytest.mark.parametrize("entry", ["op", "reference"])
+def test_verify_tree_rejects_bad_input(entry, case_id, mutate, pattern):
+    verify_tree = IMPLEMENTATIONS[entry]
+    with pytest.raises(ValueError, match=pattern):
+        verify_tree(**bad_tree_call(mutate))
+
+
+CPP_CASES = [c for c in BAD_INPUT if c[0] not in ("devices", "draft None", "parents list", "replacement")]
+
+
+@pytest.mark.parametrize("case_id,mutate,pattern", CPP_CASES, ids=[c[0] for c in CPP_CASES])
+def test_registered_op_checks_in_cpp(case_id, mutate, pattern):
+    """The C++ adapter validates too: calling torch.ops.sss_ext.verify_tree directly cannot crash."""
+    k = bad_tree_call(mutate)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.sss_ext.verify_tree(k["target_logits"], k["draft_logits"], k["draft_tokens"], k["parents"], k["ref_logits"],
+                                      k["uniforms"], k["temperature"], k["top_k"], k["top_p"], k["shift"], k["mode"],
+                                      k["replacement"], k["num_nodes"], k["top_k_ties"])
+
+
+@pytest.mark.parametrize("entry", ["op", "reference"])
+def test_nothing_past_a_rows_nodes_is_read(entry):
+    expected = IMPLEMENTATIONS[entry](**bad_tree_call(replace("num_nodes", torch.tensor([2, 4]))))
+    kwargs = bad_tree_call(replace("num_nodes", torch.tensor([2, 4])))
+    for mutate in UNREAD:
+        mutate(kwargs)
+    got = IMPLEMENTATIONS[entry](**kwargs)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_cuda_tensors_are_refused_naming_the_device():
+    """The op has a CPU kernel only: CUDA tensors get a ValueError, not a dispatcher error."""
+    fake_cuda_tensor = types.SimpleNamespace(device=torch.device("cuda", 0), shape=(B, N, V))
+    kwargs = good_tree_call()
+    kwargs["target_logits"] = fake_cuda_tensor
+    with pytest.raises(ValueError, match=r"target_logits is on cuda:0, but verify_tree has a CPU kernel only"):
+        sss_ext.verify_tree(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) Registration: schema, fake kernel, opcheck, torch.compile.
+
+
+def op_args(dtype=torch.float32, with_ref=True, temperature=0.8, top_k=0, top_p=1.0, replacement=True, ragged=False,
+            top_k_ties="keep"):
+    call = random_tree_call(3, 6, 33, dtype, with_ref, torch.Generator().manual_seed(5), ragged)
+    return (call["target_logits"], call["draft_logits"], call["draft_tokens"], call["parents"], call["ref_logits"], call["uniforms"],
+            temperature, top_k, top_p, 1.0, "exact", replacement, call.get("num_nodes"), top_k_ties)
+
+
+def test_verify_tree_schema_is_registered():
+    schema = str(torch.ops.sss_ext.verify_tree.default._schema)
+    assert schema.startswith("sss_ext::verify_tree(Tensor target_logits, Tensor draft_logits, Tensor draft_tokens, Tensor parents, "
+                             "Tensor? ref_logits, Tensor uniforms,"), schema
+    assert 'bool replacement, Tensor? num_nodes=None, str top_k_ties="keep") -> (Tensor, Tensor, Tensor, Tensor)' in schema
+    assert "verify_tree" in sss_ext.BUILD_INFO["cpu_kernels"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(with_ref=False), dict(dtype=torch.bfloat16, top_k=5), dict(dtype=torch.float16, top_p=0.9, top_k_ties="exact-k"),
+     dict(replacement=False, ragged=True), dict(temperature=0.0)],
+    ids=["exact", "sd", "bf16-topk", "fp16-topp-exact-k", "without-replacement-ragged", "greedy"],
+)
+def test_opcheck_verify_tree(options):
+    torch.library.opcheck(torch.ops.sss_ext.verify_tree.default, op_args(**options))
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in op_args()]
+    with mode:
+        path, tokens, num_accepted, log_z = torch.ops.sss_ext.verify_tree.default(*args)
+    assert path.shape == tokens.shape == log_z.shape == (3, 6) and num_accepted.shape == (3,)
+    assert path.dtype == tokens.dtype == num_accepted.dtype == torch.int64 and log_z.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    call = random_tree_call(4, 7, 50, torch.float32, True, torch.Generator().manual_seed(9), ragged=True)
+
+    def round_and_first_token(target_logits, draft_logits, draft_tokens, parents, ref_logits, uniforms, num_nodes):
+        result = sss_ext.verify_tree(target_logits, draft_logits, draft_tokens, parents, ref_logits, num_nodes=num_nodes,
+                                     uniforms=uniforms, replacement=False, temperature=0.9)
+        return result.path, result.tokens, result.num_accepted, result.log_z, result.tokens[:, 0] + 1
+
+    args = tuple(call[k] for k in ("target_logits", "draft_logits", "draft_tokens", "parents", "ref_logits", "uniforms", "num_nodes"))
+    compiled = torch.compile(round_and_first_token, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(*args), round_and_first_token(*args)):
+        assert torch.equal(got, expected)

@@ -142,14 +142,12 @@ SSS_CPU_MULTIVERSION void walk_tree(const TreeParams<T>& p, int64_t b, const Pos
         }
         continue;
       }
-      if (q_law.total > 0.0) {  // q without mass (every token removed) rejects
-        const double log_p = p_law.fresh ? p_star.log_prob(scores.tilted(x), x) : std::log(p_law.weights[x]) - std::log(p_law.total);
-        const double log_q =
-            q_law.fresh ? proposal.log_prob(scores.proposal(x), x) : std::log(q_law.weights[x]) - std::log(q_law.total);
-        if (log_p > -kInf && log_q > -kInf && std::log(p.uniform(b, child - 1)) < log_p - log_q) {
-          next = child;
-          break;
-        }
+      if (!(q_law.total > 0.0)) continue;  // q without mass (every token removed): rejected, nothing changes
+      const double log_p = p_law.fresh ? p_star.log_prob(scores.tilted(x), x) : std::log(p_law.weights[x]) - std::log(p_law.total);
+      const double log_q = q_law.fresh ? proposal.log_prob(scores.proposal(x), x) : std::log(q_law.weights[x]) - std::log(q_law.total);
+      if (log_p > -kInf && log_q > -kInf && std::log(p.uniform(b, child - 1)) < log_p - log_q) {
+        next = child;
+        break;
       }
       // Rejected: p <- normalize((p - q)+) (kept without residual mass); without replacement
       // also q <- normalize(q without x). Both read the old p and q.
