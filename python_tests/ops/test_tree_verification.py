@@ -31,10 +31,13 @@ IMPLEMENTATIONS = {"reference": sss_ext.reference_tree.verify_tree, "op": sss_ex
 
 def chain_call(batch, num_draft_tokens, vocab_size, dtype, with_ref, temperature, top_k, top_p, generator, ragged):
     """Inputs of one ``verify`` call and of the same call as a chain tree (node c = position c)."""
+    num_draft = torch.randint(0, num_draft_tokens + 1, (batch,), generator=generator) if ragged else None
     target, draft, ref = (x.to(dtype) for x in make_logits(batch, num_draft_tokens + 1, vocab_size, generator))
+    if not with_ref:  # the draft's logits at the bonus position (a leaf) are not read by either op
+        last = torch.arange(num_draft_tokens + 1) == (num_draft_tokens if num_draft is None else num_draft[:, None])
+        draft = draft.masked_fill(last[..., None], math.nan)
     draft_tokens = torch.randint(0, vocab_size, (batch, num_draft_tokens), generator=generator)
     uniforms = torch.randint(1, 2**53, (batch, num_draft_tokens + 1), generator=generator, dtype=torch.float64) * 2.0**-53
-    num_draft = torch.randint(0, num_draft_tokens + 1, (batch,), generator=generator) if ragged else None
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     chain = dict(target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, ref_logits=ref if with_ref else None,
                  uniforms=uniforms, num_draft_tokens=num_draft, **options)
@@ -575,6 +578,21 @@ def test_nothing_past_a_rows_nodes_is_read(entry):
     got = IMPLEMENTATIONS[entry](**kwargs)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("entry", ["op", "reference"])
+def test_leaf_draft_logits_are_read_only_for_the_tilt(entry):
+    """Like verify's bonus position: without a tilt the draft's logits at a leaf are not read."""
+    kwargs = good_tree_call()  # leaves: nodes 2, 3 of row 0 and node 3 of row 1
+    kwargs["ref_logits"] = None
+    expected = IMPLEMENTATIONS[entry](**kwargs)
+    kwargs["draft_logits"] = kwargs["draft_logits"].clone()
+    kwargs["draft_logits"][0, 2:] = math.nan
+    kwargs["draft_logits"][1, 3] = -math.inf
+    for a, b in zip(IMPLEMENTATIONS[entry](**kwargs), expected):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="draft_logits must be finite or -inf"):
+        IMPLEMENTATIONS[entry](**{**kwargs, "ref_logits": good_tree_call()["ref_logits"]})
 
 
 def test_cuda_tensors_are_refused_naming_the_device():
