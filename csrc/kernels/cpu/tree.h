@@ -69,9 +69,9 @@ TreeError check_tree_inputs(const TreeParams<T>& p) {
 }
 
 // The per-node distributions are verify's per-position ones (p*, r~, log Z, the tilted argmax):
-// node c of row b is position c of a row whose draft positions are c's ancestors and c itself
-// when it has children. position_stats also tests a chain draft at the position; the tree tests
-// its children itself, so that test reads a fixed token 0 and coin 1/2 and its result is unused.
+// node c is a draft position (r~ is needed) when it has children, a bonus position when it is
+// a leaf. position_stats also tests a chain draft at a draft position; the tree tests its
+// children itself, so that test reads a fixed token 0 and coin 1/2 and its result is unused.
 template <typename T>
 VerifyParams<T> node_params(const TreeParams<T>& p) {
   static const int64_t kAnyToken = 0;
