@@ -41,9 +41,8 @@ def check_tree_args(target_logits, draft_logits, draft_tokens, parents, ref_logi
         raise ValueError(f"target_logits must have shape (B, N, V) with N >= 1 (node 0 is the root), got {tuple(target_logits.shape)}")
     if vocab_size < 1:
         raise ValueError("target_logits must have a vocabulary dimension of size >= 1")
-    for name, logits in (("draft_logits", draft_logits), ("ref_logits", ref_logits)):
-        if logits is None and name == "ref_logits":
-            continue
+    given = [("draft_logits", draft_logits)] + ([("ref_logits", ref_logits)] if ref_logits is not None else [])
+    for name, logits in given:
         check_tensor(name, logits, ndim=3, dtypes=LOGIT_DTYPES)
         check_shape(name, logits, (batch, num_nodes_max, vocab_size), "(B, N, V)")
         if logits.dtype != target_logits.dtype:
@@ -110,4 +109,5 @@ def check_tree_values(num_nodes, parents, draft_tokens, uniforms, num_nodes_max:
 
 
 def check_tree_uniforms_meta(uniforms, batch: int, num_nodes_max: int, device) -> torch.Tensor:
+    """Uniforms must be a float64 ``(B, N)`` tensor on ``device``; no value is read."""
     return check_uniforms_meta(uniforms, (batch, num_nodes_max), "(B, N)", device)

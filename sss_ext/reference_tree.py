@@ -164,10 +164,16 @@ def verify_tree(
     if lam == 0.0:
         ref_logits = None  # p* = warp(q), Z = 1: the reference is never read
 
-    # Nodes past a row's count are never read: zero them so that no check looks at them.
-    unused = (torch.arange(N, device=device) >= counts[:, None])[..., None]
+    # Nodes past a row's count are never read, nor the draft's logits at a leaf without the
+    # tilt (as at verify's bonus position): zero them so that no check looks at them.
+    node = torch.arange(N, device=device)
+    used = node < counts[:, None]  # (B, N)
+    is_child = used & (node >= 1)
+    has_children = torch.zeros_like(parents).scatter_reduce(1, torch.where(is_child, parents, 0), is_child.long(), "amax").bool()
+    draft_read = used & (has_children | (ref_logits is not None))
     inverse_temperature = 1.0 if tau == 0.0 else 1.0 / tau
-    zq, zr, zd = (None if x is None else x.masked_fill(unused, 0.0) for x in (target_logits, draft_logits, ref_logits))
+    zq, zd = (None if x is None else x.masked_fill(~used[..., None], 0.0) for x in (target_logits, ref_logits))
+    zr = draft_logits.masked_fill(~draft_read[..., None], 0.0)
     for name, logits in (("target_logits", zq), ("draft_logits", zr), ("ref_logits", zd)):
         if logits is not None:
             check_logit_values(name, logits)

@@ -53,6 +53,8 @@ def verify_tree(
     draft_logits : torch.Tensor
         Logits of the aligned draft ``r`` at every node; a node's children were drawn from
         ``sss_ext.warp_probs(draft_logits[:, c], temperature, top_k, top_p, top_k_ties=top_k_ties)``.
+        At a leaf they enter only the tilt: without ``ref_logits`` (or with ``shift=0``) they
+        are neither read nor checked there, as at :func:`sss_ext.verify`'s bonus position.
     draft_tokens : torch.Tensor
         int64 token of each node (column 0, the root, is not read).
     parents : torch.Tensor

@@ -31,10 +31,13 @@ IMPLEMENTATIONS = {"reference": sss_ext.reference_tree.verify_tree, "op": sss_ex
 
 def chain_call(batch, num_draft_tokens, vocab_size, dtype, with_ref, temperature, top_k, top_p, generator, ragged):
     """Inputs of one ``verify`` call and of the same call as a chain tree (node c = position c)."""
+    num_draft = torch.randint(0, num_draft_tokens + 1, (batch,), generator=generator) if ragged else None
     target, draft, ref = (x.to(dtype) for x in make_logits(batch, num_draft_tokens + 1, vocab_size, generator))
+    if not with_ref:  # the draft's logits at the bonus position (a leaf) are not read by either op
+        last = torch.arange(num_draft_tokens + 1) == (num_draft_tokens if num_draft is None else num_draft[:, None])
+        draft = draft.masked_fill(last[..., None], math.nan)
     draft_tokens = torch.randint(0, vocab_size, (batch, num_draft_tokens), generator=generator)
     uniforms = torch.randint(1, 2**53, (batch, num_draft_tokens + 1), generator=generator, dtype=torch.float64) * 2.0**-53
-    num_draft = torch.randint(0, num_draft_tokens + 1, (batch,), generator=generator) if ragged else None
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     chain = dict(target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, ref_logits=ref if with_ref else None,
                  uniforms=uniforms, num_draft_tokens=num_draft, **options)
@@ -390,8 +393,8 @@ def random_tree_call(batch, max_nodes, vocab_size, dtype, with_ref, generator, r
     """Random trees (parents[c] uniform in [0, c)), drafts partly from the draft's argmax so that
     some are accepted, ragged node counts with garbage past them. Shape: (B, N, V) ..."""
     target, draft, ref = (x.to(dtype) for x in make_logits(batch, max_nodes, vocab_size, generator))
-    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(0, c, (1,), generator=generator)) for c in range(1, max_nodes)])
-                           for _ in range(batch)])
+    parents = torch.tensor([[-1] + [int(torch.randint(0, c, (1,), generator=generator)) for c in range(1, max_nodes)]
+                            for _ in range(batch)], dtype=torch.int64).reshape(batch, max_nodes)
     parent_draft = draft.gather(1, parents.clamp(min=0)[..., None].expand(-1, -1, vocab_size))  # (B, N, V)
     likely = parent_draft.float().argmax(dim=-1)
     draft_tokens = torch.where(torch.rand(batch, max_nodes, generator=generator) < 0.5, likely,
@@ -577,6 +580,21 @@ def test_nothing_past_a_rows_nodes_is_read(entry):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("entry", ["op", "reference"])
+def test_leaf_draft_logits_are_read_only_for_the_tilt(entry):
+    """Like verify's bonus position: without a tilt the draft's logits at a leaf are not read."""
+    kwargs = good_tree_call()  # leaves: nodes 2, 3 of row 0 and node 3 of row 1
+    kwargs["ref_logits"] = None
+    expected = IMPLEMENTATIONS[entry](**kwargs)
+    kwargs["draft_logits"] = kwargs["draft_logits"].clone()
+    kwargs["draft_logits"][0, 2:] = math.nan
+    kwargs["draft_logits"][1, 3] = -math.inf
+    for a, b in zip(IMPLEMENTATIONS[entry](**kwargs), expected):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="draft_logits must be finite or -inf"):
+        IMPLEMENTATIONS[entry](**{**kwargs, "ref_logits": good_tree_call()["ref_logits"]})
+
+
 def test_cuda_tensors_are_refused_naming_the_device():
     """The op has a CPU kernel only: CUDA tensors get a ValueError, not a dispatcher error."""
     fake_cuda_tensor = types.SimpleNamespace(device=torch.device("cuda", 0), shape=(B, N, V))
@@ -638,3 +656,49 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(round_and_first_token, fullgraph=True, backend="aot_eager")
     for got, expected in zip(compiled(*args), round_and_first_token(*args)):
         assert torch.equal(got, expected)
+
+
+def test_random_calls_either_agree_or_both_refuse():
+    """Random shapes, masks, extreme values and defects: the op and the reference either return
+    the same outputs or both raise a ValueError (the first defect each meets may differ)."""
+    generator = torch.Generator().manual_seed(11)
+    randint = lambda low, high: int(torch.randint(low, high, (1,), generator=generator))  # noqa: E731
+    outcomes_seen = {"equal": 0, "refused": 0}
+    for _ in range(150):
+        batch, max_nodes, vocab_size = randint(0, 4), randint(1, 7), randint(1, 40)
+        dtype = [torch.float32, torch.bfloat16, torch.float16][randint(0, 3)]
+        call = random_tree_call(batch, max_nodes, vocab_size, dtype, randint(0, 2) == 1, generator, ragged=randint(0, 2) == 1)
+        for name in ("target_logits", "draft_logits", "ref_logits"):
+            if call[name] is not None and randint(0, 3) == 0:  # mask tokens, sometimes whole rows
+                call[name] = call[name].masked_fill(torch.rand(call[name].shape, generator=generator) < 0.5, -math.inf)
+            if call[name] is not None and randint(0, 12) == 0 and call[name].numel():
+                call[name] = call[name].clone()
+                call[name].view(-1)[randint(0, call[name].numel())] = [math.nan, math.inf, 6e4][randint(0, 3)]
+        if randint(0, 10) == 0 and batch:
+            call["parents"] = call["parents"].clone()
+            call["parents"][randint(0, batch), randint(0, max_nodes)] = randint(-2, max_nodes + 1)
+        if randint(0, 10) == 0 and batch:
+            call["draft_tokens"] = call["draft_tokens"].clone()
+            call["draft_tokens"][randint(0, batch), randint(0, max_nodes)] = randint(-1, vocab_size + 2)
+        if randint(0, 10) == 0 and batch:
+            call["uniforms"] = call["uniforms"].clone()
+            call["uniforms"][randint(0, batch), randint(0, max_nodes)] = [0.0, 1.0, math.nan][randint(0, 3)]
+        options = dict(temperature=[0.0, 1e-3, 0.7, 1.0][randint(0, 4)], top_k=[0, 1, 3][randint(0, 3)], top_p=[1.0, 0.8][randint(0, 2)],
+                       shift=[0.0, 1.0, 2.5][randint(0, 3)], replacement=randint(0, 2) == 1,
+                       top_k_ties=["keep", "exact-k"][randint(0, 2)])
+        results = []
+        for verify_tree in (sss_ext.verify_tree, sss_ext.reference_tree.verify_tree):
+            try:
+                results.append(verify_tree(**call, **options))
+            except ValueError as error:
+                results.append(error)
+        got, expected = results
+        if isinstance(expected, ValueError) or isinstance(got, ValueError):
+            assert isinstance(got, ValueError) and isinstance(expected, ValueError), (got, expected, options)
+            outcomes_seen["refused"] += 1
+            continue
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b), (got, expected, options)
+        outcomes_seen["equal"] += 1
+    print(f"random calls: {outcomes_seen}")
+    assert min(outcomes_seen.values()) >= 20, outcomes_seen

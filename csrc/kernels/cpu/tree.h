@@ -69,9 +69,9 @@ TreeError check_tree_inputs(const TreeParams<T>& p) {
 }
 
 // The per-node distributions are verify's per-position ones (p*, r~, log Z, the tilted argmax):
-// node c of row b is position c of a row with num_nodes[b] drafts. position_stats also tests a
-// chain draft at the position; the tree tests its children itself, so that test reads a fixed
-// token 0 and coin 1/2 and its result is unused.
+// node c is a draft position (r~ is needed) when it has children, a bonus position when it is
+// a leaf. position_stats also tests a chain draft at a draft position; the tree tests its
+// children itself, so that test reads a fixed token 0 and coin 1/2 and its result is unused.
 template <typename T>
 VerifyParams<T> node_params(const TreeParams<T>& p) {
   static const int64_t kAnyToken = 0;
@@ -186,13 +186,19 @@ SSS_CPU_MULTIVERSION void walk_tree(const TreeParams<T>& p, int64_t b, const Pos
 template <typename T, bool kTilt, class ParallelFor>
 TreeError verify_tree_impl(const TreeParams<T>& p, ParallelFor&& parallel_for) {
   const VerifyParams<T> nodes = node_params(p);
+  // A node with children is a draft position of verify (r~ is read); a leaf is a bonus position
+  // (the draft's logits are read only for the tilt). (batch, max_nodes)
+  std::vector<char> has_children(p.batch * p.max_nodes, 0);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t c = 1; c < p.row_nodes(b); ++c) has_children[b * p.max_nodes + p.parent(b, c)] = 1;
   std::vector<PositionStats> stats(p.batch * p.max_nodes);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
   parallel_for(int64_t(0), p.batch * p.max_nodes, grain, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / p.max_nodes, c = item % p.max_nodes, n = p.row_nodes(b);
-      if (c < n) stats[item] = position_stats<T, kTilt>(nodes, b, c, n, scratch);  // past it: never read
+      const int64_t b = item / p.max_nodes, c = item % p.max_nodes;
+      if (c >= p.row_nodes(b)) continue;  // past the row's nodes: never read
+      stats[item] = position_stats<T, kTilt>(nodes, b, c, has_children[item] ? c + 1 : c, scratch);
     }
   });
   for (const PositionStats& s : stats)
