@@ -26,9 +26,6 @@ Writes ``benchmarks/results/<name>.csv`` and ``<name>.md`` (default ``ngram_cpu`
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
+
+from benchmarks.report_header import run_lines, write_csv  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,24 +105,12 @@ def _cell(value, digits=3):
 
 
 def write(rows: list[dict], args, started: str, seconds: float) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = RESULTS_DIR / f"{args.name}.csv", RESULTS_DIR / f"{args.name}.md"
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    import torch
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    command = "python benchmarks/bench_ngram.py " + " ".join(sys.argv[1:])
+    write_csv(rows, csv_path)
     lines = [
         "# Prompt-lookup (n-gram) proposer vs the draft model (`benchmarks/bench_ngram.py`)",
         "",
-        f"- command: `{command.strip()}`",
-        f"- date: {started} UTC; the whole run took {seconds:.0f} s of wall time",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s); "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+        *run_lines("bench_ngram.py", started, seconds),
         f"- default models (target SmolLM2-135M-Instruct q, aligned draft r, reference draft d), float32; "
         f"{args.prompts} prompts per set in one batch, {args.max_new_tokens} new tokens each (EOS ignored), "
         f"T = {args.temperature}, sss lambda = {args.shift}, seed {args.seed}, n-gram sizes "

@@ -15,19 +15,13 @@ import sss_ext
 from sss_ext import SamplingConfig
 from sss_ext.decoding import draft_tree
 from sss_ext.decoding.observe import RecordingObserver
-from decoding_helpers import chi_square_pvalue, count_sequences, full_logits, greedy_reference, sequence_law, tilted_probs, trio
+from decoding_helpers import (  # noqa: F401  (one_thread: autouse fixture)
+    chi_square_pvalue, count_sequences, full_logits, greedy_reference, one_thread, sequence_law, tilted_probs, trio,
+)
 
 VOCAB, LENGTH, ROWS, EOS = 8, 3, 24000, 0
 PROMPT = [1, 2]
 ALPHA = 0.01
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
