@@ -143,6 +143,10 @@ struct VerifyParams {
   // so x is accepted with probability p*(x) and the correction is drawn from p* without x
   // (docs/algorithm.md §11). Never with paper_mode.
   bool one_hot_proposal = false;
+  // Block verification (docs/algorithm.md §12): the accepted prefix is the longest i whose coin
+  // u[i-1] falls below h_i, and the correction at tau is drawn from (p_tau p*_tau - r~_tau)+.
+  // Sampled calls only (greedy is the token rule); never with paper_mode.
+  bool block_verification = false;
   int64_t* tokens = nullptr;        // (batch, num_draft + 1), contiguous
   int64_t* num_accepted = nullptr;  // (batch,)
   float* log_z = nullptr;           // (batch, num_draft + 1), contiguous
