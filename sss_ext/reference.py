@@ -118,6 +118,12 @@ def residual_weight(weighted_target: torch.Tensor, proposal: torch.Tensor) -> to
     return torch.where(difference > RESIDUAL_TOLERANCE * weighted_target, difference, 0.0)
 
 
+def block_threshold(mass: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``h_i = R_i / (R_i + (1 - p_i))``, 0 where the denominator is 0. Shape: (B,), (B,) -> (B,)."""
+    denominator = mass + (1.0 - weight)
+    return torch.where(denominator > 0, mass / torch.where(denominator > 0, denominator, 1.0), 0.0)
+
+
 def _block_verification(log_p_star, log_r_tilde, log_p_x, log_r_x, x, u) -> tuple[torch.Tensor, torch.Tensor]:
     """Block verification (docs/algorithm.md §12) of rows that all verify ``K`` drafts.
 
@@ -149,8 +155,7 @@ def _block_verification(log_p_star, log_r_tilde, log_p_x, log_r_x, x, u) -> tupl
     h = weight[:, 1:].clone()  # (B, K): h_1 .. h_K; h_K = p_K
     for i in range(1, K):
         mass = residual_weight(weight[:, i, None] * p_star[:, i], r_tilde[:, i]).sum(dim=-1)
-        denominator = mass + (1.0 - weight[:, i])
-        h[:, i - 1] = torch.where(denominator > 0, mass / torch.where(denominator > 0, denominator, 1.0), 0.0)
+        h[:, i - 1] = block_threshold(mass, weight[:, i])
     index = torch.arange(1, K + 1, device=x.device)
     num_accepted = torch.where(u[:, :K] < h, index, 0).amax(dim=-1) if K > 0 else torch.zeros_like(rows)
     p_tau = p_star[rows, num_accepted]  # (B, V)
