@@ -300,12 +300,12 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const std::op
   SSS_CHECK_VALUE(std::isfinite(shift) && shift >= 0, "shift (lambda) must be a finite float >= 0, got ", shift);
   SSS_CHECK_VALUE(mode == "exact" || mode == "paper", "mode must be 'exact' or 'paper', got '", mode, "'");
   SSS_CHECK_VALUE(mode == "exact" || has_ref_given, "mode='paper' needs ref_logits: the paper's rule divides by the reference draft d");
+  const TopKTies ties = parse_top_k_ties(top_k_ties);
   SSS_CHECK_VALUE(verification == "token" || verification == "block", "verification must be one of ('token', 'block'), got '",
                   verification, "'");
   SSS_CHECK_VALUE(verification == "token" || mode == "exact",
                   "verification='block' needs mode='exact': block verification is exact for a target and a proposal, which "
                   "the paper rule (mode='paper') does not verify against");
-  const TopKTies ties = parse_top_k_ties(top_k_ties);
   const bool ragged = is_given(num_draft_tokens);
   if (ragged) {  // values in [0, K] are checked by the kernels (kBadNumDraft)
     const Tensor& counts = *num_draft_tokens;
