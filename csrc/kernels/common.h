@@ -82,6 +82,14 @@ SSS_HOST_DEVICE double residual_weight(double p_star, double proposal, double to
   return difference > tolerance * p_star ? difference : 0.0;
 }
 
+// Block verification's coin threshold h_i = R_i / (R_i + (1 - p_i)) at a draft position before
+// the last (docs/algorithm.md §12): R_i = sum_v (p_i p*_i(v) - r~_i(v))+, p_i the block weight; 0
+// when the denominator is 0.
+SSS_HOST_DEVICE double block_threshold(double mass, double weight) {
+  const double denominator = mass + (1.0 - weight);
+  return denominator > 0.0 ? mass / denominator : 0.0;
+}
+
 enum class Which : int32_t { kNone = 0, kTarget, kDraft, kRef, kLogits };
 
 struct Error {

@@ -190,12 +190,6 @@ inline double block_log_weight(const PositionStats* row, int64_t i) {
   return log_weight;
 }
 
-// h_i = R_i / (R_i + (1 - p_i)), 0 when the denominator is 0.
-inline double block_threshold(double mass, double weight) {
-  const double denominator = mass + (1.0 - weight);
-  return denominator > 0.0 ? mass / denominator : 0.0;
-}
-
 // R_i = sum_v (p_i P_i(v) - Q_i(v))+ at draft position i of row b (weight = p_i); one-hot
 // drafts: p_i (1 - P_i(x_{i+1})).
 template <typename T, bool kTilt>
