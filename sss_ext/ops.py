@@ -151,9 +151,10 @@ def verify(
         ``"token"`` (default): each draft is accepted on its own coin, as above.
         ``"block"``: block verification (Sun et al. 2024), which decides the accepted prefix
         jointly and emits at least as many tokens in expectation, with the same law ``p*``;
-        ``num_accepted`` is the accepted prefix length and the correction is drawn from
-        ``(p_tau p*_tau - r~_tau)+`` (docs/algorithm.md §12). Greedy calls use the token
-        rule; ``mode="paper"`` is refused.
+        ``num_accepted`` is the accepted prefix length ``n`` and the correction is drawn
+        from ``(p_n p*_n - r~_n)+`` with the block weight ``p_n`` (docs/algorithm.md §12).
+        Costs one more pass over the vocabulary per draft position. Greedy calls use the
+        token rule; ``mode="paper"`` is refused.
 
     Returns
     -------

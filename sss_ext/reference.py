@@ -127,15 +127,15 @@ def block_threshold(mass: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _block_verification(log_p_star, log_r_tilde, log_p_x, log_r_x, x, u) -> tuple[torch.Tensor, torch.Tensor]:
     """Block verification (docs/algorithm.md §12) of rows that all verify ``K`` drafts.
 
-    In the notation of §12 (draft ``x_i`` at position ``i - 1``): ``P_i = p*_i``,
-    ``Q_i = r~_i``,
+    Notation of §12: draft ``x_i`` at position ``i``, ``P_i = p*_i``, ``Q_i = r~_i``;
+    ``tau`` (Sun et al.'s name) is §12's ``n``, the accepted prefix length.
 
-    * ``p_0 = 1``, ``p_i = min(1, p_{i-1} P_{i-1}(x_i) / Q_{i-1}(x_i))`` (in log space; a zero
-      ``P`` or ``Q`` at ``x_i`` gives ``p_i = 0``);
+    * ``p_0 = 1``, ``p_{i+1} = min(1, p_i P_i(x_i) / Q_i(x_i))`` (in log space; a zero ``P`` or
+      ``Q`` at ``x_i`` gives ``p_{i+1} = 0``);
     * ``R_i = sum_v (p_i P_i(v) - Q_i(v))+`` and ``h_i = R_i / (R_i + (1 - p_i))`` for
       ``1 <= i < K`` (0 when the denominator is 0), ``h_K = p_K``;
-    * ``tau``: the largest ``i`` with ``u[i-1] < h_i``, else 0;
-    * emit ``x_1 .. x_tau``, then ``Y`` from ``p*_K`` if ``tau = K``, else from
+    * ``tau``: the largest ``i`` in ``1..K`` with ``u[i-1] < h_i``, else 0;
+    * emit ``x_0 .. x_{tau-1}``, then ``Y`` from ``P_K`` if ``tau = K``, else from
       ``(p_tau P_tau - Q_tau)+`` (fallback ``P_tau`` when it has no mass), drawn with ``u[K]``.
 
     Shape

@@ -181,9 +181,9 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
   return out;
 }
 
-// Block verification (docs/algorithm.md §12). Notation: P_i = p*_i, Q_i = r~_i, draft x_{i+1} at
+// Block verification (docs/algorithm.md §12). Notation: P_i = p*_i, Q_i = r~_i, draft x_i at
 // position i. log p_i of a row from its positions' stats: p_0 = 1,
-// p_i = min(1, p_{i-1} P_{i-1}(x_i) / Q_{i-1}(x_i)).
+// p_{k+1} = min(1, p_k P_k(x_k) / Q_k(x_k)).
 inline double block_log_weight(const PositionStats* row, int64_t i) {
   double log_weight = 0.0;
   for (int64_t k = 0; k < i; ++k) log_weight = std::min(0.0, log_weight + row[k].log_ratio);
@@ -191,7 +191,7 @@ inline double block_log_weight(const PositionStats* row, int64_t i) {
 }
 
 // R_i = sum_v (p_i P_i(v) - Q_i(v))+ at draft position i of row b (weight = p_i); one-hot
-// drafts: p_i (1 - P_i(x_{i+1})).
+// drafts: p_i (1 - P_i(x_i)).
 template <typename T, bool kTilt>
 SSS_CPU_MULTIVERSION double block_residual_mass(const VerifyParams<T>& p, int64_t b, int64_t i, const PositionStats& stats,
                                                 double weight) {
@@ -207,7 +207,8 @@ SSS_CPU_MULTIVERSION double block_residual_mass(const VerifyParams<T>& p, int64_
   return mass;
 }
 
-// tau of a row: the largest i in 1..n with u[i-1] < h_i (h_n = p_n), else 0; sets weight = p_tau.
+// tau of a row (the accepted prefix length): the largest i in 1..n with u[i-1] < h_i (h_n = p_n,
+// n the row's draft count), else 0; sets weight = p_tau.
 template <typename T>
 int64_t block_prefix(const VerifyParams<T>& p, int64_t b, const PositionStats* row, const double* masses, int64_t num_draft,
                      double& weight) {
