@@ -156,14 +156,18 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
 
 // Block verification (docs/algorithm.md §12; csrc/kernels/cpu/verify.h: block_log_weight,
 // block_prefix). Called by a whole warp, the result is the same in every lane.
-// log p_i of row b: p_0 = 1, p_i = min(1, p_{i-1} p*_{i-1}(x) / r~_{i-1}(x)) over the drafts x.
+// log p_{k+1} of row b from log p_k: p_0 = 1, p_{k+1} = min(1, p_k p*_k(x_k) / r~_k(x_k)).
+template <typename T>
+__device__ double block_log_weight_step(const Problem<T>& pr, int64_t b, int64_t k, double log_weight, const ExpTable& table) {
+  const Combined combined = combine_partials(pr, b * pr.positions() + k, table);
+  return fmin(0.0, log_weight + position_info(pr, b, k, combined).log_ratio);
+}
+
+// log p_i of row b.
 template <typename T>
 __device__ double block_log_weight(const Problem<T>& pr, int64_t b, int64_t i, const ExpTable& table) {
   double log_weight = 0.0;
-  for (int64_t k = 0; k < i; ++k) {
-    const Combined combined = combine_partials(pr, b * pr.positions() + k, table);
-    log_weight = fmin(0.0, log_weight + position_info(pr, b, k, combined).log_ratio);
-  }
+  for (int64_t k = 0; k < i; ++k) log_weight = block_log_weight_step(pr, b, k, log_weight, table);
   return log_weight;
 }
 
@@ -176,8 +180,7 @@ __device__ int64_t block_prefix(const Problem<T>& pr, int64_t b, const ExpTable&
   weight = 1.0;
   double log_weight = 0.0;
   for (int64_t i = 1; i <= num_draft; ++i) {
-    const Combined combined = combine_partials(pr, b * pr.positions() + i - 1, table);
-    log_weight = fmin(0.0, log_weight + position_info(pr, b, i - 1, combined).log_ratio);
+    log_weight = block_log_weight_step(pr, b, i - 1, log_weight, table);
     const double weight_i = exp(log_weight);
     const double h = i < num_draft ? block_threshold(pr.block_masses[b * pr.positions() + i], weight_i) : weight_i;
     if (pr.uniform(b, i - 1) < h) {
