@@ -295,7 +295,7 @@ def accepted_length_difference(target, draft, ref, rounds, seed, **options):
 
 
 def assert_block_accepts_more(mean, standard_error):
-    # Per row: block >= token in expectation (Sun et al., Theorem 2), up to 4.5 standard errors.
+    # Per row: block >= token in expectation (block verification is optimal, Sun et al.), up to 4.5 standard errors.
     assert bool((mean + 4.5 * standard_error > -0.01).all()), (mean, standard_error)
     # In aggregate: strictly more.
     aggregate_error = float(torch.sqrt((standard_error**2).sum())) / len(mean)
