@@ -11,15 +11,16 @@ STABLE_TORCH_LIBRARY(sss_ext, m) {
   // One SSS verification round. logits: (B, K+1, V); draft_tokens: (B, K); uniforms: (B, K+1);
   // num_draft_tokens: (B,) in [0, K], None for K in every row (ragged layout: docs/ops.md, "Ragged drafts").
   // draft_logits None: one-hot drafts (a deterministic proposer); aligned_logits (B, K+1, V) then
-  // gives r for the tilt. Returns tokens (B, K+1), num_accepted (B,), log_z (B, K+1).
+  // gives r for the tilt. verification: "token" or "block" (docs/algorithm.md §12).
+  // Returns tokens (B, K+1), num_accepted (B,), log_z (B, K+1).
   m.def(
       "verify(Tensor target_logits, Tensor? draft_logits, Tensor draft_tokens, Tensor? ref_logits, Tensor uniforms, "
       "float temperature, int top_k, float top_p, float shift, str mode, Tensor? num_draft_tokens=None, str top_k_ties=\"keep\", "
-      "Tensor? aligned_logits=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? aligned_logits=None, str verification=\"token\") -> (Tensor, Tensor, Tensor)");
   // One token per row from warp(softmax(logits / temperature)). logits: (B, V); uniforms: (B,). Returns (B,).
   // top_k_ties: "keep" (every token tied with the k-th largest score) or "exact-k" (docs/algorithm.md §2).
   m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, str top_k_ties=\"keep\") -> Tensor");
-  // Tree verification (docs/algorithm.md §12). logits: (B, N, V) at nodes 0..N-1 (node 0 the root); draft_tokens,
+  // Tree verification (docs/algorithm.md §13). logits: (B, N, V) at nodes 0..N-1 (node 0 the root); draft_tokens,
   // parents, uniforms: (B, N); num_nodes: (B,) in [1, N], None for N in every row. CPU kernel only.
   // Returns path (B, N), tokens (B, N), num_accepted (B,), log_z (B, N).
   m.def(

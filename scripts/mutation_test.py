@@ -62,6 +62,7 @@ DECODING = ["python_tests/decoding/test_decoding_cache.py", "python_tests/decodi
             "python_tests/decoding/test_randomness.py", "python_tests/decoding/test_decoding_stats.py",
             "python_tests/decoding/test_decoding_observer.py", "python_tests/decoding/test_rows.py", "-m", "not slow and not models"]
 ONE_HOT = ["python_tests/ops/test_one_hot_drafts.py", "-m", "not slow and not models"]
+BLOCK = ["python_tests/ops/test_block_verification.py", "-m", "not slow and not models", "-k", "op_equals_reference"]
 CUDA_ALL = "cuda:all"  # the CUDA-on-CPU case matrix
 
 
@@ -125,10 +126,15 @@ MUTANTS = [
       "paper-mode acceptance divides by Z instead of multiplying"),
     M("cpu-logz-sign", CPU_VERIFY, "(l_s - l_q - shift * (l_r - l_d))", "(l_s - l_q + shift * (l_r - l_d))", OPS,
       "log Z adds the draft/ref log-sum difference instead of subtracting it"),
-    M("cpu-one-hot-residual", CPU_VERIFY, "return v == x ? 0.0 : p_star(v);", "return p_star(v);", ONE_HOT,
+    M("cpu-one-hot-residual", CPU_VERIFY, "return v == x ? 0.0 : weight * p_star(v);", "return weight * p_star(v);", ONE_HOT,
       "one-hot drafts: the correction is drawn from p* with the rejected draft kept"),
     M("cpu-one-hot-accept", CPU_VERIFY, ": 0.0;  // one-hot: r~(x) = 1", ": -0.6931471805599453;  // one-hot: r~(x) = 1", ONE_HOT,
       "one-hot drafts accepted with probability min(1, 2 p*(x))"),
+    M("cpu-block-threshold", CPU_VERIFY, "const double h = i < num_draft ? block_threshold(masses[i], weight_i) : weight_i;",
+      "const double h = weight_i;", BLOCK, "block verification: h_i = p_i (the residual mass R_i forgotten)"),
+    M("cpu-block-residual", CPU_VERIFY, "return residual_weight(weight * p_star(v), stats.proposal.prob(scores.proposal(v), v));",
+      "return residual_weight(p_star(v), stats.proposal.prob(scores.proposal(v), v));", BLOCK,
+      "block verification: the correction is drawn from (p* - r~)+ instead of (p_n p* - r~)+"),
     M("cpu-tilt-mask", CPU_VERIFY, "(q == -kInf || r == -kInf || d == -kInf) ? -kInf : s", "(q == -kInf || r == -kInf) ? -kInf : s",
       OPS, "a token masked only in the reference d gets +inf tilted score instead of -inf"),
     # --- the reference and the warping (pure Python) ---
@@ -157,6 +163,8 @@ MUTANTS = [
       "ragged rows take their uniforms from the right end"),
     M("ref-one-hot-proposal", "sss_ext/reference.py", ".scatter(-1, x[..., None], 0.0)", ".scatter(-1, x[..., None], -0.5)",
       ONE_HOT, "one-hot drafts: the reference takes r~(x) = exp(-0.5) instead of 1"),
+    M("ref-block-threshold", "sss_ext/reference.py", "h[:, i - 1] = block_threshold(mass, weight[:, i])", "h[:, i - 1] = weight[:, i]",
+      BLOCK, "block verification in the reference: h_i = p_i"),
     M("ref-greedy-token", "sss_ext/reference.py", "tokens = _emit(x, num_accepted, best[rows, num_accepted])",
       "tokens = _emit(x, num_accepted, best[rows, 0])", OPS, "greedy correction token taken at position 0"),
     # --- the op wrapper and the uniforms ---
@@ -166,8 +174,9 @@ MUTANTS = [
       OPS_UNIFORMS, "uniforms of the integer-grid path (every device but the plain CPU) on (0, 2)"),
     M("ops-swap-temperature-shift", "sss_ext/ops.py", "args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift,",
       "args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, shift, top_k, top_p, temperature,", OPS_UNIFORMS, "temperature and shift passed to the op swapped"),
-    M("ops-drop-ragged", "sss_ext/ops.py", "        num_draft_tokens, top_k_ties, aligned_logits)\n        tokens, num_accepted",
-      "        None, top_k_ties, aligned_logits)\n        tokens, num_accepted", OPS_UNIFORMS, "num_draft_tokens not passed to the op"),
+    M("ops-drop-ragged", "sss_ext/ops.py", "        num_draft_tokens, top_k_ties, aligned_logits, verification)\n        tokens, num_accepted",
+      "        None, top_k_ties, aligned_logits, verification)\n        tokens, num_accepted", OPS_UNIFORMS,
+      "num_draft_tokens not passed to the op"),
     M("ops-sample-ties", "sss_ext/ops.py", "args = (logits, uniforms, temperature, top_k, top_p, top_k_ties)",
       "args = (logits, uniforms, temperature, top_k, top_p, \"keep\")", OPS_UNIFORMS, "sample ignores top_k_ties"),
     M("ops-bool-accepted", "sss_ext/ops.py", "        if _BOOL in (type(temperature), type(top_k), type(top_p), type(shift)):",
@@ -213,8 +222,11 @@ MUTANTS = [
       "atomicMax(&out.first_rejection, static_cast<int>(i));", [CUDA_ALL], "the last rejection ends the row instead of the first"),
     M("cuda-cdf-unnormalised", "csrc/kernels/cuda/draw.cuh", "const double threshold = __dmul_rn(u, total);", "const double threshold = u;",
       [CUDA_ALL], "the draw does not scale u by the total mass"),
-    M("cuda-one-hot-residual", "csrc/kernels/cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : w_p[e];", "w_res[e] = w_p[e];",
-      [CUDA_ALL], "one-hot drafts: the correction is drawn from p* with the rejected draft kept"),
+    M("cuda-one-hot-residual", "csrc/kernels/cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : __dmul_rn(scale, w_p[e]);",
+      "w_res[e] = __dmul_rn(scale, w_p[e]);", [CUDA_ALL], "one-hot drafts: the correction is drawn from p* with the rejected draft kept"),
+    M("cuda-block-threshold", "csrc/kernels/cuda/draw.cuh",
+      "const double h = i < num_draft ? block_threshold(pr.block_masses[b * pr.positions() + i], weight_i) : weight_i;",
+      "const double h = weight_i;", [CUDA_ALL], "block verification: h_i = p_i (the residual mass R_i forgotten)"),
     M("cuda-residual-logz", "csrc/kernels/cuda/draw.cuh", "log_z = pr.p.paper_mode ? at_j.log_z : 0.0;", "log_z = at_j.log_z;",
       [CUDA_ALL], "exact mode's residual divides the proposal by Z"),
 ]

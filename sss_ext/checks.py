@@ -17,6 +17,9 @@ MODES = ("exact", "paper")
 # Top-k tie rules (docs/algorithm.md §2): "keep" keeps every token tied with the k-th largest
 # score, "exact-k" keeps exactly k, ties to the lower index.
 TOP_K_TIES = ("keep", "exact-k")
+# Verification rules (docs/algorithm.md §3, §12): "token" accepts each draft on its own coin,
+# "block" decides the accepted prefix jointly (block verification).
+VERIFICATIONS = ("token", "block")
 MAX_TOP_K = 2**63 - 1
 # Largest magnitude of a finite scaled logit z / temperature and of the row maximum of the
 # tilted score (kMaxScaledScore in csrc/kernels/common.h; docs/algorithm.md §7).
@@ -65,6 +68,15 @@ def check_top_k_ties(top_k_ties) -> str:
     if not isinstance(top_k_ties, str) or top_k_ties not in TOP_K_TIES:
         raise ValueError(f"top_k_ties must be one of {TOP_K_TIES}, got {top_k_ties!r}")
     return top_k_ties
+
+
+def check_verification(verification, mode="exact") -> str:
+    if not isinstance(verification, str) or verification not in VERIFICATIONS:
+        raise ValueError(f"verification must be one of {VERIFICATIONS}, got {verification!r}")
+    if verification == "block" and mode == "paper":
+        raise ValueError("verification='block' needs mode='exact': block verification is exact for a target and a "
+                         "proposal, which the paper rule (mode='paper') does not verify against")
+    return verification
 
 
 def check_shift(shift) -> float:

@@ -20,6 +20,7 @@ from .checks import (
     check_top_k_ties,
     check_num_draft_tokens_meta,
     check_uniforms_meta,
+    check_verification,
     check_verify_args,
 )
 from .outputs import VerifyOutput
@@ -80,6 +81,7 @@ def verify(
     validate=True,
     top_k_ties="keep",
     aligned_logits=None,
+    verification="token",
 ) -> VerifyOutput:
     """One batched round of Reward-Shifted Speculative Sampling verification.
 
@@ -145,6 +147,14 @@ def verify(
         One-hot drafts only: the aligned draft ``r``'s logits for the tilt
         ``q (r/d)^shift``; needed with ``ref_logits`` and ``shift > 0`` when
         ``draft_logits`` is None, refused otherwise.
+    verification : {"token", "block"}
+        ``"token"`` (default): each draft is accepted on its own coin, as above.
+        ``"block"``: block verification (Sun et al. 2024), which decides the accepted prefix
+        jointly and emits at least as many tokens in expectation, with the same law ``p*``;
+        ``num_accepted`` is the accepted prefix length ``n`` and the correction is drawn
+        from ``(p_n p*_n - r~_n)+`` with the block weight ``p_n`` (docs/algorithm.md §12).
+        Costs one more pass over the vocabulary per draft position. Greedy calls use the
+        token rule; ``mode="paper"`` is refused.
 
     Returns
     -------
@@ -165,23 +175,24 @@ def verify(
         if uniforms is None:
             uniforms = draw_uniforms((draft_tokens.shape[0], draft_tokens.shape[1] + 1), target_logits.device, generator)
         args = (target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
-                num_draft_tokens, top_k_ties, aligned_logits)
+                num_draft_tokens, top_k_ties, aligned_logits, verification)
         tokens, num_accepted, log_z = _VERIFY(*args)
     except (TypeError, RuntimeError, AttributeError, IndexError):
         _name_bad_verify_arguments(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k,
-                                   top_p, shift, mode, num_draft_tokens, top_k_ties, aligned_logits)
+                                   top_p, shift, mode, num_draft_tokens, top_k_ties, aligned_logits, verification)
         raise
     _validated_on_device(_VERIFY, args, num_accepted, validate)
     return VerifyOutput(tokens, num_accepted, log_z)
 
 
 def _name_bad_verify_arguments(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p,
-                               shift, mode, num_draft_tokens, top_k_ties, aligned_logits) -> None:
+                               shift, mode, num_draft_tokens, top_k_ties, aligned_logits, verification) -> None:
     """The Python checks of a verify call the op refused: raise the named ``ValueError`` if one applies."""
     (batch, num_draft_max, _), _scalars = check_verify_args(
         target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode, aligned_logits
     )
     check_top_k_ties(top_k_ties)
+    check_verification(verification, mode)
     _check_device_built("target_logits", target_logits)
     if num_draft_tokens is not None:
         check_num_draft_tokens_meta(num_draft_tokens, batch, target_logits.device)
@@ -245,11 +256,12 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, uniforms=None, generator
 
 @torch.library.register_fake("sss_ext::verify")
 def _verify_fake(target_logits, draft_logits, draft_tokens, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
-                 num_draft_tokens=None, top_k_ties="keep", aligned_logits=None):
+                 num_draft_tokens=None, top_k_ties="keep", aligned_logits=None, verification="token"):
     # Mixed devices would dispatch here (a meta tensor to the fake kernel): refuse them.
     check_same_device(target_logits=target_logits, draft_logits=draft_logits, draft_tokens=draft_tokens,
                       ref_logits=ref_logits, uniforms=uniforms, num_draft_tokens=num_draft_tokens,
                       aligned_logits=aligned_logits)
+    check_verification(verification, mode)
     if num_draft_tokens is not None:
         check_num_draft_tokens_meta(num_draft_tokens, draft_tokens.shape[0], draft_tokens.device)
     batch, num_draft_tokens = draft_tokens.shape

@@ -18,6 +18,11 @@ Paper mode replaces ``p*`` by ``m = Z * p*`` in the acceptance ratio and the res
 ``Z = sum_v q (r/d)**lambda``; for ``lambda = 1`` and no truncation that is the published
 rule ``min(1, q/d)`` with residual ``(q r / d - r)+``, drawn as the proportional
 ``(p* - r~ / Z)+`` so that no ``log Z`` overflows.
+
+Block verification (``verification="block"``, docs/algorithm.md §12) keeps ``p*`` and ``r~``
+and replaces steps 3-4 by the joint rule of Sun et al.: weights ``p_i``, residual masses
+``R_i``, coins against ``h_i``, the longest accepted prefix ``tau`` and the draw from
+``(p_tau p*_tau - r~_tau)+``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .checks import (
     check_top_k_ties,
     check_uniforms,
     check_uniforms_meta,
+    check_verification,
     check_verify_args,
     MAX_SCALED_SCORE,
     tilt_logits,
@@ -100,6 +106,68 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.where(index < vocab_size, index, last_positive)
 
 
+def residual_weight(weighted_target: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
+    """``(a - b)+`` with entries within rounding of zero counted as zero (RESIDUAL_TOLERANCE,
+    docs/algorithm.md §3): ``a - b`` where it exceeds ``RESIDUAL_TOLERANCE * a``, else 0.
+
+    Shape
+    -----
+    weighted_target, proposal: (..., V) float64 -> (..., V)
+    """
+    difference = weighted_target - proposal
+    return torch.where(difference > RESIDUAL_TOLERANCE * weighted_target, difference, 0.0)
+
+
+def block_threshold(mass: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``h_i = R_i / (R_i + (1 - p_i))``, 0 where the denominator is 0. Shape: (B,), (B,) -> (B,)."""
+    denominator = mass + (1.0 - weight)
+    return torch.where(denominator > 0, mass / torch.where(denominator > 0, denominator, 1.0), 0.0)
+
+
+def _block_verification(log_p_star, log_r_tilde, log_p_x, log_r_x, x, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block verification (docs/algorithm.md §12) of rows that all verify ``K`` drafts.
+
+    Notation of §12: draft ``x_i`` at position ``i``, ``P_i = p*_i``, ``Q_i = r~_i``;
+    ``tau`` (Sun et al.'s name) is §12's ``n``, the accepted prefix length.
+
+    * ``p_0 = 1``, ``p_{i+1} = min(1, p_i P_i(x_i) / Q_i(x_i))`` (in log space; a zero ``P`` or
+      ``Q`` at ``x_i`` gives ``p_{i+1} = 0``);
+    * ``R_i = sum_v (p_i P_i(v) - Q_i(v))+`` and ``h_i = R_i / (R_i + (1 - p_i))`` for
+      ``1 <= i < K`` (0 when the denominator is 0), ``h_K = p_K``;
+    * ``tau``: the largest ``i`` in ``1..K`` with ``u[i-1] < h_i``, else 0;
+    * emit ``x_0 .. x_{tau-1}``, then ``Y`` from ``P_K`` if ``tau = K``, else from
+      ``(p_tau P_tau - Q_tau)+`` (fallback ``P_tau`` when it has no mass), drawn with ``u[K]``.
+
+    Shape
+    -----
+    log_p_star: (B, K+1, V); log_r_tilde: (B, K, V); log_p_x, log_r_x, x: (B, K); u: (B, K+1)
+    -> tokens (B, K+1), num_accepted (B,)
+    """
+    batch, K = x.shape
+    rows = torch.arange(batch, device=x.device)
+    log_ratio = torch.where(torch.isfinite(log_p_x) & torch.isfinite(log_r_x), log_p_x - log_r_x, NEG_INF)
+    log_weight = [torch.zeros(batch, dtype=torch.float64, device=x.device)]  # log p_i, i = 0..K
+    for i in range(K):
+        log_weight.append(torch.clamp(log_weight[-1] + log_ratio[:, i], max=0.0))
+    weight = torch.exp(torch.stack(log_weight, dim=1))  # (B, K+1)
+    p_star = torch.exp(log_p_star)
+    r_tilde = torch.exp(log_r_tilde)
+    h = weight[:, 1:].clone()  # (B, K): h_1 .. h_K; h_K = p_K
+    for i in range(1, K):
+        mass = residual_weight(weight[:, i, None] * p_star[:, i], r_tilde[:, i]).sum(dim=-1)
+        h[:, i - 1] = block_threshold(mass, weight[:, i])
+    index = torch.arange(1, K + 1, device=x.device)
+    num_accepted = torch.where(u[:, :K] < h, index, 0).amax(dim=-1) if K > 0 else torch.zeros_like(rows)
+    p_tau = p_star[rows, num_accepted]  # (B, V)
+    if K > 0:
+        residual = residual_weight(weight[rows, num_accepted, None] * p_tau, r_tilde[rows, num_accepted.clamp(max=K - 1)])
+        use_residual = (num_accepted < K) & (torch.cumsum(residual, dim=-1)[:, -1] > 0)
+        weights = torch.where(use_residual[:, None], residual, p_tau)
+    else:
+        weights = p_tau
+    return _emit(x, num_accepted, inverse_cdf(weights, u[:, K])), num_accepted
+
+
 def _first_rejection(accept: torch.Tensor) -> torch.Tensor:
     """Number of leading ``True`` per row. Shape: (B, K) bool -> (B,) int64."""
     return torch.cumprod(accept.to(torch.int64), dim=-1).sum(dim=-1)
@@ -145,6 +213,7 @@ def verify(
     generator=None,
     top_k_ties="keep",
     aligned_logits=None,
+    verification="token",
 ) -> VerifyOutput:
     """Reference SSS verification; same signature and results as :func:`sss_ext.verify`.
 
@@ -159,6 +228,7 @@ def verify(
         target_logits, draft_logits, draft_tokens, ref_logits, temperature, top_k, top_p, shift, mode, aligned_logits
     )
     top_k_ties = check_top_k_ties(top_k_ties)
+    verification = check_verification(verification, mode)
     device = target_logits.device
     if num_draft_tokens is not None:
         check_num_draft_tokens(num_draft_tokens, batch, K, device)
@@ -167,7 +237,7 @@ def verify(
         check_uniforms_meta(uniforms, (batch, K + 1), "(B, K+1)", device)
         return _verify_ragged(target_logits, draft_logits, draft_tokens, ref_logits, aligned_logits, num_draft_tokens,
                               uniforms, dict(temperature=tau, top_k=top_k, top_p=top_p, shift=lam, mode=mode,
-                                             top_k_ties=top_k_ties))
+                                             top_k_ties=top_k_ties, verification=verification))
     check_token_ids("draft_tokens", draft_tokens, V)
     if uniforms is None:
         u = draw_uniforms((batch, K + 1), device, generator)
@@ -221,6 +291,9 @@ def verify(
     # 3. Accept x[i] iff log u < log m(x) - log r~(x); zero r~ or zero p* rejects.
     log_p_x = log_p_star[:, :K].gather(-1, x[..., None]).squeeze(-1)
     log_r_x = log_r_tilde.gather(-1, x[..., None]).squeeze(-1)
+    if verification == "block":
+        tokens, num_accepted = _block_verification(log_p_star, log_r_tilde, log_p_x, log_r_x, x, u)
+        return VerifyOutput(tokens, num_accepted, log_z.to(torch.float32))
     log_m_x = log_p_x + log_z[:, :K] if mode == "paper" else log_p_x
     accept = torch.isfinite(log_p_x) & torch.isfinite(log_r_x) & (torch.log(u[:, :K]) < log_m_x - log_r_x)
     num_accepted = _first_rejection(accept)
@@ -235,9 +308,7 @@ def verify(
             r_j = torch.exp(log_r_j - log_z[rows, j, None]).masked_fill(torch.isneginf(log_r_j), 0.0)
         else:
             r_j = torch.exp(log_r_j)
-        # Entries within rounding of zero count as zero (RESIDUAL_TOLERANCE, docs/algorithm.md §3).
-        difference = p_j - r_j
-        residual = torch.where(difference > RESIDUAL_TOLERANCE * p_j, difference, 0.0)
+        residual = residual_weight(p_j, r_j)
         use_residual = (j < K) & (torch.cumsum(residual, dim=-1)[:, -1] > 0)
         weights = torch.where(use_residual[:, None], residual, p_j)
     else:

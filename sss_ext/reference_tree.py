@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of tree verification (multi-draft SSS), in paper notation.
 
 The test oracle of :func:`sss_ext.verify_tree`, float64, following ``docs/algorithm.md``
-§12 ("Tree verification"). The per-node distributions are those of the chain reference
+§13 ("Tree verification"). The per-node distributions are those of the chain reference
 (:mod:`sss_ext.reference`) at a position:
 
 * ``p*_c = warp(softmax(s_c))``, ``s = zq/tau + lambda * (zr/tau - zd/tau)``: the tilted target

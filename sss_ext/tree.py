@@ -42,7 +42,7 @@ def verify_tree(
     ``normalize((p - q)+)`` and, for siblings drawn without replacement, removes ``x`` from
     ``q``. At the node where no child is left, one token is drawn from ``p``. Each emitted
     token follows the tilted target ``p* ∝ warp(q (r/d)^shift)`` given the ones before it
-    (docs/algorithm.md §12). A chain (``parents = [-1, 0, 1, ..., K-1]``) is :func:`sss_ext.verify`
+    (docs/algorithm.md §13). A chain (``parents = [-1, 0, 1, ..., K-1]``) is :func:`sss_ext.verify`
     with the same uniforms.
 
     Parameters

@@ -209,6 +209,7 @@ struct VerifyInputs {
   double shift;
   bool paper_mode;
   bool one_hot_proposal;
+  bool block_verification;  // sampled calls only: greedy block verification is the token rule
 };
 
 struct VerifyOutputs {
@@ -251,7 +252,7 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const std::op
                                       const std::optional<Tensor>& ref_logits, const Tensor& uniforms, double temperature,
                                       int64_t top_k, double top_p, double shift, std::string_view mode,
                                       const std::optional<Tensor>& num_draft_tokens, std::string_view top_k_ties,
-                                      const std::optional<Tensor>& aligned_logits) {
+                                      const std::optional<Tensor>& aligned_logits, std::string_view verification) {
   check_logits(target_logits, "target_logits", 3, "(B, K+1, V)");
   const bool one_hot = !is_given(draft_logits);
   const bool has_ref_given = is_given(ref_logits);
@@ -300,6 +301,11 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const std::op
   SSS_CHECK_VALUE(mode == "exact" || mode == "paper", "mode must be 'exact' or 'paper', got '", mode, "'");
   SSS_CHECK_VALUE(mode == "exact" || has_ref_given, "mode='paper' needs ref_logits: the paper's rule divides by the reference draft d");
   const TopKTies ties = parse_top_k_ties(top_k_ties);
+  SSS_CHECK_VALUE(verification == "token" || verification == "block", "verification must be one of ('token', 'block'), got '",
+                  verification, "'");
+  SSS_CHECK_VALUE(verification == "token" || mode == "exact",
+                  "verification='block' needs mode='exact': block verification is exact for a target and a proposal, which "
+                  "the paper rule (mode='paper') does not verify against");
   const bool ragged = is_given(num_draft_tokens);
   if (ragged) {  // values in [0, K] are checked by the kernels (kBadNumDraft)
     const Tensor& counts = *num_draft_tokens;
@@ -324,7 +330,8 @@ inline VerifyInputs check_verify_args(const Tensor& target_logits, const std::op
                       Sampling{temperature, top_k, top_p, ties},
                       shift,
                       mode == "paper",
-                      one_hot};
+                      one_hot,
+                      verification == "block" && temperature != 0.0};
 }
 
 template <typename T>
@@ -350,6 +357,7 @@ VerifyParams<T> verify_params(const VerifyInputs& in, const VerifyOutputs& out) 
   p.shift = in.shift;
   p.paper_mode = in.paper_mode;
   p.one_hot_proposal = in.one_hot_proposal;
+  p.block_verification = in.block_verification;
   p.tokens = output_data<int64_t>(out.tokens);
   p.num_accepted = output_data<int64_t>(out.num_accepted);
   p.log_z = output_data<float>(out.log_z);

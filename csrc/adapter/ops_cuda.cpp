@@ -45,11 +45,11 @@ std::tuple<Tensor, Tensor, Tensor> verify_cuda(const Tensor& target_logits, cons
                                                const std::optional<Tensor>& ref_logits, const Tensor& uniforms, double temperature,
                                                int64_t top_k, double top_p, double shift, const std::string& mode,
                                                const std::optional<Tensor>& num_draft_tokens, const std::string& top_k_ties,
-                                               const std::optional<Tensor>& aligned_logits) {
+                                               const std::optional<Tensor>& aligned_logits, const std::string& verification) {
   const torch::stable::accelerator::DeviceGuard guard(target_logits.get_device_index());
   const adapter::VerifyInputs in = adapter::check_verify_args(target_logits, draft_logits, draft_tokens, ref_logits, uniforms,
                                                               temperature, top_k, top_p, shift, mode, num_draft_tokens, top_k_ties,
-                                                              aligned_logits);
+                                                              aligned_logits, verification);
   check_cuda_sizes(in.vocab);
   const adapter::VerifyOutputs out = adapter::empty_verify_outputs(in);
   if (in.batch == 0) return {out.tokens, out.num_accepted, out.log_z};

@@ -82,6 +82,14 @@ SSS_HOST_DEVICE double residual_weight(double p_star, double proposal, double to
   return difference > tolerance * p_star ? difference : 0.0;
 }
 
+// Block verification's coin threshold h_i = R_i / (R_i + (1 - p_i)) at a draft position before
+// the last (docs/algorithm.md §12): R_i = sum_v (p_i p*_i(v) - r~_i(v))+, p_i the block weight; 0
+// when the denominator is 0.
+SSS_HOST_DEVICE double block_threshold(double mass, double weight) {
+  const double denominator = mass + (1.0 - weight);
+  return denominator > 0.0 ? mass / denominator : 0.0;
+}
+
 enum class Which : int32_t { kNone = 0, kTarget, kDraft, kRef, kLogits };
 
 struct Error {
@@ -143,6 +151,10 @@ struct VerifyParams {
   // so x is accepted with probability p*(x) and the correction is drawn from p* without x
   // (docs/algorithm.md §11). Never with paper_mode.
   bool one_hot_proposal = false;
+  // Block verification (docs/algorithm.md §12): the accepted prefix is the longest i whose coin
+  // u[i-1] falls below h_i, and the correction at tau is drawn from (p_tau p*_tau - r~_tau)+.
+  // Sampled calls only (greedy is the token rule); never with paper_mode.
+  bool block_verification = false;
   int64_t* tokens = nullptr;        // (batch, num_draft + 1), contiguous
   int64_t* num_accepted = nullptr;  // (batch,)
   float* log_z = nullptr;           // (batch, num_draft + 1), contiguous

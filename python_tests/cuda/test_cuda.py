@@ -229,6 +229,29 @@ def test_one_hot_drafts_match_reference(dtype, with_ref, temperature, top_k, top
     torch.testing.assert_close(got.log_z, expected.log_z, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("vocab", [111, 50272])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (0.0, 0, 1.0)])
+@pytest.mark.parametrize("with_ref,one_hot,ragged", [(False, False, False), (True, False, True), (True, True, False),
+                                                     (False, True, True)], ids=["sd", "tilted-ragged", "one-hot", "one-hot-sd-ragged"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_verification_matches_reference(dtype, with_ref, one_hot, ragged, temperature, top_k, top_p, vocab):
+    """verification="block" (docs/algorithm.md §12). The residual masses R_i and the draw carry
+    float32 exponentials, so a row may differ from the float64 reference only where a uniform
+    lies within float32 rounding of a threshold h_i or of a running sum (probability ~1e-6 per
+    decision here): at most one row of a case."""
+    kwargs = make_inputs(99, 4, vocab, dtype, with_ref, temperature, top_k, top_p, seed=5)
+    if one_hot:
+        draft_logits = kwargs.pop("draft_logits")
+        kwargs.update(draft_logits=None, aligned_logits=draft_logits if with_ref else None)
+    if ragged:
+        kwargs["num_draft_tokens"] = torch.arange(99, device=DEVICE) % 5
+    expected = sss_ext.reference.verify(**kwargs, verification="block")
+    got = sss_ext.verify(**kwargs, verification="block")
+    differ = (~equal_rows(got, expected)).nonzero().flatten().tolist()
+    assert len(differ) <= 1, (differ, got.tokens[differ[:4]], expected.tokens[differ[:4]])
+    torch.testing.assert_close(got.log_z, expected.log_z, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("with_ref", [False, True], ids=["sd", "tilted"])
 def test_flashinfer_drop_in_matches_cpu(with_ref):
     """sss_ext.compat.flashinfer on CUDA tensors: the seeded uniforms are the CPU's (integer hash),

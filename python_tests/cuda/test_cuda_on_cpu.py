@@ -120,6 +120,27 @@ def build_cases() -> dict[str, dict]:
             pattern="close", seed=23)
         add(f"onehot-greedy-{dtype}", dtype=dtype, ref=1, one_hot=1, B=3, K=3, V=111, temp=0.0, ragged=1, seed=24)
         add(f"onehot-accepts-{dtype}", dtype=dtype, ref=0, one_hot=1, B=32, K=3, V=3, temp=1.0, scale=0.5, seed=25)
+    # Block verification: awkward vocabularies, ragged rows, truncation (also the bucketed
+    # selection at V = 6144), one-hot drafts, shift 0, greedy (the token rule), invalid rows.
+    for dtype in DTYPES:
+        for with_ref in (0, 1):
+            common = dict(dtype=dtype, ref=with_ref, block=1, shift=1.5)
+            add(f"block-{dtype}-ref{with_ref}-V1", **common, B=3, K=3, V=1, temp=1.0, seed=31)
+            add(f"block-{dtype}-ref{with_ref}-V99", **common, B=6, K=4, V=99, temp=1.0, scale=0.5, seed=32)
+            add(f"block-ragged-topk-{dtype}-ref{with_ref}", **common, B=6, K=4, V=111, temp=1.0, top_k=5, top_p=0.9, ragged=1,
+                scale=0.5, seed=33)
+            add(f"block-onehot-{dtype}-ref{with_ref}", **common, one_hot=1, B=8, K=3, V=989, temp=0.8, scale=0.3, ragged=1,
+                seed=34)
+        add(f"block-shift0-{dtype}", dtype=dtype, ref=1, block=1, shift=0.0, B=5, K=3, V=989, temp=0.7, top_p=0.95, scale=0.5,
+            seed=35)
+        add(f"block-accepts-{dtype}", dtype=dtype, ref=0, block=1, B=64, K=4, V=3, temp=1.0, scale=0.3, seed=36)
+        add(f"block-onehot-accepts-{dtype}", dtype=dtype, ref=0, one_hot=1, block=1, B=64, K=4, V=3, temp=1.0, scale=0.3,
+            seed=37)
+        add(f"block-greedy-{dtype}", dtype=dtype, ref=1, block=1, B=4, K=3, V=111, temp=0.0, ragged=1, seed=38)
+        add(f"block-invalid-{dtype}", dtype=dtype, ref=1, block=1, B=4, K=3, V=111, temp=1.0, poison=2, seed=39)
+    add("block-trunc-f32", dtype="f32", ref=1, block=1, B=2, K=3, V=6144, temp=1.0, top_k=3000, top_p=0.7, pattern="close",
+        ragged=1, seed=40)
+    add("block-misaligned-bf16", dtype="bf16", ref=1, block=1, B=3, K=3, V=6147, temp=1.0, misalign=1, scale=0.5, seed=41)
     # sample (K = 0).
     for dtype in DTYPES:
         add(f"sample-{dtype}", op="sample", dtype=dtype, B=3, V=111, temp=1.0, seed=16)
@@ -135,7 +156,8 @@ CASES = build_cases()
 
 # Paths the matrix must reach (driver.cpp's census).
 REQUIRED_PATHS = ("collect", "collect_level2", "ties_counted", "ties_level2", "radix_plan", "radix_blocks", "minus_inf_kb",
-                  "greedy", "exact_exp", "fast_exp", "invalid_rows", "ragged_rows", "rejections", "acceptances", "sample")
+                  "greedy", "exact_exp", "fast_exp", "invalid_rows", "ragged_rows", "rejections", "acceptances", "sample",
+                  "block_partial")
 
 
 def case_line(name: str, keys: dict) -> str:
@@ -227,7 +249,11 @@ def census(run: Run) -> dict[str, int]:
 RACE = ("cuda/bucket_select.cuh", "  } else if (ties) {", "  } else if (!use_radix) {")  # the tie branch as it was
 MISSING_BARRIER = ("cuda/device_utils.cuh", "  if (lane == 0) scratch[warp] = value;\n  __syncthreads();",
                    "  if (lane == 0) scratch[warp] = value;")
-ONE_HOT_RESIDUAL = ("cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : w_p[e];", "w_res[e] = w_p[e];")  # x not removed
+ONE_HOT_RESIDUAL = ("cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : __dmul_rn(scale, w_p[e]);",
+                    "w_res[e] = __dmul_rn(scale, w_p[e]);")  # x not removed
+# Block verification's threshold h_i = p_i (the residual mass R_i forgotten).
+BLOCK_THRESHOLD = ("cuda/draw.cuh", "i < num_draft ? block_threshold(pr.block_masses[b * pr.positions() + i], weight_i) : weight_i",
+                   "weight_i")
 READ_PAST_ROW = ("cuda/device_utils.cuh", "words[w] = v < vocab ? element_bits(row, v)", "words[w] = v <= vocab ? element_bits(row, v)")
 
 
@@ -314,9 +340,10 @@ def build_mutants(tmp_path_factory, specs):
 
 @pytest.fixture(scope="module")
 def control_drivers(tmp_path_factory):
-    race, barrier, one_hot = build_mutants(tmp_path_factory, [("plain", RACE, "race"), ("plain", MISSING_BARRIER, "barrier"),
-                                                              ("plain", ONE_HOT_RESIDUAL, "one-hot")])
-    return {"race": race, "barrier": barrier, "one_hot": one_hot}
+    race, barrier, one_hot, block = build_mutants(tmp_path_factory, [("plain", RACE, "race"), ("plain", MISSING_BARRIER, "barrier"),
+                                                                     ("plain", ONE_HOT_RESIDUAL, "one-hot"),
+                                                                     ("plain", BLOCK_THRESHOLD, "block")])
+    return {"race": race, "barrier": barrier, "one_hot": one_hot, "block": block}
 
 
 def test_control_the_fixed_race_is_caught(control_drivers):
@@ -336,6 +363,22 @@ def test_control_one_hot_residual_keeping_the_draft_is_caught(control_drivers):
     """One-hot drafts corrected from p* instead of p* without the rejected draft: wrong rows."""
     names = [n for n in CASES if n.startswith("onehot-accepts-")]
     run = run_driver(control_drivers["one_hot"], names)
+    assert any(line.startswith("FAIL") for line in run.results.values()), run.stdout[-2000:]
+
+
+def test_block_cases_accept_partial_prefixes(plain_run):
+    """The block cases accept a prefix strictly between 0 and n drafts on every dtype, where the
+    thresholds h_i (not only p_n) decide."""
+    for dtype in DTYPES:
+        for name in (f"block-accepts-{dtype}", f"block-onehot-accepts-{dtype}"):
+            line = plain_run.results[name]
+            assert "block_partial:" in line and "rejections:" in line, line
+
+
+def test_control_block_threshold_without_residual_mass_is_caught(control_drivers):
+    """Block verification with h_i = p_i in the CUDA source: rows differ from the CPU kernel."""
+    names = [n for n in CASES if n.startswith(("block-accepts-", "block-onehot-accepts-"))]
+    run = run_driver(control_drivers["block"], names)
     assert any(line.startswith("FAIL") for line in run.results.values()), run.stdout[-2000:]
 
 

@@ -47,7 +47,7 @@ def record(outcome_kind: str) -> None:
         with open(CENSUS, "a") as census:
             census.write(outcome_kind + "\n")
 NAMED = re.compile(r"\b(target_logits|draft_logits|aligned_logits|ref_logits|logits|draft_tokens|uniforms|temperature|top_k|top_p|"
-                   r"top_k_ties|shift|mode|generator|tilted)\b")
+                   r"top_k_ties|shift|mode|generator|tilted|verification)\b")
 TOP_K_TIES = ("keep", "exact-k")
 
 
@@ -122,6 +122,7 @@ def verify_calls(draw):
         if with_ref or not valid:
             aligned = draft if valid or draw(st.booleans()) else None
         draft = None
+    mode = draw(st.sampled_from(("exact", "paper"))) if with_ref and (draft is not None or not valid) else "exact"
     return dict(
         target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, ref_logits=ref, aligned_logits=aligned,
         temperature=draw(st.sampled_from(VALID_TEMPERATURES if valid else TEMPERATURES)),
@@ -129,8 +130,10 @@ def verify_calls(draw):
         top_p=draw(st.sampled_from((1.0, 0.95, 0.5, 1e-9))),
         top_k_ties=draw(st.sampled_from(TOP_K_TIES)),
         shift=draw(st.sampled_from(VALID_SHIFTS if valid else SHIFTS)),
-        mode=draw(st.sampled_from(("exact", "paper"))) if with_ref and (draft is not None or not valid) else "exact",
+        mode=mode,
         uniforms=draw(uniforms_tensors((batch, positions), valid)),
+        # Block verification on one exact call in two; an invalid call may pair it with paper mode.
+        verification=draw(st.sampled_from(("token", "block"))) if mode == "exact" or not valid else "token",
     )
 
 
@@ -269,14 +272,15 @@ WRONG_VALUES = (None, 3, 1.5, "x", torch.zeros(0), torch.zeros(2, 2, dtype=torch
 
 @FUZZ
 @given(st.sampled_from(("target_logits", "draft_logits", "aligned_logits", "draft_tokens", "ref_logits", "uniforms", "temperature", "top_k",
-                        "top_p", "top_k_ties", "shift", "mode", "generator")),
+                        "top_p", "top_k_ties", "shift", "mode", "generator", "verification")),
        st.sampled_from(WRONG_VALUES + (float("nan"), -1, 2.0, float("inf"), "paper", True)),
        st.sampled_from(("op", "reference")))
 def test_bad_arguments_raise_named_errors(name, value, entry):
     generator = torch.Generator().manual_seed(0)
     t = torch.randn(2, 3, 5, generator=generator)
     call = dict(target_logits=t, draft_logits=t + 0.1, draft_tokens=torch.zeros(2, 2, dtype=torch.int64), ref_logits=t - 0.1,
-                aligned_logits=None, temperature=1.0, top_k=0, top_p=1.0, top_k_ties="keep", shift=1.0, mode="exact", uniforms=None, generator=None)
+                aligned_logits=None, temperature=1.0, top_k=0, top_p=1.0, top_k_ties="keep", shift=1.0, mode="exact", uniforms=None, generator=None,
+                verification="token")
     call[name] = value
     fn = sss_ext.verify if entry == "op" else sss_ext.reference.verify
     kind, result = outcome(fn, call)

@@ -92,15 +92,16 @@ def test_every_row_is_the_uniform_call_on_its_positions(device, mode, with_ref, 
         assert torch.equal(ragged.log_z[b, : n + 1], row.log_z[0]), (b, n)
 
 
+@pytest.mark.parametrize("verification", ("token", "block"))
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("with_ref", (False, True))
-def test_garbage_past_the_bonus_position_is_never_read(device, with_ref, seed):
+def test_garbage_past_the_bonus_position_is_never_read(device, with_ref, seed, verification):
     clean = on(device, make_ragged_verify_inputs(7, 4, 64, torch.float32, with_ref, 0.9, 4, 0.95, seed=seed, poison=False))
     poisoned = on(device, make_ragged_verify_inputs(7, 4, 64, torch.float32, with_ref, 0.9, 4, 0.95, seed=seed))
     assert not torch.equal(clean["draft_tokens"], poisoned["draft_tokens"])  # the poison is there
     for implementation in (sss_ext.verify, sss_ext.reference.verify):
-        expected = implementation(**clean)
-        got = implementation(**poisoned)
+        expected = implementation(**clean, verification=verification)
+        got = implementation(**poisoned, verification=verification)
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
     # the same garbage in a row that does read those positions is refused

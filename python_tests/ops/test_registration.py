@@ -11,10 +11,11 @@ import sss_ext
 from sss_ext.testing import make_verify_inputs
 
 
-def verify_args(device, with_ref=True, dtype=torch.float32, temperature=0.8, top_k=0, top_p=1.0, mode="exact", top_k_ties="keep"):
+def verify_args(device, with_ref=True, dtype=torch.float32, temperature=0.8, top_k=0, top_p=1.0, mode="exact", top_k_ties="keep",
+                verification="token"):
     kw = make_verify_inputs(3, 4, 33, dtype, with_ref, temperature, top_k, top_p, device=device, top_k_ties=top_k_ties)
     return (kw["target_logits"], kw["draft_logits"], kw["draft_tokens"], kw["ref_logits"], kw["uniforms"],
-            temperature, top_k, top_p, 1.0, mode, None, top_k_ties)
+            temperature, top_k, top_p, 1.0, mode, None, top_k_ties, None, verification)
 
 
 def test_schemas_are_registered():
@@ -24,14 +25,15 @@ def test_schemas_are_registered():
     assert 'str top_k_ties="keep") ->' in str(torch.ops.sss_ext.sample.default._schema)  # the last argument
     verify_schema = str(torch.ops.sss_ext.verify.default._schema)
     assert "Tensor? draft_logits" in verify_schema  # None: one-hot drafts
-    assert 'str top_k_ties="keep", Tensor? aligned_logits=None) ->' in verify_schema, verify_schema
+    assert 'str top_k_ties="keep", Tensor? aligned_logits=None, str verification="token") ->' in verify_schema, verify_schema
 
 
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(with_ref=False), dict(dtype=torch.bfloat16, top_k=5), dict(dtype=torch.bfloat16, top_k=5, top_k_ties="exact-k"),
-     dict(mode="paper", top_p=0.9), dict(temperature=0.0)],
-    ids=["exact", "sd", "bf16-topk", "bf16-topk-exact-k", "paper-topp", "greedy"],
+     dict(mode="paper", top_p=0.9), dict(temperature=0.0), dict(verification="block"),
+     dict(verification="block", with_ref=False, dtype=torch.bfloat16, top_k=5), dict(verification="block", temperature=0.0)],
+    ids=["exact", "sd", "bf16-topk", "bf16-topk-exact-k", "paper-topp", "greedy", "block", "block-sd-bf16-topk", "block-greedy"],
 )
 def test_opcheck_verify(device, options):
     torch.library.opcheck(torch.ops.sss_ext.verify.default, verify_args(device, **options))

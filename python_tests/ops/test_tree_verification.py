@@ -1,4 +1,4 @@
-"""Tree verification (docs/algorithm.md §12): on chains it is ``verify``; on trees the law of the
+"""Tree verification (docs/algorithm.md §13): on chains it is ``verify``; on trees the law of the
 emitted stream is the tilted target p* (exact enumeration, then chi-square on the op's samples,
 with negative controls that the same test rejects); bad input gets a named ValueError; the op is
 a proper torch.library citizen."""
@@ -169,7 +169,7 @@ class Tree:
 
 def outcomes(models, tree, context, tokens, replacement, rule="exact"):
     """Every (probability, path, last token, uniforms) of verifying one drafted tree: the rule of
-    docs/algorithm.md §12 evaluated exactly; the uniforms sit inside each outcome's cell.
+    docs/algorithm.md §13 evaluated exactly; the uniforms sit inside each outcome's cell.
 
     ``rule`` "unnormalised" (the residual kept without dividing by its mass) and "no-subtract"
     (p kept after a rejection) are the negative controls' wrong rules."""

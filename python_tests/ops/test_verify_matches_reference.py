@@ -32,15 +32,16 @@ def assert_same(device_out, reference_out, context):
     torch.testing.assert_close(log_z, reference_out.log_z, rtol=1e-5, atol=1e-5, msg=lambda m: f"{context}: {m}")
 
 
-def run_case(device, shape, dtype, mode, with_ref, temperature, top_k, top_p, layout, seed, top_k_ties="keep"):
+def run_case(device, shape, dtype, mode, with_ref, temperature, top_k, top_p, layout, seed, top_k_ties="keep",
+             verification="token"):
     batch, num_draft_tokens, vocab_size = shape
     kwargs = make_verify_inputs(batch, num_draft_tokens, vocab_size, dtype, with_ref, temperature, top_k, top_p, layout, seed,
                                 top_k_ties=top_k_ties)
-    expected = sss_ext.reference.verify(**kwargs, mode=mode)
+    expected = sss_ext.reference.verify(**kwargs, mode=mode, verification=verification)
     on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    got = sss_ext.verify(**on_device, mode=mode)
+    got = sss_ext.verify(**on_device, mode=mode, verification=verification)
     assert_same(got, expected, f"shape={shape} dtype={dtype} mode={mode} ref={with_ref} tau={temperature} "
-                               f"top_k={top_k} top_p={top_p} ties={top_k_ties} layout={layout} seed={seed}")
+                               f"top_k={top_k} top_p={top_p} ties={top_k_ties} layout={layout} seed={seed} {verification}")
     return expected
 
 
@@ -57,6 +58,19 @@ def test_sweep_matches_reference(device, dtype, mode, with_ref, temperature, top
         accepted += int(run_case(device, shape, dtype, mode, with_ref, temperature, top_k, top_p, layout, seed=n,
                                  top_k_ties=top_k_ties).num_accepted.sum())
     assert accepted > 0  # the sweep reaches the acceptance path, not only corrections
+
+
+@pytest.mark.parametrize("top_k,top_p,top_k_ties", TRUNCATIONS)
+@pytest.mark.parametrize("temperature", (0.1, 1.0))
+@pytest.mark.parametrize("with_ref", (False, True), ids=("sd", "ref"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_sweep_matches_reference(device, dtype, with_ref, temperature, top_k, top_p, top_k_ties):
+    """verification="block" (docs/algorithm.md §12) over the small shapes and every layout."""
+    accepted = 0
+    for n, shape in enumerate(SMALL_SHAPES):
+        accepted += int(run_case(device, shape, dtype, "exact", with_ref, temperature, top_k, top_p, LAYOUTS[n % len(LAYOUTS)],
+                                 seed=n, top_k_ties=top_k_ties, verification="block").num_accepted.sum())
+    assert accepted > 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 // CPU kernel of tree verification (multi-draft SSS by recursive rejection sampling).
 // Framework-free like verify.h: raw pointers in and out, parallel_for injected by the caller.
-// Algorithm: docs/algorithm.md §12; reference: sss_ext/reference_tree.py.
+// Algorithm: docs/algorithm.md §13; reference: sss_ext/reference_tree.py.
 #pragma once
 
 #include <vector>

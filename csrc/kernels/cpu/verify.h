@@ -52,6 +52,7 @@ struct PositionStats {
   double log_z = 0.0;      // log sum_v q (r/d)^lambda, untruncated
   int64_t greedy_token = -1;
   bool accept = false;
+  double log_ratio = -kInf;  // log p*(x) - log r~(x) at the draft x; -inf where either is 0
   Error error;
 };
 
@@ -175,15 +176,61 @@ SSS_CPU_MULTIVERSION PositionStats position_stats(const VerifyParams<T>& p, int6
     const double log_r = has_proposal ? out.proposal.log_prob(scores.proposal(x), x) : 0.0;  // one-hot: r~(x) = 1
     const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
     out.accept = log_p > -kInf && log_r > -kInf && std::log(u) < log_m - log_r;
+    if (log_p > -kInf && log_r > -kInf) out.log_ratio = log_p - log_r;
   }
   return out;
 }
 
+// Block verification (docs/algorithm.md §12). Notation: P_i = p*_i, Q_i = r~_i, draft x_i at
+// position i. log p_i of a row from its positions' stats: p_0 = 1,
+// p_{k+1} = min(1, p_k P_k(x_k) / Q_k(x_k)).
+inline double block_log_weight(const PositionStats* row, int64_t i) {
+  double log_weight = 0.0;
+  for (int64_t k = 0; k < i; ++k) log_weight = std::min(0.0, log_weight + row[k].log_ratio);
+  return log_weight;
+}
+
+// R_i = sum_v (p_i P_i(v) - Q_i(v))+ at draft position i of row b (weight = p_i); one-hot
+// drafts: p_i (1 - P_i(x_i)).
+template <typename T, bool kTilt>
+SSS_CPU_MULTIVERSION double block_residual_mass(const VerifyParams<T>& p, int64_t b, int64_t i, const PositionStats& stats,
+                                                double weight) {
+  const PositionScores<T, kTilt> scores{p.target.row(b, i), (!p.one_hot_proposal || p.has_ref()) ? p.draft.row(b, i) : nullptr,
+                                        p.has_ref() ? p.ref.row(b, i) : nullptr, 1.0 / p.sampling.temperature, p.shift};
+  if (p.one_hot_proposal) {
+    const int64_t x = draft_token(p, b, i);
+    return weight * (1.0 - stats.p_star.prob(scores.tilted(x), x));
+  }
+  double mass = 0.0;
+  for (int64_t v = 0; v < p.vocab; ++v)
+    mass += residual_weight(weight * stats.p_star.prob(scores.tilted(v), v), stats.proposal.prob(scores.proposal(v), v));
+  return mass;
+}
+
+// tau of a row (the accepted prefix length): the largest i in 1..n with u[i-1] < h_i (h_n = p_n,
+// n the row's draft count), else 0; sets weight = p_tau.
+template <typename T>
+int64_t block_prefix(const VerifyParams<T>& p, int64_t b, const PositionStats* row, const double* masses, int64_t num_draft,
+                     double& weight) {
+  int64_t tau = 0;
+  weight = 1.0;
+  for (int64_t i = 1; i <= num_draft; ++i) {
+    const double weight_i = std::exp(block_log_weight(row, i));
+    const double h = i < num_draft ? block_threshold(masses[i], weight_i) : weight_i;
+    if (uniform(p, b, i - 1) < h) {
+      tau = i;
+      weight = weight_i;
+    }
+  }
+  return tau;
+}
+
 // The correction (first rejection j < num_draft) or bonus (j == num_draft) token of row b,
-// which verifies num_draft drafts; driven by the uniform at position num_draft.
+// which verifies num_draft drafts; driven by the uniform at position num_draft. The correction
+// weighs p* by `weight` (block verification: p_j; token verification: 1).
 template <typename T, bool kTilt>
 SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b, int64_t j, int64_t num_draft, const PositionStats& stats,
-                                             Scratch& scratch) {
+                                             double weight, Scratch& scratch) {
   if (p.sampling.greedy()) return stats.greedy_token;
   const bool reads_draft = (j < num_draft && !p.one_hot_proposal) || p.has_ref();
   const PositionScores<T, kTilt> scores{p.target.row(b, j), reads_draft ? p.draft.row(b, j) : nullptr,
@@ -202,11 +249,13 @@ SSS_CPU_MULTIVERSION int64_t draw_last_token(const VerifyParams<T>& p, int64_t b
   } else if (j < num_draft && p.one_hot_proposal) {
     // (p* - 1[v = x])+ = p* without the rejected draft x.
     const int64_t x = draft_token(p, b, j);
-    const auto residual = [&](int64_t v) { return v == x ? 0.0 : p_star(v); };
+    const auto residual = [&](int64_t v) { return v == x ? 0.0 : weight * p_star(v); };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
   } else if (j < num_draft) {
-    const auto residual = [&](int64_t v) { return residual_weight(p_star(v), stats.proposal.prob(scores.proposal(v), v)); };
+    const auto residual = [&](int64_t v) {
+      return residual_weight(weight * p_star(v), stats.proposal.prob(scores.proposal(v), v));
+    };
     const int64_t token = inverse_cdf(residual, p.vocab, u, scratch);
     if (token >= 0) return token;
   }
@@ -247,19 +296,37 @@ Error verify_impl(const VerifyParams<T>& p, ParallelFor&& parallel_for) {
   for (const PositionStats& s : stats)
     if (!s.error.ok()) return s.error;
 
+  // Block verification: R_i at draft positions 1 <= i < n of each row (n: its draft count).
+  const bool block = p.block_verification && !p.sampling.greedy();
+  std::vector<double> masses(block ? p.batch * positions : 0);
+  if (block) {
+    parallel_for(int64_t(0), p.batch * positions, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / positions, i = item % positions;
+        if (i == 0 || i >= p.row_draft(b)) continue;
+        const PositionStats* row = &stats[b * positions];
+        masses[item] = block_residual_mass<T, kTilt>(p, b, i, row[i], std::exp(block_log_weight(row, i)));
+      }
+    });
+  }
+
   parallel_for(int64_t(0), p.batch, std::max<int64_t>(1, grain / positions), [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t b = begin; b < end; ++b) {
       const PositionStats* row = &stats[b * positions];
       const int64_t num_draft = p.row_draft(b);
       int64_t accepted = 0;
-      while (accepted < num_draft && row[accepted].accept) ++accepted;
+      double weight = 1.0;
+      if (block)
+        accepted = block_prefix(p, b, row, &masses[b * positions], num_draft, weight);
+      else
+        while (accepted < num_draft && row[accepted].accept) ++accepted;
       int64_t* tokens = p.tokens + b * positions;
       for (int64_t i = 0; i < positions; ++i) {
         tokens[i] = i < accepted ? draft_token(p, b, i) : -1;
         p.log_z[b * positions + i] = static_cast<float>(row[i].log_z);  // 0 past the bonus position
       }
-      tokens[accepted] = draw_last_token<T, kTilt>(p, b, accepted, num_draft, row[accepted], scratch);
+      tokens[accepted] = draw_last_token<T, kTilt>(p, b, accepted, num_draft, row[accepted], weight, scratch);
       p.num_accepted[b] = accepted;
     }
   });

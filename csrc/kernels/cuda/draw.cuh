@@ -23,6 +23,7 @@ struct PositionInfo {
   double max_r, log_sum_r;  // r~ likewise
   KeptSet kept_s, kept_r;
   int64_t greedy_token;
+  double log_ratio;  // log p*(x) - log r~(x) at the draft x; -inf where either is 0 (and off drafts)
 };
 
 // The splits' partials of one (row, position) combined; called by a whole warp, the result
@@ -87,7 +88,7 @@ __device__ Combined combine_partials(const Problem<T>& pr, int64_t row_position,
 template <typename T>
 __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i, const Combined& c) {
   const VerifyParams<T>& p = pr.p;
-  PositionInfo out{true, false, 0.0, 0.0, 0.0, 0.0, 0.0, KeptSet::all(), KeptSet::all(), -1};
+  PositionInfo out{true, false, 0.0, 0.0, 0.0, 0.0, 0.0, KeptSet::all(), KeptSet::all(), -1, -kInfD};
   const int64_t row_position = b * pr.positions() + i;
   const bool has_draft = i < pr.num_draft(b);         // a draft token to accept or reject
   const bool has_proposal = pr.has_proposal(b, i);    // ... drawn from r~, not one-hot
@@ -148,14 +149,53 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
     const double log_r = !has_proposal ? 0.0 : out.kept_r.contains(rx, x) ? (rx - out.max_r) - out.log_sum_r : -kInfD;
     const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
     out.accept = log_p > -kInfD && log_r > -kInfD && log(u) < log_m - log_r;
+    if (log_p > -kInfD && log_r > -kInfD) out.log_ratio = log_p - log_r;
   }
   return out;
 }
 
+// Block verification (docs/algorithm.md §12; csrc/kernels/cpu/verify.h: block_log_weight,
+// block_prefix). Called by a whole warp, the result is the same in every lane.
+// log p_{k+1} of row b from log p_k: p_0 = 1, p_{k+1} = min(1, p_k p*_k(x_k) / r~_k(x_k)).
+template <typename T>
+__device__ double block_log_weight_step(const Problem<T>& pr, int64_t b, int64_t k, double log_weight, const ExpTable& table) {
+  const Combined combined = combine_partials(pr, b * pr.positions() + k, table);
+  return fmin(0.0, log_weight + position_info(pr, b, k, combined).log_ratio);
+}
+
+// log p_i of row b.
+template <typename T>
+__device__ double block_log_weight(const Problem<T>& pr, int64_t b, int64_t i, const ExpTable& table) {
+  double log_weight = 0.0;
+  for (int64_t k = 0; k < i; ++k) log_weight = block_log_weight_step(pr, b, k, log_weight, table);
+  return log_weight;
+}
+
+// tau of row b, which verifies n drafts: the largest i in 1..n with u[i-1] < h_i (h_n = p_n),
+// else 0; weight = p_tau. Reads the residual masses R_i of block_mass_kernel.
+template <typename T>
+__device__ int64_t block_prefix(const Problem<T>& pr, int64_t b, const ExpTable& table, double& weight) {
+  const int64_t num_draft = pr.num_draft(b);
+  int64_t tau = 0;
+  weight = 1.0;
+  double log_weight = 0.0;
+  for (int64_t i = 1; i <= num_draft; ++i) {
+    log_weight = block_log_weight_step(pr, b, i - 1, log_weight, table);
+    const double weight_i = exp(log_weight);
+    const double h = i < num_draft ? block_threshold(pr.block_masses[b * pr.positions() + i], weight_i) : weight_i;
+    if (pr.uniform(b, i - 1) < h) {
+      tau = i;
+      weight = weight_i;
+    }
+  }
+  return tau;
+}
+
 // The row's outcome, identical in every block that derives it.
 struct RowDecision {
-  int first_rejection;  // position j of the correction/bonus token
+  int first_rejection;  // position j of the correction/bonus token (block verification: tau)
   int invalid;
+  double weight;        // the residual's weight on p* at j: block verification p_tau, else 1
   PositionInfo at_j;
 };
 
@@ -172,6 +212,7 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
   if (threadIdx.x == 0) {
     out.first_rejection = static_cast<int>(num_draft);
     out.invalid = !p.valid_row_draft(p.row_draft(b));
+    out.weight = 1.0;
   }
   __syncthreads();
   for (int64_t i = warp; i < positions; i += kWarps) {
@@ -183,16 +224,25 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
     if (lane != 0) continue;
     const PositionInfo info = position_info(pr, b, i, combined);
     if (!info.valid) atomicOr(&out.invalid, 1);
-    if (i < num_draft && !info.accept) atomicMin(&out.first_rejection, static_cast<int>(i));
+    if (!pr.block && i < num_draft && !info.accept) atomicMin(&out.first_rejection, static_cast<int>(i));
     if (write) p.log_z[b * positions + i] = static_cast<float>(info.log_z);
   }
   __syncthreads();
-  const int64_t j = out.first_rejection;
   if (warp == 0 && !out.invalid) {
-    const Combined combined = combine_partials(pr, b * positions + j, table);
-    if (lane == 0) out.at_j = position_info(pr, b, j, combined);
+    int64_t at = out.first_rejection;
+    if (pr.block) {
+      double weight;
+      at = block_prefix(pr, b, table, weight);
+      if (lane == 0) {
+        out.first_rejection = static_cast<int>(at);
+        out.weight = weight;
+      }
+    }
+    const Combined combined = combine_partials(pr, b * positions + at, table);
+    if (lane == 0) out.at_j = position_info(pr, b, at, combined);
   }
   __syncthreads();
+  const int64_t j = out.first_rejection;
   if (!write) return;
   for (int64_t i = threadIdx.x; i < positions; i += kThreads) {
     if (!out.invalid && i == j && !pr.greedy) continue;  // the drawn token: written by draw_token alone
@@ -210,7 +260,7 @@ __device__ void decide_row(const Problem<T>& pr, int64_t b, bool write, RowDecis
 // Weights of the correction/bonus distribution at (row b, position j), float64:
 // p*(v) = exp((s_v - s_max) - log_sum_s) on kept tokens; at a rejection the residual
 // (p* - r~)+ (exact mode) or (p* - exp(log r~ - log Z))+ (paper mode: proportional to
-// (Z p* - r~)+ without overflowing).
+// (Z p* - r~)+ without overflowing); block verification weighs p* by p_j: (p_j p* - r~)+.
 template <typename T>
 struct DrawRow {
   const T* q;
@@ -223,9 +273,10 @@ struct DrawRow {
   bool one_hot;            // ... and the drafts are one-hot: the residual is p* without the rejected draft
   int64_t one_hot_token;   // that draft
   double log_z;            // paper mode: log Z; exact mode: 0
+  double scale;            // the residual's weight on p*: block verification p_j, else 1
   PositionInfo info;
 
-  __device__ __forceinline__ DrawRow(const Problem<T>& pr, int64_t b, int64_t j, const PositionInfo& at_j) {
+  __device__ __forceinline__ DrawRow(const Problem<T>& pr, int64_t b, int64_t j, const PositionInfo& at_j, double weight) {
     residual = j < pr.num_draft(b);
     one_hot = residual && pr.p.one_hot_proposal;
     one_hot_token = one_hot ? pr.draft_token(b, j) : -1;
@@ -238,6 +289,7 @@ struct DrawRow {
     vocab = pr.p.vocab;
     sp = pr.score;
     log_z = pr.p.paper_mode ? at_j.log_z : 0.0;
+    scale = weight;
     info = at_j;
   }
 
@@ -257,13 +309,13 @@ struct DrawRow {
       w_p[e] = info.kept_s.contains(s, v) ? fast_exp(__dsub_rn(__dsub_rn(s, info.max_s), info.log_sum_s), table) : 0.0;
       w_res[e] = 0.0;
       if (one_hot) {
-        w_res[e] = v == one_hot_token ? 0.0 : w_p[e];
+        w_res[e] = v == one_hot_token ? 0.0 : __dmul_rn(scale, w_p[e]);
       } else if (residual) {
         const double rs = temper(zr, sp);
         // exp(log r~(v) - log Z); an argument >= 0 gives a weight >= 1 >= p*(v): residual 0.
         const double log_r = __dsub_rn(__dsub_rn(__dsub_rn(rs, info.max_r), info.log_sum_r), log_z);
         const double w_r = info.kept_r.contains(rs, v) ? fast_exp(fmin(log_r, 0.0), table) : 0.0;
-        w_res[e] = residual_weight(w_p[e], w_r, kResidualToleranceFloat32);
+        w_res[e] = residual_weight(__dmul_rn(scale, w_p[e]), w_r, kResidualToleranceFloat32);
       }
     }
   }
@@ -391,7 +443,7 @@ __global__ void __launch_bounds__(kDrawThreads) draw_kernel(const Problem<T> pr)
   decide_row<T, kDrawThreads>(pr, b, chunk == 0, sh.decision, sh.exp_table);
   if (sh.decision.invalid || pr.greedy) return;
   const int64_t j = sh.decision.first_rejection;
-  const DrawRow<T> row(pr, b, j, sh.decision.at_j);
+  const DrawRow<T> row(pr, b, j, sh.decision.at_j, sh.decision.weight);
   int64_t begin, end;
   chunk_range(num_vectors<T>(row.vocab), pr.draw_splits, chunk, begin, end);
   const int kinds = row.residual ? 3 : 2;
@@ -419,6 +471,56 @@ __global__ void __launch_bounds__(kDrawThreads) draw_kernel(const Problem<T> pr)
   if (!sh.last) return;
   __threadfence();
   draw_token(pr, b, row, sh);
+}
+
+// Grid (batch, num_draft + 1), block verification only: R_i = sum_v (p_i p*_i(v) - r~_i(v))+ of
+// row b at draft position i, 1 <= i < n (one-hot drafts: p_i (1 - p*_i(x)) from x alone), in
+// the draw's float64 weights, summed in a fixed order. Read by decide_row's block_prefix.
+template <typename T>
+__global__ void __launch_bounds__(kDrawThreads) block_mass_kernel(const Problem<T> pr) {
+  constexpr int kVec = Storage<T>::kVec;
+  __shared__ ExpTable table;
+  __shared__ double scratch[kDrawThreads / kWarp];
+  __shared__ PositionInfo info;
+  __shared__ double weight;
+  const int64_t b = blockIdx.x / pr.positions(), i = blockIdx.x % pr.positions();
+  if (i == 0 || i >= pr.num_draft(b)) return;  // block-uniform
+  init_exp_table(table);
+  __syncthreads();
+  if (threadIdx.x < kWarp) {
+    const double log_weight = block_log_weight(pr, b, i, table);
+    const Combined combined = combine_partials(pr, b * pr.positions() + i, table);
+    if (threadIdx.x == 0) {
+      info = position_info(pr, b, i, combined);
+      weight = exp(log_weight);
+    }
+  }
+  __syncthreads();
+  double* out = pr.block_masses + b * pr.positions() + i;
+  if (!info.valid) {  // decide_row marks the row invalid; the mass is never read
+    if (threadIdx.x == 0) *out = 0.0;
+    return;
+  }
+  const DrawRow<T> row(pr, b, i, info, weight);
+  if (row.one_hot) {
+    if (threadIdx.x == 0) {
+      const int64_t x = row.one_hot_token;
+      const double zr = row.r != nullptr ? load_double(row.r, x) : -kInfD;
+      const double s = tilted_score(load_double(row.q, x), zr, row.d != nullptr ? load_double(row.d, x) : -kInfD, row.sp);
+      const double p_x = info.kept_s.contains(s, x) ? fast_exp(__dsub_rn(__dsub_rn(s, info.max_s), info.log_sum_s), table) : 0.0;
+      *out = __dmul_rn(weight, __dsub_rn(1.0, p_x));
+    }
+    return;
+  }
+  double own = 0.0;
+  for (int64_t k = threadIdx.x; k < num_vectors<T>(row.vocab); k += kDrawThreads) {
+    double w_p[kVec], w_res[kVec];
+    row.weights(k, w_p, w_res, table);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) own = __dadd_rn(own, w_res[e]);
+  }
+  const double mass = block_reduce<kDrawThreads>(own, [](double a, double c) { return __dadd_rn(a, c); }, scratch);
+  if (threadIdx.x == 0) *out = mass;
 }
 
 }  // namespace sss_ext::cuda

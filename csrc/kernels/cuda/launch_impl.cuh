@@ -51,14 +51,19 @@ struct Layout {
   int64_t splits = 1;       // stats blocks per (row, position): chunks of kSplitVectors vectors
   int64_t draw_splits = 1;  // draw chunks per row
   int64_t trunc_chunks = 1;  // histogram / collect blocks per (row, position, stream)
-  size_t partials = 0, truncations = 0, chunks = 0, done = 0, hist = 0, plans = 0, trunc_parts = 0, candidates = 0, total = 0;
+  size_t partials = 0, truncations = 0, chunks = 0, done = 0, hist = 0, plans = 0, trunc_parts = 0, candidates = 0, block_masses = 0,
+         total = 0;
 };
 
 // Top-k / top-p selection runs: sampled (not greedy) and some token is cut.
 inline bool truncates(const Sampling& sampling, int64_t vocab) { return !sampling.greedy() && sampling.truncates(vocab); }
 
+// Block verification runs: asked for on a sampled call (greedy block verification is the token rule).
 template <typename T>
-Layout layout(int64_t batch, int64_t num_draft, int64_t vocab, bool truncated) {
+bool block_verifies(const VerifyParams<T>& params) { return params.block_verification && !params.sampling.greedy(); }
+
+template <typename T>
+Layout layout(int64_t batch, int64_t num_draft, int64_t vocab, bool truncated, bool block = false) {
   const int64_t rows = batch * (num_draft + 1);
   const int64_t vectors = num_vectors<T>(vocab);
   const int64_t selection_rows = truncated ? rows : 0;  // (row, position)s with selection buffers
@@ -75,7 +80,8 @@ Layout layout(int64_t batch, int64_t num_draft, int64_t vocab, bool truncated) {
   out.plans = out.hist + align_bytes(sizeof(TruncHist) * selection_rows * 2 * 2);  // levels 1 and 2
   out.trunc_parts = out.plans + align_bytes(sizeof(TruncPlan) * selection_rows * 2);
   out.candidates = out.trunc_parts + align_bytes(sizeof(TruncChunk) * selection_rows * 2 * out.trunc_chunks);
-  out.total = out.candidates + align_bytes(sizeof(Candidate) * selection_rows * 2 * 2 * kTruncCandidates);  // two groups
+  out.block_masses = out.candidates + align_bytes(sizeof(Candidate) * selection_rows * 2 * 2 * kTruncCandidates);  // two groups
+  out.total = out.block_masses + (block ? align_bytes(sizeof(double) * rows) : 0);
   return out;
 }
 
@@ -97,7 +103,8 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   if (params.batch == 0) return cudaSuccess;
   if (params.shift == 0.0) params.ref = LogitsView<T>{};  // no tilt (p* = warp(q), Z = 1): never read d
   if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.num_draft < 0) return cudaErrorInvalidValue;
-  const Layout lay = layout<T>(params.batch, params.num_draft, params.vocab, truncates(params.sampling, params.vocab));
+  const Layout lay =
+      layout<T>(params.batch, params.num_draft, params.vocab, truncates(params.sampling, params.vocab), block_verifies(params));
   if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
   const int64_t rows = params.batch * (params.num_draft + 1);
   if (rows * std::max<int64_t>(lay.splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31) ||
@@ -109,6 +116,7 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   pr.greedy = params.sampling.greedy();
   pr.tilt = params.has_ref() && params.shift != 0.0;
   pr.truncated = truncates(params.sampling, params.vocab);
+  pr.block = block_verifies(params);
   pr.score.inverse_temperature = pr.greedy ? 1.0 : 1.0 / params.sampling.temperature;
   pr.score.shift = params.shift;
   pr.score.tilt = pr.tilt;
@@ -124,6 +132,7 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   pr.plans = reinterpret_cast<TruncPlan*>(base + lay.plans);
   pr.trunc_parts = reinterpret_cast<TruncChunk*>(base + lay.trunc_parts);
   pr.candidates = reinterpret_cast<Candidate*>(base + lay.candidates);
+  if (pr.block) pr.block_masses = reinterpret_cast<double*>(base + lay.block_masses);
 
   cudaError_t error;
   const bool exact = params.vocab < kExactVocab;
@@ -145,6 +154,10 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
     if ((error = launch_kernel(truncation_plan2_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
     if ((error = launch_kernel(truncation_collect_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
     if ((error = launch_kernel(truncation_resolve_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  }
+  if (pr.block) {  // R_i of every (row, draft position): one pass over the logits of each
+    const NvtxRange range("sss_ext::block_mass");
+    if ((error = launch_kernel(block_mass_kernel<T>, rows, kDrawThreads, stream, pr)) != cudaSuccess) return error;
   }
   const NvtxRange range("sss_ext::draw");
   return launch_kernel(draw_kernel<T>, params.batch * pr.draw_splits, kDrawThreads, stream, pr);
@@ -168,7 +181,9 @@ SampleLayout sample_layout(const SampleParams<T>& params) {
 
 template <typename T>
 size_t verify_workspace_bytes(const VerifyParams<T>& params) {
-  return detail::layout<T>(params.batch, params.num_draft, params.vocab, detail::truncates(params.sampling, params.vocab)).total;
+  return detail::layout<T>(params.batch, params.num_draft, params.vocab, detail::truncates(params.sampling, params.vocab),
+                           detail::block_verifies(params))
+      .total;
 }
 
 template <typename T>

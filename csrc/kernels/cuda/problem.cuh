@@ -119,6 +119,7 @@ struct Problem {
   bool greedy = false;
   bool tilt = false;       // has ref and shift != 0
   bool truncated = false;  // top-k or top-p changes the distribution
+  bool block = false;      // block verification (sampled calls only)
   int splits = 1;          // stats blocks per (row, position)
   int draw_splits = 1;     // draw blocks per row
   Partial* partials = nullptr;        // (batch, num_draft + 1, splits)
@@ -130,6 +131,7 @@ struct Problem {
   TruncPlan* plans = nullptr;         // (batch, num_draft + 1, 2)
   TruncChunk* trunc_parts = nullptr;  // (batch, num_draft + 1, 2, trunc_chunks)
   Candidate* candidates = nullptr;    // (batch, num_draft + 1, 2, 2 groups, kTruncCandidates)
+  double* block_masses = nullptr;     // (batch, num_draft + 1): R_i at draft positions 1 <= i < n; block only
 
   __device__ __forceinline__ int64_t positions() const { return p.num_draft + 1; }
   // Row b's draft count n: positions 0..n are its only ones (n is the bonus position), nothing

@@ -35,6 +35,7 @@ struct Case {
   int64_t top_k = 0;
   bool keep_ties = true, with_ref = true, paper = false, ragged = false, misalign = false;
   bool one_hot = false;  // one-hot drafts: the draft tensor is only the tilt's r (absent without a ref)
+  bool block = false;    // block verification (docs/algorithm.md §12)
   // normal | constant | narrow | close | masked | flat
   std::string pattern = "normal";
   double scale = 2.0;
@@ -66,6 +67,7 @@ Case parse(const std::string& line) {
     else if (key == "paper") c.paper = value == "1";
     else if (key == "ragged") c.ragged = value == "1";
     else if (key == "one_hot") c.one_hot = value == "1";
+    else if (key == "block") c.block = value == "1";
     else if (key == "misalign") c.misalign = value == "1";
     else if (key == "pattern") c.pattern = value;
     else if (key == "scale") c.scale = std::stod(value);
@@ -259,6 +261,7 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
   p.shift = c.shift;
   p.paper_mode = c.paper;
   p.one_hot_proposal = c.one_hot;
+  p.block_verification = c.block;
 
   // CPU kernel, one row at a time: a row it refuses must be an invalid row of the CUDA call.
   std::vector<int64_t> cpu_tokens(static_cast<size_t>(B * P), -1), cpu_accepted(static_cast<size_t>(B), -1);
@@ -326,6 +329,8 @@ bool run_verify(const Case& c, Paths& paths, std::string& why) {
         else if (counts[b] < K) paths.add("ragged_rows");
         if (accepted[b] >= 0 && accepted[b] < counts[b]) paths.add("rejections");
         if (accepted[b] > 0) paths.add("acceptances");
+        // Block verification accepting a prefix between the first draft and the last one.
+        if (c.block && !greedy && accepted[b] > 0 && accepted[b] < counts[b]) paths.add("block_partial");
       }
     }
   }
