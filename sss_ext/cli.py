@@ -36,7 +36,7 @@ import re
 import sys
 
 from .checks import TOP_K_TIES
-from .decoding.config import DRAFT_LENGTH_POLICIES, PROPOSERS, SamplingConfig
+from .decoding.config import DRAFT_LENGTH_POLICIES, PROPOSERS, VERIFICATIONS, SamplingConfig
 from .decoding.methods import METHODS, get_method
 from .decoding.roles import BY_ARGUMENT, ROLES
 from .distributed import DistributedGenerationError, DistributedSession, generate_sharded
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "instead of a chain of K, verified in one target forward")
     sampling.add_argument("--tree-replacement", action="store_true",
                           help="draft tree siblings i.i.d. (default: without replacement, which accepts more)")
+    sampling.add_argument("--verification", default=defaults.verification, choices=VERIFICATIONS,
+                          help="sd / sss chains: token-by-token, or block verification (never fewer accepted drafts in "
+                               "expectation, the same law)")
     sampling.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature; 0 is greedy")
     sampling.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 disables")
     sampling.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus mass; 1 disables")
@@ -246,7 +249,12 @@ def check_args(args) -> tuple[SamplingConfig, list[dict], object]:
     try:
         get_method(args.method).check_config(config)
     except ValueError as error:
-        flag = f"--draft-tree {' '.join(map(str, config.draft_tree))}" if config.draft_tree else f"--proposer {config.proposer}"
+        if "draft_tree=" in str(error):
+            flag = f"--draft-tree {' '.join(map(str, config.draft_tree))}"
+        elif "verification=" in str(error):
+            flag = f"--verification {config.verification}"
+        else:
+            flag = f"--proposer {config.proposer}"
         raise ValueError(f"{flag}: {error}") from None
     if get_method(args.method).needs_reward and args.reward is None and args.reward_fn is None:
         raise ValueError(f"--method {args.method} needs --reward DIR or --reward-fn MODULE:FUNCTION "

@@ -82,6 +82,23 @@ def test_sss_samples_do_not_match_the_target_law(sss_samples, target_law):
     assert p_value < ALPHA
 
 
+@pytest.mark.parametrize("method", ["sss", "sd"])
+def test_block_verification_matches_the_law(models, tilted_law, target_law, method):
+    """verification="block" in the loop: the same law as token by token (negative control: the
+    other law), and more accepted drafts per round than token verification with the same seed."""
+    q, r, d = models
+    law, other = (tilted_law, target_law) if method == "sss" else (target_law, tilted_law)
+    kwargs = dict(ref_model=d, method=method, max_new_tokens=LENGTH, num_draft_tokens=2, eos_token_id=EOS, seed=21)
+    block = sss_ext.generate(q, r, _rows(PROMPT, ROWS), verification="block", **kwargs)
+    counts = count_sequences(block.sequences)
+    p_value, negative = chi_square_pvalue(counts, law), chi_square_pvalue(counts, other)
+    print(f"{method} block verification: p = {p_value:.4f}; vs the other law (negative control) p = {negative:.3g}")
+    assert p_value > ALPHA
+    assert negative < ALPHA
+    token = sss_ext.generate(q, r, _rows(PROMPT, ROWS), **kwargs)
+    assert block.stats.total.mean_accepted_length > token.stats.total.mean_accepted_length
+
+
 def test_sss_paper_rule_fails_when_z_is_far_from_one(models, tilted_law):
     """Negative control: the paper's rule (no normaliser Z) is biased when |Z - 1| is large."""
     q, r, d = models

@@ -185,10 +185,20 @@ def test_logits_processor_applies_at_every_node(models):
     (dict(draft_tree=(2,), proposer="ngram"), "draft_tree needs proposer='draft'"),
     (dict(draft_tree=(2,), draft_length_policy="adaptive"), "draft_tree needs proposer='draft'"),
     (dict(draft_tree=(2,), tree_replacement=1), "tree_replacement must be a bool"),
+    (dict(draft_tree=(2,), verification="block"), "verification='block' verifies a chain of drafts"),
+    (dict(verification="tree"), r"verification must be one of \('token', 'block'\)"),
 ])
 def test_bad_tree_config(fields, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**fields)
+
+
+@pytest.mark.parametrize("method", ["sss-paper", "vanilla", "bon"])
+def test_methods_without_block_verification_refuse_it(models, method):
+    q, r, d = models
+    with pytest.raises(ValueError, match=rf"method='{method}' does not take verification='block' \(methods that do: sss, sss-sir, sd\)"):
+        sss_ext.generate(q, r, [[1, 2]], ref_model=d, method=method, verification="block", max_new_tokens=2,
+                         reward_fn=lambda texts: torch.zeros(len(texts)))
 
 
 @pytest.mark.parametrize("method", ["sss-paper", "sss-sir", "vanilla"])

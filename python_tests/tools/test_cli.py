@@ -144,6 +144,8 @@ def _bad_file(tmp_path, name, text):
     (["--draft-tree", "2", "0"], "--draft-tree must be a non-empty tuple of ints >= 1"),
     (["--draft-tree", "2", "--method", "vanilla"], "--draft-tree 2: method='vanilla' does not take draft_tree=(2,)"),
     (["--draft-tree", "2", "--proposer", "ngram"], "--draft-tree needs proposer='draft'"),
+    (["--verification", "block", "--method", "vanilla"], "--verification block: method='vanilla' does not take verification='block'"),
+    (["--verification", "block", "--draft-tree", "2"], "--verification='block' verifies a chain of drafts"),
     (["--method", "soft-bon"], "--method soft-bon needs --reward"),
     (["--reward-fn", "no_colon"], "--reward-fn must look like MODULE:FUNCTION"),
     (["--reward-fn", "no_such_module_xyz:score"], "--reward-fn 'no_such_module_xyz:score': cannot import"),

@@ -16,6 +16,7 @@ from .draft_tree import check_tree_shape
 REWARD_INPUTS = ("auto", "text", "ids")
 DRAFT_LENGTH_POLICIES = ("fixed", "adaptive")
 PROPOSERS = ("draft", "ngram")
+VERIFICATIONS = ("token", "block")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -72,6 +73,11 @@ class SamplingConfig:
     tree_replacement : bool
         Siblings of a draft tree are drawn i.i.d. from ``warp(r)`` (True) or without
         replacement (False, default: a rejected token is not proposed again, which accepts more).
+    verification : {"token", "block"}
+        How sss and sd verify a chain of drafts: token by token, or jointly over the block
+        (block verification, ``sss_ext.verify(verification="block")``; never fewer accepted
+        drafts in expectation, the same law). Not with ``draft_tree`` (a tree has its own rule)
+        nor with sss-paper.
     temperature : float
         ``> 0`` tempers every model; ``0`` is greedy.
     top_k, top_p : int, float
@@ -116,6 +122,7 @@ class SamplingConfig:
     ngram_sizes: tuple[int, int] = (3, 1)
     draft_tree: tuple[int, ...] | None = None
     tree_replacement: bool = False
+    verification: str = "token"
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -157,6 +164,10 @@ class SamplingConfig:
                                  f"proposer={self.proposer!r}, draft_length_policy={self.draft_length_policy!r}")
         if not isinstance(self.tree_replacement, bool):
             raise ValueError(f"tree_replacement must be a bool, got {self.tree_replacement!r}")
+        if self.verification not in VERIFICATIONS:
+            raise ValueError(f"verification must be one of {VERIFICATIONS}, got {self.verification!r}")
+        if self.verification == "block" and self.draft_tree is not None:
+            raise ValueError("verification='block' verifies a chain of drafts; draft_tree has its own rule (tree verification)")
         try:
             check_sampling(self.temperature, self.top_k, self.top_p)
             check_top_k_ties(self.top_k_ties)

@@ -47,6 +47,9 @@ class Method:
         the default proposer ``"draft"`` is taken by every method.
     takes_trees : bool
         Runs ``SamplingConfig.draft_tree`` (tree drafts verified by ``sss_ext.verify_tree``).
+    verifications : tuple of str
+        The ``SamplingConfig.verification`` values it takes: ``"block"`` for the methods that
+        verify chains of drafts against an exact target (not sss-paper's rule).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Method:
     description: str = ""
     proposers: tuple[str, ...] = ("draft",)
     takes_trees: bool = False
+    verifications: tuple[str, ...] = ("token",)
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in MODEL_ARGUMENTS]
@@ -72,6 +76,9 @@ class Method:
         if config.proposer not in self.proposers:
             takers = ", ".join(name for name, method in METHODS.items() if config.proposer in method.proposers)
             raise ValueError(f"method={self.name!r} does not take proposer={config.proposer!r} (methods that do: {takers})")
+        if config.verification not in self.verifications:
+            takers = ", ".join(name for name, method in METHODS.items() if config.verification in method.verifications)
+            raise ValueError(f"method={self.name!r} does not take verification={config.verification!r} (methods that do: {takers})")
         if config.draft_tree is not None and not self.takes_trees:
             takers = ", ".join(name for name, method in METHODS.items() if method.takes_trees)
             raise ValueError(f"method={self.name!r} does not take draft_tree={config.draft_tree} (methods that do: {takers})")
@@ -106,14 +113,15 @@ def _chain_or_tree(ctx: RunContext, use_ref: bool) -> MethodResult:
 for _method in (
     Method("sss", partial(_chain_or_tree, use_ref=True), ("target", "draft", "ref_model"),
            description="reward-shifted speculative sampling, exact rule (tilted target q(r/d)^lambda)",
-           proposers=("draft", "ngram"), takes_trees=True),
+           proposers=("draft", "ngram"), takes_trees=True, verifications=("token", "block")),
     Method("sss-paper", partial(run_speculative, use_ref=True, mode="paper"), ("target", "draft", "ref_model"),
            description="reward-shifted speculative sampling, the published rule without the normaliser Z"),
     Method("sss-sir", sss_sir, ("target", "draft", "ref_model"),
-           description="sampling-importance-resampling of num_candidates SSS samples by prod Z: the sequence-level tilt"),
+           description="sampling-importance-resampling of num_candidates SSS samples by prod Z: the sequence-level tilt",
+           verifications=("token", "block")),
     Method("sd", partial(_chain_or_tree, use_ref=False), ("target", "draft"),
            description="standard speculative sampling: the draft proposes, the target verifies",
-           proposers=("draft", "ngram"), takes_trees=True),
+           proposers=("draft", "ngram"), takes_trees=True, verifications=("token", "block")),
     Method("vanilla", partial(run_autoregressive, role="target"), ("target",), description="sampling from the target"),
     Method("draft", partial(run_autoregressive, role="draft"), ("draft",), description="sampling from the aligned draft alone"),
     Method("bon", best_of_n, ("target",), needs_reward=True, description="best-of-N target samples by reward"),

@@ -209,7 +209,7 @@ class SpeculativeRun(SamplerRun):
         return self.monitor.op(ops.verify, target_logits, draft_logits, draft_tokens, ref_logits, temperature=config.temperature,
                                top_k=config.top_k, top_p=config.top_p, top_k_ties=config.top_k_ties, shift=config.shift,
                                mode=self.mode if self.ref is not None else "exact", num_draft_tokens=row_draft,
-                               uniforms=uniforms, **one_hot)
+                               uniforms=uniforms, verification=config.verification, **one_hot)
 
     def _emit(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         """4. Each row keeps its accepted drafts and the correction/bonus token (cut at EOS and budget).
