@@ -63,6 +63,10 @@ DECODING = ["python_tests/decoding/test_decoding_cache.py", "python_tests/decodi
             "python_tests/decoding/test_decoding_observer.py", "python_tests/decoding/test_rows.py", "-m", "not slow and not models"]
 ONE_HOT = ["python_tests/ops/test_one_hot_drafts.py", "-m", "not slow and not models"]
 BLOCK = ["python_tests/ops/test_block_verification.py", "-m", "not slow and not models", "-k", "op_equals_reference"]
+TREE_OPS = ["python_tests/ops/test_tree_verification.py", "-m", "not slow and not models", "-k",
+            "test_op_matches_reference_on_random_trees or test_enumerated_stream_law or test_chain_tree_is_verify"]
+TREE_LOOP = ["python_tests/decoding/test_tree_decoding.py", "-m", "not slow and not models", "-k",
+             "fresh_forward or greedy_tree or alone_or_in_a_batch or 3x2-without"]
 CUDA_ALL = "cuda:all"  # the CUDA-on-CPU case matrix
 
 
@@ -102,8 +106,23 @@ def M(id, file, old, new, tests, description, equivalent=""):
     return Mutant(id, file, old, new, tuple(tests), description, equivalent)
 
 
-ROW_OPS, CPU_VERIFY = "csrc/kernels/cpu/row_ops.h", "csrc/kernels/cpu/verify.h"
+ROW_OPS, CPU_VERIFY, CPU_TREE = "csrc/kernels/cpu/row_ops.h", "csrc/kernels/cpu/verify.h", "csrc/kernels/cpu/tree.h"
 MUTANTS = [
+    # --- tree verification (CPU kernel and reference) and tree drafting in the loop ---
+    M("tree-cpu-residual-unnormalised", CPU_TREE, "        p_law.total = residual_mass;", "        p_law.total = 1.0;",
+      TREE_OPS, "after a rejection p is (p - q)+ without renormalisation"),
+    M("tree-cpu-keeps-rejected", CPU_TREE, "remaining[v] = v == x ? 0.0 : q_prob(v);", "remaining[v] = q_prob(v);",
+      TREE_OPS, "without replacement the rejected sibling stays in q"),
+    M("tree-loop-keeps-siblings", "sss_ext/decoding/tree_run.py", "on_path = (out.path[:, :, None] == nodes).any(dim=1)",
+      "on_path = (out.path[:, :, None] >= nodes).any(dim=1)", TREE_LOOP,
+      "the caches keep every node up to the path's last instead of the path"),
+    M("tree-loop-positions-by-index", "sss_ext/decoding/cache.py",
+      "position_ids = round_lengths[:, None] + depth[first_node:end].to(tokens.device)[None]",
+      "position_ids = round_lengths[:, None] + torch.arange(first_node, end, device=tokens.device)[None]", TREE_LOOP,
+      "tree nodes take their node index as position instead of their depth"),
+    M("tree-draw-with-removal-skipped", "sss_ext/decoding/draft_tree.py",
+      "        weights = weights.scatter(1, children[-1][:, None], 0.0)\n", "", TREE_LOOP,
+      "siblings are drawn i.i.d. while verified as drawn without replacement"),
     # --- the CPU kernel (rebuild) ---
     M("cpu-argmax-last-tie", ROW_OPS, "    if (s > best) {", "    if (s >= best) {", OPS,
       "greedy argmax breaks ties to the highest index instead of the lowest"),
