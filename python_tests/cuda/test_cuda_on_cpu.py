@@ -227,7 +227,7 @@ def census(run: Run) -> dict[str, int]:
 RACE = ("cuda/bucket_select.cuh", "  } else if (ties) {", "  } else if (!use_radix) {")  # the tie branch as it was
 MISSING_BARRIER = ("cuda/device_utils.cuh", "  if (lane == 0) scratch[warp] = value;\n  __syncthreads();",
                    "  if (lane == 0) scratch[warp] = value;")
-ONE_HOT_RESIDUAL = ("cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : w_p[e];", "w_res[e] = w_p[e];")  # x not removed
+ONE_HOT_RESIDUAL = ("cuda/draw.cuh", "one_hot ? (v == one_hot_token ? 0.0 : w_p[e])", "one_hot ? w_p[e]")  # x not removed
 READ_PAST_ROW = ("cuda/device_utils.cuh", "words[w] = v < vocab ? element_bits(row, v)", "words[w] = v <= vocab ? element_bits(row, v)")
 
 
