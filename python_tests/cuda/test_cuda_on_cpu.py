@@ -8,7 +8,8 @@ rounding; a row the CPU kernel refuses must be an invalid row). The matrix mirro
 test_cuda.py and reaches every truncation path, which the per-case path census shows. The
 same matrix runs under AddressSanitizer + UBSan with exact-size buffers; planted defects in a
 copy of the kernels (the resolve kernel's barrier race, a missing barrier, a read past a row,
-a shared-memory race under ThreadSanitizer) must be caught.
+a shared-memory race under ThreadSanitizer, a tree walk whose q keeps a rejected sibling) must be
+caught.
 
 Run alone: ``python -m pytest python_tests/cuda/test_cuda_on_cpu.py -q --run-slow`` (the whole
 module is marked slow; CI runs it); the ThreadSanitizer tests also need

@@ -2,7 +2,7 @@
 // structs of ../common.h, a cudaStream_t, a caller-owned workspace. Usable from any engine:
 // include <sss_ext/kernels/cuda/launch.h>, link sss_ext::kernels_cuda (docs/cpp_api.md).
 //
-// Contract (both ops):
+// Contract (every op):
 // - every launch goes to `stream`, nothing synchronises the host and nothing is queried from
 //   the driver (grid sizes depend only on the problem sizes), output shapes are fixed, so a
 //   call may be captured in a CUDA graph, the first call included; the return value is the
