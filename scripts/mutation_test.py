@@ -213,8 +213,12 @@ MUTANTS = [
       "atomicMax(&out.first_rejection, static_cast<int>(i));", [CUDA_ALL], "the last rejection ends the row instead of the first"),
     M("cuda-cdf-unnormalised", "csrc/kernels/cuda/draw.cuh", "const double threshold = __dmul_rn(u, total);", "const double threshold = u;",
       [CUDA_ALL], "the draw does not scale u by the total mass"),
-    M("cuda-one-hot-residual", "csrc/kernels/cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : w_p[e];", "w_res[e] = w_p[e];",
+    M("cuda-one-hot-residual", "csrc/kernels/cuda/draw.cuh", "one_hot ? (v == one_hot_token ? 0.0 : w_p[e])", "one_hot ? w_p[e]",
       [CUDA_ALL], "one-hot drafts: the correction is drawn from p* with the rejected draft kept"),
+    M("cuda-tree-q-keeps-rejected", "csrc/kernels/cuda/tree.cuh", "remaining[v] = v == x ? 0.0 : q;", "remaining[v] = q;", [CUDA_ALL],
+      "tree siblings without replacement: q keeps the rejected token"),
+    M("cuda-tree-p-not-residual", "csrc/kernels/cuda/tree.cuh", "      sh.p_slot = residual_slot;\n", "", [CUDA_ALL],
+      "tree walk: a rejection leaves p unchanged instead of the residual"),
     M("cuda-residual-logz", "csrc/kernels/cuda/draw.cuh", "log_z = pr.p.paper_mode ? at_j.log_z : 0.0;", "log_z = at_j.log_z;",
       [CUDA_ALL], "exact mode's residual divides the proposal by Z"),
 ]

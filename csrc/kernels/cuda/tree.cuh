@@ -64,18 +64,13 @@ struct WalkLaw {
   int64_t vocab;
 
   template <int kVec>
-  __device__ __forceinline__ void weights_at(int64_t k, double (&w_p)[kVec], const ExpTable& table) const {
-    if (slot == nullptr) {
-      double w_r[kVec];
-      row.laws(k, w_p, w_r, table);
-      return;
-    }
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) w_p[e] = k * kVec + e < vocab ? slot[k * kVec + e] : 0.0;
-  }
-  template <int kVec>
   __device__ __forceinline__ void weights(int64_t k, double (&w_p)[kVec], double (&w_res)[kVec], const ExpTable& table) const {
-    weights_at(k, w_p, table);
+    if (slot == nullptr) {
+      row.laws(k, w_p, w_res, table);  // r~ in w_res, cleared below
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) w_p[e] = k * kVec + e < vocab ? slot[k * kVec + e] : 0.0;
+    }
 #pragma unroll
     for (int e = 0; e < kVec; ++e) w_res[e] = 0.0;
   }
