@@ -35,7 +35,7 @@ struct TreeProblem {
 };
 
 // Grid (batch). Thread 0 checks the row's layout (num_nodes, parents, draft ids: the checks of
-// cpu/tree.h's check_tree_inputs but the uniforms, which position_info checks per node) and
+// cpu/tree.h's check_tree_inputs except the uniforms, which position_info checks per node) and
 // marks the nodes with children; an invalid layout reads node 0 alone, with no proposal.
 template <typename T>
 __global__ void tree_layout_kernel(const TreeProblem<T> tp) {
