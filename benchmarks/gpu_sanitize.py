@@ -5,11 +5,12 @@ torch tensors on the GPU.
 - ``truncation``: V = 6144 (16384 for the radix plan), float32 and bfloat16, both tie rules:
   the bucketed collect, the level-2 refine, counted ties, the level-2 tie plan that falls
   back to the radix descent (close scores), the radix plan and a -inf top-k bucket; then
-  ragged rows poisoned past each bonus position (racecheck, synccheck);
+  ragged rows poisoned past each bonus position; ragged trees poisoned past each row's last
+  node, with and without replacement (racecheck, synccheck);
 - ``initcheck``: one truncated verify (close scores) on a fresh workspace;
 - ``memcheck``: every logits row of a tensor ends exactly at the end of its allocation (run
   with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own cudaMalloc), aligned and
-  one element off 16 bytes, with and without truncation.
+  one element off 16 bytes, with and without truncation (verify, sample, verify_tree).
 
 Usage: python benchmarks/gpu_sanitize.py WORKLOAD [--device cpu]   (cpu: the plumbing only)
 """
@@ -76,6 +77,26 @@ def truncation(device, generator):
             tokens[b, n:], uniforms[b, n + 1:] = -3, 7.0
         sss_ext.verify(target, draft, tokens, ref, temperature=1.0, top_k=top_k, top_p=top_p, num_draft_tokens=counts,
                        uniforms=uniforms, validate=False)
+    # Tree verification: ragged trees in both sibling modes, untruncated and on the close-score path.
+    for (pattern, top_k, top_p), replacement in itertools.product((("normal", 0, 1.0), ("close", 3000, 0.7)), (True, False)):
+        verify_tree(pattern, 6144, torch.float32, top_k, top_p, replacement, device, generator)
+
+
+def verify_tree(pattern, vocab, dtype, top_k, top_p, replacement, device, generator, skew=0):
+    """Ragged random trees (as the harness's tree cases) poisoned past each row's last node; with
+    skew 1 the logits rows start one element past their own allocation."""
+    batch, max_nodes = 4, 6
+    full = [pattern_logits(pattern, (batch * max_nodes * vocab + skew,), generator, device).to(dtype) for _ in range(3)]
+    target, draft, ref = (t[skew:].view(batch, max_nodes, vocab) for t in full)
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 2]] * batch, device=device)
+    tokens = torch.randint(0, vocab, (batch, max_nodes), generator=generator, device=device)
+    uniforms = sss_ext.draw_uniforms((batch, max_nodes), device, generator)
+    num_nodes = torch.tensor([1, 3, 5, 6], device=device)
+    for b, n in enumerate(num_nodes.tolist()):
+        target[b, n:], draft[b, n:], ref[b, n:] = float("nan"), float("nan"), float("nan")
+        parents[b, n:], tokens[b, n:], uniforms[b, n:] = 99, -3, 7.0
+    sss_ext.verify_tree(target, draft, tokens, parents, ref, num_nodes=num_nodes, uniforms=uniforms, temperature=1.0, top_k=top_k,
+                        top_p=top_p, replacement=replacement, validate=False)
 
 
 def initcheck(device, generator):
@@ -92,6 +113,7 @@ def memcheck(device, generator):
         tokens = torch.randint(0, vocab, (batch, num_draft), generator=generator, device=device)
         sss_ext.verify(target, draft, tokens, ref, temperature=1.0, top_k=top_k, top_p=top_p, generator=generator, validate=False)
         sss_ext.sample(target[:, 0], 1.0, top_k, top_p, generator=generator, validate=False)
+        verify_tree("normal", 6147, dtype, top_k, top_p, skew == 0, device, generator, skew)
 
 
 WORKLOADS = {"truncation": truncation, "initcheck": initcheck, "memcheck": memcheck}

@@ -21,7 +21,7 @@ STABLE_TORCH_LIBRARY(sss_ext, m) {
   // top_k_ties: "keep" (every token tied with the k-th largest score) or "exact-k" (docs/algorithm.md §2).
   m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, str top_k_ties=\"keep\") -> Tensor");
   // Tree verification (docs/algorithm.md §13). logits: (B, N, V) at nodes 0..N-1 (node 0 the root); draft_tokens,
-  // parents, uniforms: (B, N); num_nodes: (B,) in [1, N], None for N in every row. CPU kernel only.
+  // parents, uniforms: (B, N); num_nodes: (B,) in [1, N], None for N in every row.
   // Returns path (B, N), tokens (B, N), num_accepted (B,), log_z (B, N).
   m.def(
       "verify_tree(Tensor target_logits, Tensor draft_logits, Tensor draft_tokens, Tensor parents, Tensor? ref_logits, "
@@ -50,7 +50,7 @@ PyObject* string_or_none(const char* value) {
   return PyUnicode_FromString(value);
 }
 
-PyObject* kernel_names(bool built) { return built ? Py_BuildValue("(ss)", "verify", "sample") : PyTuple_New(0); }
+PyObject* kernel_names(bool built) { return built ? Py_BuildValue("(sss)", "verify", "sample", "verify_tree") : PyTuple_New(0); }
 
 PyObject* cpu_kernel_names() { return Py_BuildValue("(sss)", "verify", "sample", "verify_tree"); }
 

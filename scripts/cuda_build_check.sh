@@ -92,7 +92,7 @@ fi
 
 export CUDA_VISIBLE_DEVICES=""
 "$PY" -m sss_ext.info | tee info.txt
-grep -q "CUDA kernels: verify, sample" info.txt || { echo "cuda: sss_ext.info does not report the CUDA kernels" >&2; exit 1; }
+grep -q "CUDA kernels: verify, sample, verify_tree" info.txt || { echo "cuda: sss_ext.info does not report the CUDA kernels" >&2; exit 1; }
 "$PY" -c "import sss_ext, torch; assert sss_ext.BUILD_INFO['cuda'] and not torch.cuda.is_available(); print('cuda: import sss_ext works with no GPU visible')"
 # A representative subset of the CPU suite on the CUDA build: registration, bad input,
 # robustness, edge cases, exact enumeration, the float32 exactness sweep; the decoding and

@@ -1,6 +1,8 @@
 """Tree verification: the public wrapper of ``torch.ops.sss_ext.verify_tree`` and its fake kernel.
 
-The op has a CPU kernel only; CUDA tensors are refused with a ``ValueError`` naming the device.
+The op runs on the CPU and CUDA (csrc/kernels/cuda/tree.cuh); as for :func:`sss_ext.verify`,
+CUDA tensors on a build without CUDA kernels are refused with a ``ValueError`` and the CUDA
+kernel's invalid-row marks become the CPU kernel's named error when ``validate``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import torch
 
 from .checks import check_same_device
 from .checks_tree import check_num_nodes_meta, check_tree_args, check_tree_uniforms_meta
+from .ops import _check_device_built, _validated_on_device
 from .outputs import TreeVerifyOutput
 from .uniforms import draw_uniforms
 
@@ -84,8 +87,11 @@ def verify_tree(
     generator : torch.Generator, optional
         Source of the uniforms when ``uniforms`` is None.
     validate : bool
-        Kept for symmetry with :func:`sss_ext.verify`: the CPU kernel always raises on invalid
-        values.
+        On CUDA, raise the named ``ValueError`` for invalid values (node counts, parents, token
+        ids, uniforms, logits) at the cost of one small device-to-host read; ``False`` keeps
+        the call free of host synchronisation and marks invalid rows with
+        ``num_accepted = -1`` (path and tokens ``-1``, ``log_z`` NaN). The CPU kernel always
+        raises.
 
     Returns
     -------
@@ -98,26 +104,27 @@ def verify_tree(
     ValueError
         Naming the argument for a wrong shape, dtype, device or value (parents not before their
         node, node counts outside ``[1, N]``, token ids outside ``[0, V)``, uniforms outside
-        (0, 1), NaN/+inf logits), for ``mode="paper"`` and for CUDA tensors.
+        (0, 1), NaN/+inf logits), for ``mode="paper"`` and for CUDA tensors on a build without
+        CUDA kernels.
 
     Shape
     -----
     target_logits, draft_logits, ref_logits: (B, N, V); draft_tokens, parents, uniforms: (B, N);
     num_nodes: (B,) -> path (B, N), tokens (B, N), num_accepted (B,), log_z (B, N)
     """
-    del validate  # the CPU kernel always validates
     try:
         device = getattr(target_logits, "device", None)
-        if isinstance(device, torch.device) and device.type not in ("cpu", "meta"):
-            raise ValueError(f"target_logits is on {device}, but verify_tree has a CPU kernel only: move the tensors to the CPU")
+        if isinstance(device, torch.device) and device.type != "cpu":
+            _check_device_built("target_logits", target_logits)
         if isinstance(temperature, bool) or isinstance(top_k, bool) or isinstance(top_p, bool) or isinstance(shift, bool):
             raise TypeError("a bool where the op takes a number")
         if not isinstance(replacement, bool):
             raise TypeError("replacement must be a bool")
         if uniforms is None:
             uniforms = draw_uniforms(tuple(parents.shape), target_logits.device, generator)
-        path, tokens, num_accepted, log_z = _VERIFY_TREE(target_logits, draft_logits, draft_tokens, parents, ref_logits, uniforms,
-                                                         temperature, top_k, top_p, shift, mode, replacement, num_nodes, top_k_ties)
+        args = (target_logits, draft_logits, draft_tokens, parents, ref_logits, uniforms, temperature, top_k, top_p, shift, mode,
+                replacement, num_nodes, top_k_ties)
+        path, tokens, num_accepted, log_z = _VERIFY_TREE(*args)
     except (TypeError, RuntimeError, AttributeError, IndexError):
         (batch, num_nodes_max, _), _ = check_tree_args(target_logits, draft_logits, draft_tokens, parents, ref_logits, temperature,
                                                        top_k, top_p, shift, mode, top_k_ties, replacement)
@@ -126,6 +133,7 @@ def verify_tree(
         if uniforms is not None:
             check_tree_uniforms_meta(uniforms, batch, num_nodes_max, target_logits.device)
         raise
+    _validated_on_device(_VERIFY_TREE, args, num_accepted, validate)
     return TreeVerifyOutput(path, tokens, num_accepted, log_z)
 
 

@@ -12,6 +12,7 @@
 
 #include "../kernels/cuda/launch.h"
 #include "bridge.h"
+#include "tree_bridge.h"
 
 namespace sss_ext {
 namespace {
@@ -83,11 +84,35 @@ Tensor sample_cuda(const Tensor& logits, const Tensor& uniforms, double temperat
   return tokens;
 }
 
+// Returns path (B, N) int64, tokens (B, N) int64, num_accepted (B,) int64, log_z (B, N) float32.
+std::tuple<Tensor, Tensor, Tensor, Tensor> verify_tree_cuda(const Tensor& target_logits, const Tensor& draft_logits, const Tensor& draft_tokens,
+                                                            const Tensor& parents, const std::optional<Tensor>& ref_logits,
+                                                            const Tensor& uniforms, double temperature, int64_t top_k, double top_p,
+                                                            double shift, const std::string& mode, bool replacement,
+                                                            const std::optional<Tensor>& num_nodes, const std::string& top_k_ties) {
+  const torch::stable::accelerator::DeviceGuard guard(target_logits.get_device_index());
+  const adapter::TreeInputs in = adapter::check_tree_args(target_logits, draft_logits, draft_tokens, parents, ref_logits, uniforms,
+                                                          temperature, top_k, top_p, shift, mode, replacement, num_nodes, top_k_ties);
+  check_cuda_sizes(in.vocab);
+  const adapter::TreeOutputs out = adapter::empty_tree_outputs(in);
+  if (in.batch == 0) return {out.path, out.tokens, out.num_accepted, out.log_z};
+  const cudaStream_t stream = current_stream(in.target);
+  adapter::dispatch_logits(in.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto params = adapter::tree_params<T>(in, out);
+    const size_t bytes = cuda::verify_tree_workspace_bytes(params);
+    const Tensor scratch = workspace(bytes, in.target);
+    check_launch(cuda::launch_verify_tree(params, scratch.data_ptr(), bytes, stream), "verify_tree");
+  });
+  return {out.path, out.tokens, out.num_accepted, out.log_z};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(sss_ext, CUDA, m) {
   m.impl("verify", TORCH_BOX(&verify_cuda));
   m.impl("sample", TORCH_BOX(&sample_cuda));
+  m.impl("verify_tree", TORCH_BOX(&verify_tree_cuda));
 }
 
 }  // namespace sss_ext

@@ -99,8 +99,8 @@ inline TreeOutputs empty_tree_outputs(const TreeInputs& in) {
 }
 
 template <typename T>
-cpu::TreeParams<T> tree_params(const TreeInputs& in, const TreeOutputs& out) {
-  cpu::TreeParams<T> p;
+TreeParams<T> tree_params(const TreeInputs& in, const TreeOutputs& out) {
+  TreeParams<T> p;
   p.target = logits_view<T>(in.target);
   p.draft = logits_view<T>(in.draft);
   if (in.ref) p.ref = logits_view<T>(*in.ref);

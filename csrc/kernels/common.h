@@ -166,6 +166,39 @@ struct VerifyParams {
   SSS_HOST_DEVICE bool valid_row_draft(int64_t n) const { return n >= 0 && n <= num_draft; }
 };
 
+// Tree verification (docs/algorithm.md §13): multi-draft SSS by recursive rejection sampling.
+template <typename T>
+struct TreeParams {
+  // (batch, max_nodes, vocab): at node c, the logits of the token after c's path. ref.data ==
+  // nullptr: standard speculative sampling.
+  LogitsView<T> target, draft, ref;
+  const int64_t* draft_tokens = nullptr;  // (batch, max_nodes); entry 0 of a row is never read
+  int64_t draft_tokens_stride_batch = 0, draft_tokens_stride_node = 0;
+  const int64_t* parents = nullptr;  // (batch, max_nodes): -1 at node 0, then 0 <= parents[c] < c
+  int64_t parents_stride_batch = 0, parents_stride_node = 0;
+  const double* uniforms = nullptr;  // (batch, max_nodes), in (0, 1)
+  int64_t uniforms_stride_batch = 0, uniforms_stride_node = 0;
+  // (batch,), values in [1, max_nodes]: row b has nodes < num_nodes[b] and reads nothing past
+  // them. nullptr: max_nodes in every row.
+  const int64_t* num_nodes = nullptr;
+  int64_t num_nodes_stride = 0;
+  int64_t batch = 0, max_nodes = 0, vocab = 0;
+  Sampling sampling;
+  double shift = 1.0;        // lambda
+  bool replacement = true;   // siblings drawn i.i.d. from r~ (true) or without replacement (false)
+  int64_t* path = nullptr;          // (batch, max_nodes), contiguous
+  int64_t* tokens = nullptr;        // (batch, max_nodes), contiguous
+  int64_t* num_accepted = nullptr;  // (batch,)
+  float* log_z = nullptr;           // (batch, max_nodes), contiguous
+  SSS_HOST_DEVICE bool has_ref() const { return ref.data != nullptr; }
+  // Row b's node count as given (may be out of range: check with valid_row_nodes).
+  SSS_HOST_DEVICE int64_t row_nodes(int64_t b) const { return num_nodes != nullptr ? num_nodes[b * num_nodes_stride] : max_nodes; }
+  SSS_HOST_DEVICE bool valid_row_nodes(int64_t n) const { return n >= 1 && n <= max_nodes; }
+  SSS_HOST_DEVICE int64_t draft_token(int64_t b, int64_t c) const { return draft_tokens[b * draft_tokens_stride_batch + c * draft_tokens_stride_node]; }
+  SSS_HOST_DEVICE int64_t parent(int64_t b, int64_t c) const { return parents[b * parents_stride_batch + c * parents_stride_node]; }
+  SSS_HOST_DEVICE double uniform(int64_t b, int64_t c) const { return uniforms[b * uniforms_stride_batch + c * uniforms_stride_node]; }
+};
+
 template <typename T>
 struct SampleParams {
   LogitsView<T> logits;  // (batch, vocab); stride_position unused

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sss_ext
+import sss_ext.reference_tree
 from sss_ext.testing import LAYOUTS, make_verify_inputs
 
 EXACTNESS_RULE = "the CUDA exactness rule (docs/algorithm.md §8, CUDA kernels) does not hold"
@@ -660,3 +661,145 @@ def test_second_device():
     got = sss_ext.verify(**moved)
     assert got.tokens.device == device
     assert torch.equal(got.tokens.cpu(), expected.tokens.cpu())
+
+
+# ---------------------------------------------------------------------------------------
+# Tree verification (sss_ext.verify_tree): the CUDA kernel against the CPU kernel and the
+# float64 reference, the invalid-row contract, no host sync, graph capture, opcheck.
+
+TREE_CASES = [
+    # (dtype, with_ref, temperature, top_k, top_p, shift)
+    (torch.float32, True, 1.0, 0, 1.0, 2.0),
+    (torch.float32, False, 0.7, 20, 0.9, 1.0),
+    (torch.float32, True, 0.8, 0, 1.0, 0.0),
+    (torch.bfloat16, True, 0.9, 5, 1.0, 1.0),
+    (torch.float16, False, 1.0, 0, 0.8, 1.0),
+    (torch.bfloat16, True, 0.0, 0, 1.0, 1.0),
+]
+TREE_SHAPES = [(1, 4), (99, 9), (111, 6), (989, 5), (50272, 7)]  # (V, max_nodes)
+
+
+def random_tree(batch, max_nodes, vocab, dtype, with_ref, seed, ragged=True):
+    """verify_tree keyword arguments on the GPU: random trees (parents[c] uniform in [0, c)), half
+    the drafts the parent's draft argmax (so that some are accepted), ragged node counts with
+    garbage past them. Shape: logits (B, N, V); draft_tokens, parents, uniforms (B, N); num_nodes (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    target, draft, ref = (x.to(dtype) for x in sss_ext.testing.make_logits(batch, max_nodes, vocab, g))
+    parents = torch.tensor([[-1] + [int(torch.randint(0, c, (1,), generator=g)) for c in range(1, max_nodes)] for _ in range(batch)],
+                           dtype=torch.int64).reshape(batch, max_nodes)
+    likely = draft.gather(1, parents.clamp(min=0)[..., None].expand(-1, -1, vocab)).float().argmax(dim=-1)
+    draft_tokens = torch.where(torch.rand(batch, max_nodes, generator=g) < 0.5, likely, torch.randint(0, vocab, (batch, max_nodes), generator=g))
+    uniforms = torch.randint(1, 2**53, (batch, max_nodes), generator=g, dtype=torch.float64) * 2.0**-53
+    call = dict(target_logits=target, draft_logits=draft, draft_tokens=draft_tokens, parents=parents, ref_logits=ref if with_ref else None,
+                uniforms=uniforms)
+    if ragged:
+        num_nodes = torch.randint(1, max_nodes + 1, (batch,), generator=g)
+        unused = torch.arange(max_nodes) >= num_nodes[:, None]
+        call.update(num_nodes=num_nodes, parents=parents.masked_fill(unused, 77), draft_tokens=draft_tokens.masked_fill(unused, -5),
+                    uniforms=uniforms.masked_fill(unused, 2.0), target_logits=target.masked_fill(unused[..., None], math.nan))
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+
+
+def on_cpu(call):
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+
+
+def equal_tree_rows(got, expected) -> torch.Tensor:
+    """Rows whose path, tokens and num_accepted agree. Shape: -> (B,) bool."""
+    got, expected = [[t.cpu() for t in (o.path, o.tokens, o.num_accepted)] for o in (got, expected)]
+    return (got[0] == expected[0]).all(dim=1) & (got[1] == expected[1]).all(dim=1) & (got[2] == expected[2])
+
+
+@pytest.mark.parametrize("replacement", [True, False], ids=["iid", "without-replacement"])
+@pytest.mark.parametrize("case", TREE_CASES, ids=lambda c: f"{str(c[0])[6:]}-ref{int(c[1])}-tau{c[2]}-k{c[3]}-p{c[4]}-lam{c[5]}")
+def test_tree_matches_cpu_kernel_and_reference(case, replacement):
+    """Every row equals the CPU kernel's (the same semantics, float64 decisions); below
+    kExactVocab the normalisers are float64 too, above it float32 sums may move a decision within
+    float32 rounding of its boundary (the exactness rule): at most one row of such a call may differ.
+    The CPU kernel equals the float64 reference (test_tree_verification.py); here checked on the
+    small vocabularies."""
+    dtype, with_ref, temperature, top_k, top_p, shift = case
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, shift=shift, replacement=replacement)
+    for vocab, max_nodes in TREE_SHAPES:
+        call = random_tree(16 if vocab > 10000 else 64, max_nodes, vocab, dtype, with_ref, seed=vocab + max_nodes)
+        got = sss_ext.verify_tree(**call, **options)
+        expected = sss_ext.verify_tree(**on_cpu(call), **options)
+        equal = equal_tree_rows(got, expected)
+        allowed = 0 if vocab < 4096 else 1
+        assert int((~equal).sum()) <= allowed, (vocab, EXACTNESS_RULE, got, expected)
+        rows = equal.nonzero().flatten().cpu()
+        assert torch.allclose(got.log_z.cpu()[rows], expected.log_z[rows], rtol=2e-6, atol=2e-5)
+        if vocab < 1000:
+            reference = sss_ext.reference_tree.verify_tree(**on_cpu(call), **options)
+            assert bool(equal_tree_rows(got, reference).all()), (vocab, got, reference)
+
+
+def test_tree_chain_is_verify_on_cuda():
+    """A chain-shaped tree is verify with the same uniforms (docs/algorithm.md §13), on the GPU too."""
+    batch, K, vocab = 32, 4, 3000
+    kwargs = make_inputs(batch, K, vocab, torch.float32, True, 0.8, 0, 1.0, "contiguous", seed=21)
+    chain = sss_ext.verify(**kwargs)
+    draft_tokens = torch.cat([torch.zeros_like(kwargs["draft_tokens"][:, :1]), kwargs["draft_tokens"]], dim=1)
+    parents = torch.arange(-1, K, device=DEVICE).expand(batch, -1).contiguous()
+    draft = kwargs["draft_logits"]
+    tree = sss_ext.verify_tree(kwargs["target_logits"], draft, draft_tokens, parents, kwargs["ref_logits"], uniforms=kwargs["uniforms"],
+                               temperature=0.8)
+    assert torch.equal(tree.tokens, chain.tokens) and torch.equal(tree.num_accepted, chain.num_accepted)
+
+
+@pytest.mark.parametrize("temperature", [0.8, 0.0])
+def test_tree_invalid_rows_are_minus_one(temperature):
+    """Each row but the first has one defect the CPU kernel refuses: num_accepted -1, path and
+    tokens -1, log_z NaN; the valid row equals the CPU kernel's; validate=True raises."""
+    call = random_tree(8, 5, 50, torch.float32, True, seed=5, ragged=False)
+    call["num_nodes"] = torch.full((8,), 5, device=DEVICE)
+    call["parents"][1, 3] = 3            # not before its node
+    call["parents"][2, 0] = 0            # root without -1
+    call["draft_tokens"][3, 2] = 50      # outside [0, V)
+    call["uniforms"][4, 4] = 0.0         # the final draw's column
+    call["target_logits"][5, 2, 7] = math.nan
+    call["num_nodes"][6] = 0             # outside [1, N]
+    call["ref_logits"][7, 1] = -math.inf  # an all -inf row
+    got = sss_ext.verify_tree(**call, temperature=temperature, validate=False)
+    bad = torch.arange(1, 8, device=DEVICE)
+    assert bool((got.num_accepted[bad] == -1).all()), got.num_accepted
+    assert bool((got.path[bad] == -1).all()) and bool((got.tokens[bad] == -1).all())
+    assert bool(torch.isnan(got.log_z[bad]).all())
+    first = sss_ext.verify_tree(**on_cpu({k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in call.items()}),
+                                temperature=temperature)
+    assert torch.equal(got.path[:1].cpu(), first.path) and torch.equal(got.tokens[:1].cpu(), first.tokens)
+    with pytest.raises(ValueError):
+        sss_ext.verify_tree(**call, temperature=temperature, validate=True)
+
+
+@pytest.mark.parametrize("replacement", [True, False])
+def test_tree_validate_false_does_not_sync_and_captures(replacement):
+    """validate=False: no host sync; a first call captured in a CUDA graph replays like eager calls."""
+    call = random_tree(6, 6, 5000, torch.bfloat16, True, seed=8)
+    uniforms = call.pop("uniforms")
+    static_u = uniforms.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sss_ext.verify_tree(**call, uniforms=static_u, replacement=replacement, top_k=7, top_p=0.9, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sss_ext.verify_tree(**call, uniforms=static_u, replacement=replacement, validate=False)
+    for seed in range(3):
+        static_u.copy_(torch.where(uniforms > 1, uniforms,
+                                   sss_ext.draw_uniforms(tuple(uniforms.shape), DEVICE, torch.Generator(device=DEVICE).manual_seed(seed))))
+        graph.replay()
+        eager = sss_ext.verify_tree(**call, uniforms=static_u.clone(), replacement=replacement, validate=False)
+        for a, b in zip(out, eager):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature,top_p,replacement", [(0.8, 1.0, True), (0.0, 1.0, False), (1.0, 0.9, False)])
+def test_tree_opcheck(dtype, temperature, top_p, replacement):
+    call = random_tree(3, 6, 111, dtype, True, seed=2)
+    args = (call["target_logits"], call["draft_logits"], call["draft_tokens"], call["parents"], call["ref_logits"], call["uniforms"],
+            temperature, 0, top_p, 1.0, "exact", replacement, call["num_nodes"])
+    torch.library.opcheck(torch.ops.sss_ext.verify_tree.default, args)

@@ -8,7 +8,8 @@ rounding; a row the CPU kernel refuses must be an invalid row). The matrix mirro
 test_cuda.py and reaches every truncation path, which the per-case path census shows. The
 same matrix runs under AddressSanitizer + UBSan with exact-size buffers; planted defects in a
 copy of the kernels (the resolve kernel's barrier race, a missing barrier, a read past a row,
-a shared-memory race under ThreadSanitizer) must be caught.
+a shared-memory race under ThreadSanitizer, a tree walk whose q keeps a rejected sibling) must be
+caught.
 
 Run alone: ``python -m pytest python_tests/cuda/test_cuda_on_cpu.py -q --run-slow`` (the whole
 module is marked slow; CI runs it); the ThreadSanitizer tests also need
@@ -55,6 +56,10 @@ MODES = (("exact", False), ("exact", True), ("paper", True))  # (mode, with_ref)
 TEMPERATURES = (0.0, 0.01, 0.1, 0.7, 1.0)
 TRUNCATIONS = ((0, 1.0), (5, 1.0), (0, 0.8), (20, 0.9))  # (top_k, top_p)
 SHAPES = ((1, 1, 2), (3, 4, 7), (3, 4, 111), (2, 8, 111), (1, 4, 50272))  # (B, K, V)
+TREE_TILTS = ((1, 2.0), (0, 1.0), (1, 0.0))  # (with_ref, shift): the tilt, no ref, a ref at shift 0
+TREE_VOCABS = (1, 99, 111, 989)
+TREE_NODES = (1, 5, 7, 9)  # max_nodes
+TREE_SHAPES = ("random", "wide", "chain")
 
 
 def build_cases() -> dict[str, dict]:
@@ -149,6 +154,32 @@ def build_cases() -> dict[str, dict]:
         add(f"sample-invalid-{dtype}", op="sample", dtype=dtype, B=3, V=111, temp=1.0, poison=1, seed=19)
     add("sample-close-f32", op="sample", dtype="f32", B=1, V=6144, temp=1.0, top_k=3000, top_p=0.7, pattern="close")
     add("sample-misaligned-f32", op="sample", dtype="f32", B=2, V=6147, temp=1.0, misalign=1, seed=20)
+    # Tree verification (K = max_nodes): every dtype x replacement x {ref, no ref, shift 0}
+    # with the truncations, awkward vocabularies, temperatures and tree shapes rotated through.
+    for d, dtype in enumerate(DTYPES):
+        for replacement in (1, 0):
+            for m, (with_ref, shift) in enumerate(TREE_TILTS):
+                for t, (top_k, top_p) in enumerate(TRUNCATIONS):
+                    k = d + 2 * replacement + m + t
+                    add(f"tree-sweep-{dtype}-{'iid' if replacement else 'distinct'}-ref{with_ref}-s{shift}-k{top_k}-p{top_p}",
+                        op="tree", dtype=dtype, B=3, K=TREE_NODES[k % len(TREE_NODES)], V=TREE_VOCABS[k % len(TREE_VOCABS)],
+                        temp=TEMPERATURES[1 + k % 4], top_k=top_k, top_p=top_p, ref=with_ref, shift=shift,
+                        replacement=replacement, shape=TREE_SHAPES[k % len(TREE_SHAPES)], seed=300 + 10 * d + 5 * replacement + m + t)
+    for dtype in DTYPES:
+        for replacement in (1, 0):
+            common = dict(op="tree", dtype=dtype, replacement=replacement)
+            tag = f"{dtype}-{'iid' if replacement else 'distinct'}"
+            # Wide and random trees over a few tokens that accept, reject and draw from residuals.
+            add(f"tree-accepts-wide-{tag}", **common, B=24, K=5, V=5, temp=1.0, ref=1, shift=2.0, shape="wide", scale=3.0, seed=41)
+            add(f"tree-accepts-random-{tag}", **common, B=24, K=7, V=8, temp=1.0, ref=0, shape="random", scale=3.0, seed=42)
+            # Ragged rows (garbage past each row's last node) and refused rows, greedy.
+            add(f"tree-ragged-{tag}", **common, B=6, K=8, V=99, temp=0.8, top_k=20, top_p=0.9, ref=1, ragged=1, poison=3, seed=43)
+            add(f"tree-greedy-{tag}", **common, B=4, K=6, V=111, temp=0.0, ref=1, ragged=1, seed=44)
+        add(f"tree-misaligned-{dtype}", op="tree", dtype=dtype, B=2, K=4, V=111, temp=1.0, ref=1, misalign=1, seed=45)
+    # The bucketed selection at tree nodes, and the fast exponentials.
+    add("tree-trunc-close-f32", op="tree", dtype="f32", B=2, K=4, V=6144, temp=1.0, top_k=3000, top_p=0.7, ref=0, pattern="close",
+        replacement=0, seed=46)
+    add("tree-trunc-bf16", op="tree", dtype="bf16", B=2, K=5, V=6147, temp=0.7, top_k=5, top_p=0.9, ref=1, replacement=0, seed=47)
     return cases
 
 
@@ -157,7 +188,7 @@ CASES = build_cases()
 # Paths the matrix must reach (driver.cpp's census).
 REQUIRED_PATHS = ("collect", "collect_level2", "ties_counted", "ties_level2", "radix_plan", "radix_blocks", "minus_inf_kb",
                   "greedy", "exact_exp", "fast_exp", "invalid_rows", "ragged_rows", "rejections", "acceptances", "sample",
-                  "block_partial")
+                  "block_partial", "tree", "tree_rejections", "tree_residual_draws")
 
 
 def case_line(name: str, keys: dict) -> str:
@@ -249,11 +280,11 @@ def census(run: Run) -> dict[str, int]:
 RACE = ("cuda/bucket_select.cuh", "  } else if (ties) {", "  } else if (!use_radix) {")  # the tie branch as it was
 MISSING_BARRIER = ("cuda/device_utils.cuh", "  if (lane == 0) scratch[warp] = value;\n  __syncthreads();",
                    "  if (lane == 0) scratch[warp] = value;")
-ONE_HOT_RESIDUAL = ("cuda/draw.cuh", "w_res[e] = v == one_hot_token ? 0.0 : __dmul_rn(scale, w_p[e]);",
-                    "w_res[e] = __dmul_rn(scale, w_p[e]);")  # x not removed
+ONE_HOT_RESIDUAL = ("cuda/draw.cuh", "one_hot ? (v == one_hot_token ? 0.0 : scaled_p)", "one_hot ? scaled_p")  # x not removed
 # Block verification's threshold h_i = p_i (the residual mass R_i forgotten).
 BLOCK_THRESHOLD = ("cuda/draw.cuh", "i < num_draft ? block_threshold(pr.block_masses[b * pr.positions() + i], weight_i) : weight_i",
                    "weight_i")
+TREE_KEEPS_REJECTED = ("cuda/tree.cuh", "remaining[v] = v == x ? 0.0 : q;", "remaining[v] = q;")  # q keeps the rejected token
 READ_PAST_ROW = ("cuda/device_utils.cuh", "words[w] = v < vocab ? element_bits(row, v)", "words[w] = v <= vocab ? element_bits(row, v)")
 
 
@@ -315,7 +346,7 @@ def test_truncating_sweep_rows_need_no_radix_descent(plain_run):
 
 # Under the sanitizers (several times slower): every path and every dtype, without the sweep's
 # bfloat16 / float16 rows and the truncation cases' duplicates across dtype and tie rule.
-ASAN_CASES = [n for n in CASES if not n.startswith(("sweep-bf16", "sweep-f16", "greedy-", "paper-"))
+ASAN_CASES = [n for n in CASES if not n.startswith(("sweep-bf16", "sweep-f16", "tree-sweep-bf16", "tree-sweep-f16", "greedy-", "paper-"))
               and not (n.startswith("trunc-") and not n.endswith("-f32-keep"))]
 
 
@@ -340,10 +371,10 @@ def build_mutants(tmp_path_factory, specs):
 
 @pytest.fixture(scope="module")
 def control_drivers(tmp_path_factory):
-    race, barrier, one_hot, block = build_mutants(tmp_path_factory, [("plain", RACE, "race"), ("plain", MISSING_BARRIER, "barrier"),
-                                                                     ("plain", ONE_HOT_RESIDUAL, "one-hot"),
-                                                                     ("plain", BLOCK_THRESHOLD, "block")])
-    return {"race": race, "barrier": barrier, "one_hot": one_hot, "block": block}
+    race, barrier, one_hot, block, tree = build_mutants(
+        tmp_path_factory, [("plain", RACE, "race"), ("plain", MISSING_BARRIER, "barrier"), ("plain", ONE_HOT_RESIDUAL, "one-hot"),
+                           ("plain", BLOCK_THRESHOLD, "block"), ("plain", TREE_KEEPS_REJECTED, "tree")])
+    return {"race": race, "barrier": barrier, "one_hot": one_hot, "block": block, "tree": tree}
 
 
 def test_control_the_fixed_race_is_caught(control_drivers):
@@ -379,6 +410,20 @@ def test_control_block_threshold_without_residual_mass_is_caught(control_drivers
     """Block verification with h_i = p_i in the CUDA source: rows differ from the CPU kernel."""
     names = [n for n in CASES if n.startswith(("block-accepts-", "block-onehot-accepts-"))]
     run = run_driver(control_drivers["block"], names)
+    assert any(line.startswith("FAIL") for line in run.results.values()), run.stdout[-2000:]
+
+
+def test_tree_cases_accept_reject_and_draw_from_residuals(plain_run):
+    """The tree cases that the controls rely on reach every outcome of the walk in each dtype and mode."""
+    for name in [n for n in CASES if n.startswith("tree-accepts-")]:
+        line = plain_run.results[name]
+        assert all(f"{key}:" in line for key in ("acceptances", "tree_rejections", "tree_residual_draws")), line
+
+
+def test_control_tree_without_replacement_keeping_the_rejected_token_is_caught(control_drivers):
+    """Siblings drawn without replacement, q not losing the rejected token: wrong rows."""
+    names = [n for n in CASES if n.startswith("tree-accepts-") and n.endswith("-distinct")]
+    run = run_driver(control_drivers["tree"], names)
     assert any(line.startswith("FAIL") for line in run.results.values()), run.stdout[-2000:]
 
 

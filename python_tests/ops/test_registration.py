@@ -75,6 +75,6 @@ def test_torch_compile_fullgraph_matches_eager(device):
 def test_info_reports_the_build():
     output = subprocess.run([sys.executable, "-m", "sss_ext.info"], capture_output=True, text=True, check=True).stdout
     assert f"built against torch {sss_ext.BUILD_INFO['torch_version']}" in output
-    assert ("CUDA kernels: verify, sample (CUDA " in output) == sss_ext.BUILD_INFO["cuda"]
+    assert ("CUDA kernels: verify, sample, verify_tree (CUDA " in output) == sss_ext.BUILD_INFO["cuda"]
     assert ("CUDA kernels: not built" in output) != sss_ext.BUILD_INFO["cuda"]
     assert "CPU kernels: verify, sample" in output

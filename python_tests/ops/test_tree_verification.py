@@ -595,12 +595,13 @@ def test_leaf_draft_logits_are_read_only_for_the_tilt(entry):
         IMPLEMENTATIONS[entry](**{**kwargs, "ref_logits": good_tree_call()["ref_logits"]})
 
 
-def test_cuda_tensors_are_refused_naming_the_device():
-    """The op has a CPU kernel only: CUDA tensors get a ValueError, not a dispatcher error."""
+def test_cuda_tensors_without_cuda_build_are_refused_naming_the_device(monkeypatch):
+    """A build without CUDA kernels: CUDA tensors get verify's ValueError, not a dispatcher error."""
+    monkeypatch.setitem(sss_ext.ops.BUILD_INFO, "cuda", False)
     fake_cuda_tensor = types.SimpleNamespace(device=torch.device("cuda", 0), shape=(B, N, V))
     kwargs = good_tree_call()
     kwargs["target_logits"] = fake_cuda_tensor
-    with pytest.raises(ValueError, match=r"target_logits is on cuda:0, but verify_tree has a CPU kernel only"):
+    with pytest.raises(ValueError, match=r"target_logits is on cuda:0, but this sss_ext build has no CUDA kernels"):
         sss_ext.verify_tree(**kwargs)
 
 

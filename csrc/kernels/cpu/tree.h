@@ -9,35 +9,7 @@
 
 namespace sss_ext::cpu {
 
-template <typename T>
-struct TreeParams {
-  // (batch, max_nodes, vocab): at node c, the logits of the token after c's path. ref.data ==
-  // nullptr: standard speculative sampling.
-  LogitsView<T> target, draft, ref;
-  const int64_t* draft_tokens = nullptr;  // (batch, max_nodes); entry 0 of a row is never read
-  int64_t draft_tokens_stride_batch = 0, draft_tokens_stride_node = 0;
-  const int64_t* parents = nullptr;  // (batch, max_nodes): -1 at node 0, then 0 <= parents[c] < c
-  int64_t parents_stride_batch = 0, parents_stride_node = 0;
-  const double* uniforms = nullptr;  // (batch, max_nodes), in (0, 1)
-  int64_t uniforms_stride_batch = 0, uniforms_stride_node = 0;
-  // (batch,), values in [1, max_nodes]: row b has nodes < num_nodes[b] and reads nothing past
-  // them. nullptr: max_nodes in every row.
-  const int64_t* num_nodes = nullptr;
-  int64_t num_nodes_stride = 0;
-  int64_t batch = 0, max_nodes = 0, vocab = 0;
-  Sampling sampling;
-  double shift = 1.0;        // lambda
-  bool replacement = true;   // siblings drawn i.i.d. from r~ (true) or without replacement (false)
-  int64_t* path = nullptr;          // (batch, max_nodes), contiguous
-  int64_t* tokens = nullptr;        // (batch, max_nodes), contiguous
-  int64_t* num_accepted = nullptr;  // (batch,)
-  float* log_z = nullptr;           // (batch, max_nodes), contiguous
-  bool has_ref() const { return ref.data != nullptr; }
-  int64_t row_nodes(int64_t b) const { return num_nodes != nullptr ? num_nodes[b * num_nodes_stride] : max_nodes; }
-  int64_t draft_token(int64_t b, int64_t c) const { return draft_tokens[b * draft_tokens_stride_batch + c * draft_tokens_stride_node]; }
-  int64_t parent(int64_t b, int64_t c) const { return parents[b * parents_stride_batch + c * parents_stride_node]; }
-  double uniform(int64_t b, int64_t c) const { return uniforms[b * uniforms_stride_batch + c * uniforms_stride_node]; }
-};
+using sss_ext::TreeParams;  // common.h: shared with the CUDA kernel
 
 // Errors of the tree layout, beyond common.h's Status. A logits, draft token or uniform error
 // is an Error whose position is the node (the uniform column for kBadUniform).
@@ -55,7 +27,7 @@ template <typename T>
 TreeError check_tree_inputs(const TreeParams<T>& p) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t n = p.row_nodes(b);
-    if (n < 1 || n > p.max_nodes) return TreeError{Error{}, TreeInput::kNumNodes, b, -1, n};
+    if (!p.valid_row_nodes(n)) return TreeError{Error{}, TreeInput::kNumNodes, b, -1, n};
     for (int64_t c = 0; c < n; ++c) {
       const int64_t parent = p.parent(b, c);
       if (c == 0 ? parent != -1 : (parent < 0 || parent >= c)) return TreeError{Error{}, TreeInput::kParents, b, c, parent};

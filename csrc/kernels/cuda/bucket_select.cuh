@@ -121,8 +121,7 @@ __device__ __forceinline__ bool truncation_block(const Problem<T>& pr, int per_s
   chunk = static_cast<int>(blockIdx.x % per_stream);
   rs = blockIdx.x / per_stream;
   const int64_t b = (rs / 2) / pr.positions(), i = (rs / 2) % pr.positions();
-  const int64_t num_draft = pr.num_draft(b);
-  return i <= num_draft && !(rs % 2 == 1 && !pr.has_proposal(b, i));
+  return i <= pr.last_position(b) && !(rs % 2 == 1 && !pr.has_proposal(b, i));
 }
 
 // Block-local histograms live in shared memory as a TruncHist: cleared, filled with integer

@@ -85,6 +85,20 @@ __device__ Combined combine_partials(const Problem<T>& pr, int64_t row_position,
   return out;
 }
 
+// log p*(x) and log r~(x) of a token x at (b, i) from the position's normalisers in `info`
+// (one-hot drafts: r~(x) = 1).
+template <typename T>
+__device__ void token_log_laws(const Problem<T>& pr, int64_t b, int64_t i, const PositionInfo& info, int64_t x, double& log_p,
+                               double& log_r) {
+  const T* r = pr.draft_row(b, i);
+  const T* d = pr.ref_row(b, i);
+  const double zr = r != nullptr ? load_double(r, x) : -kInfD;
+  const double sx = tilted_score(load_double(pr.target_row(b, i), x), zr, d != nullptr ? load_double(d, x) : -kInfD, pr.score);
+  const double rx = temper(zr, pr.score);
+  log_p = info.kept_s.contains(sx, x) ? (sx - info.max_s) - info.log_sum_s : -kInfD;
+  log_r = !pr.has_proposal(b, i) ? 0.0 : info.kept_r.contains(rx, x) ? (rx - info.max_r) - info.log_sum_r : -kInfD;
+}
+
 template <typename T>
 __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i, const Combined& c) {
   const VerifyParams<T>& p = pr.p;
@@ -92,7 +106,6 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
   const int64_t row_position = b * pr.positions() + i;
   const bool has_draft = i < pr.num_draft(b);         // a draft token to accept or reject
   const bool has_proposal = pr.has_proposal(b, i);    // ... drawn from r~, not one-hot
-  const T* q = pr.target_row(b, i);
   const T* r = pr.draft_row(b, i);
   const T* d = pr.ref_row(b, i);
   const uint32_t flags = c.flags;
@@ -141,12 +154,8 @@ __device__ PositionInfo position_info(const Problem<T>& pr, int64_t b, int64_t i
     out.log_sum_r = c.log_sum[kProposal];
   }
   if (has_draft) {
-    const double zr = r != nullptr ? load_double(r, x) : -kInfD;
-    const double sx = tilted_score(load_double(q, x), zr, d != nullptr ? load_double(d, x) : -kInfD, pr.score);
-    const double rx = temper(zr, pr.score);
-    const double log_p = out.kept_s.contains(sx, x) ? (sx - out.max_s) - out.log_sum_s : -kInfD;
-    // One-hot drafts: r~(x) = 1.
-    const double log_r = !has_proposal ? 0.0 : out.kept_r.contains(rx, x) ? (rx - out.max_r) - out.log_sum_r : -kInfD;
+    double log_p, log_r;
+    token_log_laws(pr, b, i, out, x, log_p, log_r);
     const double log_m = p.paper_mode ? log_p + out.log_z : log_p;
     out.accept = log_p > -kInfD && log_r > -kInfD && log(u) < log_m - log_r;
     if (log_p > -kInfD && log_r > -kInfD) out.log_ratio = log_p - log_r;
@@ -276,8 +285,9 @@ struct DrawRow {
   double scale;            // the residual's weight on p*: block verification p_j, else 1
   PositionInfo info;
 
+  // A tree reads r~ at a node with children: the walk's proposal there (tree.cuh).
   __device__ __forceinline__ DrawRow(const Problem<T>& pr, int64_t b, int64_t j, const PositionInfo& at_j, double weight) {
-    residual = j < pr.num_draft(b);
+    residual = pr.tree() ? pr.has_proposal(b, j) : j < pr.num_draft(b);
     one_hot = residual && pr.p.one_hot_proposal;
     one_hot_token = one_hot ? pr.draft_token(b, j) : -1;
     q = pr.target_row(b, j);
@@ -293,8 +303,9 @@ struct DrawRow {
     info = at_j;
   }
 
+  // p*(v) and r~(v) (paper mode: min(r~(v) / Z, 1); 0 where r~ is not read) over the vector k.
   template <int kVec>
-  __device__ __forceinline__ void weights(int64_t k, double (&w_p)[kVec], double (&w_res)[kVec], const ExpTable& table) const {
+  __device__ __forceinline__ void laws(int64_t k, double (&w_p)[kVec], double (&w_r)[kVec], const ExpTable& table) const {
     const int64_t v0 = k * kVec;
     const uint4 raw_q = load_vector(q, skew_q, v0, vocab);
     const uint4 raw_r = r != nullptr ? load_vector(r, skew_r, v0, vocab) : uint4{};
@@ -307,16 +318,26 @@ struct DrawRow {
       const double zd = d != nullptr ? static_cast<double>(unpack<T>(raw_d, e)) : -kInfD;
       const double s = tilted_score(zq, zr, zd, sp);
       w_p[e] = info.kept_s.contains(s, v) ? fast_exp(__dsub_rn(__dsub_rn(s, info.max_s), info.log_sum_s), table) : 0.0;
-      w_res[e] = 0.0;
-      if (one_hot) {
-        w_res[e] = v == one_hot_token ? 0.0 : __dmul_rn(scale, w_p[e]);
-      } else if (residual) {
+      w_r[e] = 0.0;
+      if (residual && !one_hot) {
         const double rs = temper(zr, sp);
         // exp(log r~(v) - log Z); an argument >= 0 gives a weight >= 1 >= p*(v): residual 0.
         const double log_r = __dsub_rn(__dsub_rn(__dsub_rn(rs, info.max_r), info.log_sum_r), log_z);
-        const double w_r = info.kept_r.contains(rs, v) ? fast_exp(fmin(log_r, 0.0), table) : 0.0;
-        w_res[e] = residual_weight(__dmul_rn(scale, w_p[e]), w_r, kResidualToleranceFloat32);
+        w_r[e] = info.kept_r.contains(rs, v) ? fast_exp(fmin(log_r, 0.0), table) : 0.0;
       }
+    }
+  }
+
+  // p*(v) and the correction weight over the vector k.
+  template <int kVec>
+  __device__ __forceinline__ void weights(int64_t k, double (&w_p)[kVec], double (&w_res)[kVec], const ExpTable& table) const {
+    double w_r[kVec];
+    laws(k, w_p, w_r, table);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const int64_t v = k * kVec + e;
+      const double scaled_p = __dmul_rn(scale, w_p[e]);
+      w_res[e] = one_hot ? (v == one_hot_token ? 0.0 : scaled_p) : residual ? residual_weight(scaled_p, w_r[e], kResidualToleranceFloat32) : 0.0;
     }
   }
 };
@@ -343,17 +364,18 @@ struct DrawShared {
 
 // Running sums over one chunk in a fixed order (tiles of kDrawThreads vectors; inside a tile,
 // thread order; inside a thread, vocabulary order), shared by the chunk totals and the final
-// rescan so that both compute identical bits. Calls visit(kind, v, running) for every token
-// of positive weight; visit returns true to stop after the current tile.
-template <typename T, int kVec, class Visit>
-__device__ __forceinline__ void scan_chunk(const DrawRow<T>& row, int64_t begin, int64_t end, int kinds, DrawShared& sh,
+// rescan so that both compute identical bits. Row: anything with weights(k, w[1], w[0], table)
+// (DrawRow; tree.cuh's weights of the walk). Calls visit(kind, v, running) for every token of
+// positive weight; visit returns true to stop after the current tile.
+template <int kVec, class Row, class Visit>
+__device__ __forceinline__ void scan_chunk(const Row& row, int64_t begin, int64_t end, int kinds, const ExpTable& table, double* scratch,
                                            double (&carry)[2], Visit&& visit) {
   carry[0] = carry[1] = 0.0;
   for (int64_t tile = begin; tile < end; tile += kDrawThreads) {
     const int64_t k = tile + threadIdx.x;
     double w[2][kVec];
     if (k < end) {
-      row.weights(k, w[1], w[0], sh.exp_table);
+      row.weights(k, w[1], w[0], table);
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) w[0][e] = w[1][e] = 0.0;
@@ -365,7 +387,7 @@ __device__ __forceinline__ void scan_chunk(const DrawRow<T>& row, int64_t begin,
 #pragma unroll
       for (int e = 0; e < kVec; ++e) own = __dadd_rn(own, w[kind][e]);
       double tile_total;
-      const double exclusive = block_exclusive_sum<kDrawThreads>(own, tile_total, sh.scratch);
+      const double exclusive = block_exclusive_sum<kDrawThreads>(own, tile_total, scratch);
       double running = __dadd_rn(carry[kind], exclusive);
       const int64_t v0 = k * kVec;
 #pragma unroll
@@ -420,7 +442,7 @@ __device__ void draw_token(const Problem<T>& pr, int64_t b, const DrawRow<T>& ro
     const double prefix = sh.prefix, threshold = sh.threshold;
     int64_t first = INT64_MAX;
     double carry[2];
-    scan_chunk<T, kVec>(row, begin, end, 1 << sh.kind, sh, carry, [&](int, int64_t v, double running) {
+    scan_chunk<kVec>(row, begin, end, 1 << sh.kind, sh.exp_table, sh.scratch, carry, [&](int, int64_t v, double running) {
       if (first == INT64_MAX && __dadd_rn(prefix, running) > threshold) first = v;
       return first != INT64_MAX;
     });
@@ -450,7 +472,7 @@ __global__ void __launch_bounds__(kDrawThreads) draw_kernel(const Problem<T> pr)
   double peak[2] = {-kInfD, -kInfD};
   int64_t last_positive[2] = {-1, -1};
   double carry[2];
-  scan_chunk<T, kVec>(row, begin, end, kinds, sh, carry, [&](int kind, int64_t v, double running) {
+  scan_chunk<kVec>(row, begin, end, kinds, sh.exp_table, sh.scratch, carry, [&](int kind, int64_t v, double running) {
     peak[kind] = fmax(peak[kind], running);
     last_positive[kind] = max(last_positive[kind], v);
     return false;

@@ -2,7 +2,7 @@
 // structs of ../common.h, a cudaStream_t, a caller-owned workspace. Usable from any engine:
 // include <sss_ext/kernels/cuda/launch.h>, link sss_ext::kernels_cuda (docs/cpp_api.md).
 //
-// Contract (both ops):
+// Contract (every op):
 // - every launch goes to `stream`, nothing synchronises the host and nothing is queried from
 //   the driver (grid sizes depend only on the problem sizes), output shapes are fixed, so a
 //   call may be captured in a CUDA graph, the first call included; the return value is the
@@ -62,5 +62,21 @@ size_t sample_workspace_bytes(const SampleParams<T>& params);
 // One token per row from warp(softmax(logits / temperature)): tokens (batch,).
 template <typename T>
 cudaError_t launch_sample(const SampleParams<T>& params, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// Bytes of workspace for launch_verify_tree: verify's for (batch, max_nodes - 1, vocab), the
+// row layouts and, for a sampled call, 2 (with replacement) or 3 float64 vectors of vocab per
+// row (the walk's p, its next residual, q).
+template <typename T>
+size_t verify_tree_workspace_bytes(const TreeParams<T>& params);
+
+// One batched round of tree verification (csrc/kernels/cpu/tree.h, docs/algorithm.md §13):
+// path, tokens, log_z (batch, max_nodes), num_accepted (batch,). The contract above holds with
+// nodes for positions: a ragged row (TreeParams::num_nodes) reads its nodes < num_nodes[b]
+// only; a row the CPU kernel refuses (a node count outside [1, max_nodes], parents[b, 0] != -1
+// or parents[b, c] outside [0, c), a draft id outside [0, vocab) or a uniform outside (0, 1) at
+// a node < num_nodes[b], and the logits checks at every node, r~'s at the nodes with children)
+// gets num_accepted = -1, path and tokens all -1 and log_z NaN.
+template <typename T>
+cudaError_t launch_verify_tree(const TreeParams<T>& params, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace sss_ext::cuda

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "launch.h"
+#include "tree.cuh"
 #include "verify.cuh"
 
 // The one launch statement of the kernels. The CUDA-on-CPU test harness (csrc/testing/)
@@ -86,8 +87,8 @@ Layout layout(int64_t batch, int64_t num_draft, int64_t vocab, bool truncated, b
 }
 
 // kernel<<<grid, threads, 0, stream>>>(problem); returns the launch error.
-template <typename T>
-cudaError_t launch_kernel(void (*kernel)(Problem<T>), int64_t grid, int threads, cudaStream_t stream, const Problem<T>& problem) {
+template <class Args>
+cudaError_t launch_kernel(void (*kernel)(Args), int64_t grid, int threads, cudaStream_t stream, const Args& problem) {
   SSS_EXT_LAUNCH(kernel, static_cast<unsigned int>(grid), threads, stream, problem);
   return cudaGetLastError();
 }
@@ -98,19 +99,9 @@ cudaError_t launch_stats(const Problem<T>& pr, int64_t rows, cudaStream_t stream
   return launch_kernel(stats_kernel<T, kGreedy, kTilt, kExact>, rows * pr.splits, kStatsThreads, stream, pr);
 }
 
+// The problem of a launch over the workspace laid out by `lay`.
 template <typename T>
-cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (params.batch == 0) return cudaSuccess;
-  if (params.shift == 0.0) params.ref = LogitsView<T>{};  // no tilt (p* = warp(q), Z = 1): never read d
-  if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.num_draft < 0) return cudaErrorInvalidValue;
-  const Layout lay =
-      layout<T>(params.batch, params.num_draft, params.vocab, truncates(params.sampling, params.vocab), block_verifies(params));
-  if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
-  const int64_t rows = params.batch * (params.num_draft + 1);
-  if (rows * std::max<int64_t>(lay.splits, 2) >= (int64_t(1) << 31) || params.batch * lay.draw_splits >= (int64_t(1) << 31) ||
-      rows * 2 * std::max<int64_t>(lay.trunc_chunks, 2) >= (int64_t(1) << 31))
-    return cudaErrorInvalidConfiguration;
-
+Problem<T> make_problem(const VerifyParams<T>& params, const Layout& lay, void* workspace) {
   Problem<T> pr;
   pr.p = params;
   pr.greedy = params.sampling.greedy();
@@ -133,34 +124,129 @@ cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes,
   pr.trunc_parts = reinterpret_cast<TruncChunk*>(base + lay.trunc_parts);
   pr.candidates = reinterpret_cast<Candidate*>(base + lay.candidates);
   if (pr.block) pr.block_masses = reinterpret_cast<double*>(base + lay.block_masses);
+  return pr;
+}
 
+// Whether the grids of (batch, num_draft, vocab) fit the launch limits.
+inline bool fits_grids(const Layout& lay, int64_t batch, int64_t num_draft) {
+  const int64_t rows = batch * (num_draft + 1);
+  return rows * std::max<int64_t>(lay.splits, 2) < (int64_t(1) << 31) && batch * lay.draw_splits < (int64_t(1) << 31) &&
+         rows * 2 * std::max<int64_t>(lay.trunc_chunks, 2) < (int64_t(1) << 31);
+}
+
+// Stages 1-2 (stats, truncation) at every (row, position) of pr.
+template <typename T>
+cudaError_t launch_position_stages(const Problem<T>& pr, const Layout& lay, cudaStream_t stream) {
+  const int64_t rows = pr.p.batch * pr.positions();
+  const bool exact = pr.p.vocab < kExactVocab;
   cudaError_t error;
-  const bool exact = params.vocab < kExactVocab;
   if (pr.greedy)
     error = pr.tilt ? launch_stats<T, true, true, false>(pr, rows, stream) : launch_stats<T, true, false, false>(pr, rows, stream);
   else if (exact)
     error = pr.tilt ? launch_stats<T, false, true, true>(pr, rows, stream) : launch_stats<T, false, false, true>(pr, rows, stream);
   else
     error = pr.tilt ? launch_stats<T, false, true, false>(pr, rows, stream) : launch_stats<T, false, false, false>(pr, rows, stream);
-  if (error != cudaSuccess) return error;
+  if (error != cudaSuccess || !pr.truncated) return error;
 
-  if (pr.truncated) {  // bucketed selection (bucket_select.cuh): at most 3 passes over the logits
-    const NvtxRange range("sss_ext::truncation");
-    const int64_t streams = rows * 2, blocks = streams * lay.trunc_chunks;
-    if ((error = launch_kernel(truncation_zero_kernel<T>, streams * 2, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
-    if ((error = launch_kernel(truncation_histogram_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
-    if ((error = launch_kernel(truncation_plan_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
-    if ((error = launch_kernel(truncation_refine_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
-    if ((error = launch_kernel(truncation_plan2_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
-    if ((error = launch_kernel(truncation_collect_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
-    if ((error = launch_kernel(truncation_resolve_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
-  }
+  // bucketed selection (bucket_select.cuh): at most 3 passes over the logits
+  const NvtxRange range("sss_ext::truncation");
+  const int64_t streams = rows * 2, blocks = streams * lay.trunc_chunks;
+  if ((error = launch_kernel(truncation_zero_kernel<T>, streams * 2, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  if ((error = launch_kernel(truncation_histogram_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  if ((error = launch_kernel(truncation_plan_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  if ((error = launch_kernel(truncation_refine_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  if ((error = launch_kernel(truncation_plan2_kernel<T>, streams, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  if ((error = launch_kernel(truncation_collect_kernel<T>, blocks, kTruncationThreads, stream, pr)) != cudaSuccess) return error;
+  return launch_kernel(truncation_resolve_kernel<T>, streams, kTruncationThreads, stream, pr);
+}
+
+template <typename T>
+cudaError_t run(VerifyParams<T> params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (params.batch == 0) return cudaSuccess;
+  if (params.shift == 0.0) params.ref = LogitsView<T>{};  // no tilt (p* = warp(q), Z = 1): never read d
+  if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.num_draft < 0) return cudaErrorInvalidValue;
+  const Layout lay =
+      layout<T>(params.batch, params.num_draft, params.vocab, truncates(params.sampling, params.vocab), block_verifies(params));
+  if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
+  if (!fits_grids(lay, params.batch, params.num_draft)) return cudaErrorInvalidConfiguration;
+  const Problem<T> pr = make_problem(params, lay, workspace);
+  cudaError_t error = launch_position_stages(pr, lay, stream);
+  if (error != cudaSuccess) return error;
   if (pr.block) {  // R_i of every (row, draft position): one pass over the logits of each
     const NvtxRange range("sss_ext::block_mass");
-    if ((error = launch_kernel(block_mass_kernel<T>, rows, kDrawThreads, stream, pr)) != cudaSuccess) return error;
+    if ((error = launch_kernel(block_mass_kernel<T>, pr.p.batch * pr.positions(), kDrawThreads, stream, pr)) != cudaSuccess)
+      return error;
   }
   const NvtxRange range("sss_ext::draw");
   return launch_kernel(draw_kernel<T>, params.batch * pr.draw_splits, kDrawThreads, stream, pr);
+}
+
+// A tree call: verify's workspace for (batch, max_nodes - 1, vocab), then the row layouts and
+// the walk's float64 vectors.
+struct TreeLayout {
+  Layout nodes;
+  size_t last = 0, children = 0, laws = 0, total = 0;
+  int slots = 0;
+};
+
+template <typename T>
+TreeLayout tree_layout(const TreeParams<T>& params) {
+  TreeLayout out;
+  out.nodes = layout<T>(params.batch, params.max_nodes - 1, params.vocab, truncates(params.sampling, params.vocab));
+  out.slots = params.sampling.greedy() ? 0 : params.replacement ? 2 : 3;
+  out.last = out.nodes.total;
+  out.children = out.last + align_bytes(sizeof(int64_t) * params.batch);
+  out.laws = out.children + align_bytes(sizeof(unsigned char) * params.batch * params.max_nodes);
+  out.total = out.laws + align_bytes(sizeof(double) * params.batch * out.slots * params.vocab);
+  return out;
+}
+
+// The per-node view of a tree call: VerifyParams with positions = nodes and no chain drafts.
+template <typename T>
+VerifyParams<T> tree_node_params(const TreeParams<T>& t) {
+  VerifyParams<T> v;
+  v.target = t.target;
+  v.draft = t.draft;
+  v.ref = t.ref;
+  v.draft_tokens = t.draft_tokens;  // never read: a tree has no chain drafts
+  v.uniforms = t.uniforms;
+  v.uniforms_stride_batch = t.uniforms_stride_batch;
+  v.uniforms_stride_position = t.uniforms_stride_node;
+  v.batch = t.batch;
+  v.num_draft = t.max_nodes - 1;
+  v.vocab = t.vocab;
+  v.sampling = t.sampling;
+  v.shift = t.shift;
+  return v;
+}
+
+template <typename T>
+cudaError_t run_tree(TreeParams<T> params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (params.batch == 0) return cudaSuccess;
+  if (params.shift == 0.0) params.ref = LogitsView<T>{};  // no tilt (p* = warp(q), Z = 1): never read d
+  if (params.vocab < 1 || params.vocab >= (int64_t(1) << 31) || params.max_nodes < 1) return cudaErrorInvalidValue;
+  const TreeLayout lay = tree_layout(params);
+  if (workspace == nullptr || workspace_bytes < lay.total) return cudaErrorInvalidValue;
+  if (!fits_grids(lay.nodes, params.batch, params.max_nodes - 1) || params.batch >= (int64_t(1) << 31))
+    return cudaErrorInvalidConfiguration;
+  char* base = static_cast<char*>(workspace);
+  TreeProblem<T> tp;
+  tp.t = params;
+  tp.last = reinterpret_cast<int64_t*>(base + lay.last);
+  tp.children = reinterpret_cast<unsigned char*>(base + lay.children);
+  tp.laws = lay.slots > 0 ? reinterpret_cast<double*>(base + lay.laws) : nullptr;
+  tp.slots = lay.slots;
+  tp.pr = make_problem(tree_node_params(params), lay.nodes, workspace);
+  tp.pr.tree_last = tp.last;
+  tp.pr.tree_children = tp.children;
+  cudaError_t error;
+  {
+    const NvtxRange range("sss_ext::tree_layout");
+    if ((error = launch_kernel(tree_layout_kernel<T>, params.batch, kWarp, stream, tp)) != cudaSuccess) return error;
+  }
+  if ((error = launch_position_stages(tp.pr, lay.nodes, stream)) != cudaSuccess) return error;
+  const NvtxRange range("sss_ext::tree_walk");
+  return launch_kernel(tree_walk_kernel<T>, params.batch, kDrawThreads, stream, tp);
 }
 
 // sample() is verify() with no draft tokens and no reference: the bonus draw from p*[0].
@@ -190,6 +276,17 @@ template <typename T>
 cudaError_t launch_verify(const VerifyParams<T>& params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const detail::NvtxRange range("sss_ext::verify");
   return detail::run(params, workspace, workspace_bytes, stream);
+}
+
+template <typename T>
+size_t verify_tree_workspace_bytes(const TreeParams<T>& params) {
+  return detail::tree_layout(params).total;
+}
+
+template <typename T>
+cudaError_t launch_verify_tree(const TreeParams<T>& params, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  const detail::NvtxRange range("sss_ext::verify_tree");
+  return detail::run_tree(params, workspace, workspace_bytes, stream);
 }
 
 template <typename T>

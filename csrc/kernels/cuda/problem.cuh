@@ -132,22 +132,36 @@ struct Problem {
   TruncChunk* trunc_parts = nullptr;  // (batch, num_draft + 1, 2, trunc_chunks)
   Candidate* candidates = nullptr;    // (batch, num_draft + 1, 2, 2 groups, kTruncCandidates)
   double* block_masses = nullptr;     // (batch, num_draft + 1): R_i at draft positions 1 <= i < n; block only
+  // Tree verification (tree.cuh) reads positions as nodes, num_draft + 1 = max_nodes; both
+  // written by tree_layout_kernel before the stats. nullptr: a chain.
+  const int64_t* tree_last = nullptr;             // (batch,): the row's last node, -1: invalid layout
+  const unsigned char* tree_children = nullptr;  // (batch, max_nodes): 1 at a node with children
+
+  __device__ __forceinline__ bool tree() const { return tree_last != nullptr; }
 
   __device__ __forceinline__ int64_t positions() const { return p.num_draft + 1; }
   // Row b's draft count n: positions 0..n are its only ones (n is the bonus position), nothing
   // past it is read. An out-of-range count reads as 0 and decide_row marks the row invalid.
+  // A tree has no chain drafts: 0.
   __device__ __forceinline__ int64_t num_draft(int64_t b) const {
+    if (tree()) return 0;
     const int64_t n = p.row_draft(b);
     return p.valid_row_draft(n) ? n : 0;
   }
+  // The last position row b reads: the bonus position of a chain, the last node of a tree
+  // (node 0 for an invalid layout).
+  __device__ __forceinline__ int64_t last_position(int64_t b) const { return tree() ? max(tree_last[b], int64_t(0)) : num_draft(b); }
   __device__ __forceinline__ const T* target_row(int64_t b, int64_t i) const { return p.target.row(b, i); }
-  // The draft row is read at the row's draft positions (the proposal, unless the drafts are
-  // one-hot) and wherever a ref is given (the tilt).
-  __device__ __forceinline__ const T* draft_row(int64_t b, int64_t i) const {
-    return ((i < num_draft(b) && !p.one_hot_proposal) || p.has_ref()) ? p.draft.row(b, i) : nullptr;
+  // A proposal r~ to normalise at (b, i): a draft position whose drafts are not one-hot; in a
+  // tree, a node with children.
+  __device__ __forceinline__ bool has_proposal(int64_t b, int64_t i) const {
+    if (tree()) return i <= last_position(b) && tree_children[b * positions() + i];
+    return i < num_draft(b) && !p.one_hot_proposal;
   }
-  // A proposal r~ to normalise at (b, i): a draft position whose drafts are not one-hot.
-  __device__ __forceinline__ bool has_proposal(int64_t b, int64_t i) const { return i < num_draft(b) && !p.one_hot_proposal; }
+  // The draft row is read where there is a proposal and wherever a ref is given (the tilt).
+  __device__ __forceinline__ const T* draft_row(int64_t b, int64_t i) const {
+    return (has_proposal(b, i) || p.has_ref()) ? p.draft.row(b, i) : nullptr;
+  }
   // The ref row, whenever the launch keeps it: at shift 0 the launcher drops the ref (p* = warp(q),
   // Z = 1), so it is neither read nor checked.
   __device__ __forceinline__ const T* ref_row(int64_t b, int64_t i) const { return p.has_ref() ? p.ref.row(b, i) : nullptr; }

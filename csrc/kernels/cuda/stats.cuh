@@ -110,8 +110,7 @@ __global__ void __launch_bounds__(kStatsThreads, kStatsMinBlocks) stats_kernel(c
   const int split = static_cast<int>(blockIdx.x % pr.splits);
   const int64_t row_position = blockIdx.x / pr.splits;
   const int64_t b = row_position / pr.positions(), i = row_position % pr.positions();
-  const int64_t num_draft = pr.num_draft(b);
-  if (i > num_draft) return;  // past the row's bonus position: never read
+  if (i > pr.last_position(b)) return;  // past the row's last position: never read
   const int64_t vocab = pr.p.vocab;
   const T* q = pr.target_row(b, i);  // (vocab,) each
   const T* r = pr.draft_row(b, i);

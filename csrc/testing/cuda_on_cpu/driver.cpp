@@ -11,6 +11,7 @@
 // before each launch (nothing may read it before writing).
 #include "runtime.h"  // first: the CUDA built-ins
 
+#include <algorithm>
 #include <cinttypes>
 #include <iostream>
 #include <memory>
@@ -28,7 +29,7 @@ using sss_ext::float16_t;
 
 struct Case {
   std::string name = "case";
-  std::string op = "verify";  // verify | sample
+  std::string op = "verify";  // verify | sample | tree (K = max_nodes)
   std::string dtype = "f32";  // f32 | bf16 | f16
   int64_t batch = 1, num_draft = 1, vocab = 8;
   double temperature = 1.0, top_p = 1.0, shift = 1.0;
@@ -36,6 +37,8 @@ struct Case {
   bool keep_ties = true, with_ref = true, paper = false, ragged = false, misalign = false;
   bool one_hot = false;  // one-hot drafts: the draft tensor is only the tilt's r (absent without a ref)
   bool block = false;    // block verification (docs/algorithm.md §12)
+  bool replacement = true;      // tree: siblings drawn i.i.d. (else distinct tokens, q without them)
+  std::string shape = "random";  // tree: random (parent uniform below the node) | wide (all at the root) | chain
   // normal | constant | narrow | close | masked | flat
   std::string pattern = "normal";
   double scale = 2.0;
@@ -74,6 +77,8 @@ Case parse(const std::string& line) {
     else if (key == "finite") c.finite = std::stoll(value);
     else if (key == "poison") c.poison = std::stoll(value);
     else if (key == "seed") c.seed = std::stoull(value);
+    else if (key == "replacement") c.replacement = value == "1";
+    else if (key == "shape") c.shape = value;
     else cuda_on_cpu::fail("unknown case key '%s'", key.c_str());
   }
   return c;
@@ -386,8 +391,194 @@ bool run_sample(const Case& c, Paths& paths, std::string& why) {
   return true;
 }
 
+// A token from softmax(row / temperature) over the row's finite logits (uniform at temperature
+// 0), avoiding `taken` tokens while others are left: drafts that the tree's nodes accept often.
+template <typename T>
+int64_t draft_from(const T* row, int64_t V, double temperature, const std::vector<int64_t>& taken, std::mt19937_64& rng) {
+  std::vector<double> w(static_cast<size_t>(V), 0.0);
+  double top = -INFINITY;
+  for (int64_t v = 0; v < V; ++v) top = std::max(top, static_cast<double>(sss_ext::to_float(row[v])));
+  double total = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    const double z = sss_ext::to_float(row[v]);
+    const bool free = std::find(taken.begin(), taken.end(), v) == taken.end() || static_cast<int64_t>(taken.size()) >= V;
+    w[static_cast<size_t>(v)] = free && std::isfinite(z) ? (temperature > 0 ? std::exp((z - top) / temperature) : 1.0) : 0.0;
+    total += w[static_cast<size_t>(v)];
+  }
+  if (!(total > 0.0)) return std::uniform_int_distribution<int64_t>(0, V - 1)(rng);
+  const double threshold = open_uniform(rng) * total;
+  double running = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    running += w[static_cast<size_t>(v)];
+    if (running > threshold) return v;
+  }
+  return V - 1;
+}
+
+template <typename T>
+bool run_tree(const Case& c, Paths& paths, std::string& why) {
+  const int64_t B = c.batch, N = c.num_draft, V = c.vocab;
+  const int64_t skew = c.misalign ? 1 : 0;
+  std::mt19937_64 rng(c.seed);
+  Buffer<T> target(B * N * V, skew), draft(B * N * V, skew), ref(c.with_ref ? B * N * V : 0, skew);
+  fill_tensor(c, rng, target, N);
+  fill_tensor(c, rng, draft, N);
+  if (c.with_ref) fill_tensor(c, rng, ref, N);
+  Buffer<int64_t> tokens_in(B * N, 0), parents(B * N, 0), counts(B, 0);
+  Buffer<double> uniforms(B * N, 0);
+  std::uniform_int_distribution<int64_t> count(1, N);
+  for (int64_t b = 0; b < B; ++b) {
+    counts[b] = c.ragged ? count(rng) : N;
+    parents[b * N] = -1;
+    tokens_in[b * N] = 0;
+    for (int64_t node = 1; node < N; ++node) {
+      const int64_t parent = c.shape == "wide" ? 0 : c.shape == "chain" ? node - 1
+                                                                        : std::uniform_int_distribution<int64_t>(0, node - 1)(rng);
+      parents[b * N + node] = parent;
+      std::vector<int64_t> siblings;  // drawn before this node
+      for (int64_t s = 1; s < node && !c.replacement; ++s)
+        if (parents[b * N + s] == parent) siblings.push_back(tokens_in[b * N + s]);
+      tokens_in[b * N + node] = draft_from(draft.data + (b * N + parent) * V, V, c.temperature, siblings, rng);
+    }
+    for (int64_t node = 0; node < N; ++node) uniforms[b * N + node] = open_uniform(rng);
+  }
+  // Past each ragged row's last node: garbage that must be neither read nor checked.
+  for (int64_t b = 0; b < B && c.ragged; ++b) {
+    for (int64_t node = counts[b]; node < N; ++node) {
+      for (int64_t v = 0; v < V; ++v) {
+        target[(b * N + node) * V + v] = draft[(b * N + node) * V + v] = nan_value<T>();
+        if (c.with_ref) ref[(b * N + node) * V + v] = nan_value<T>();
+      }
+      parents[b * N + node] = node % 2 ? -7 : node + 3;
+      tokens_in[b * N + node] = node % 2 ? -3 : V + 5;
+      uniforms[b * N + node] = 7.0;
+    }
+  }
+  // Rows the CPU kernel refuses, from the end: a NaN logit, a parent not before its node, a
+  // uniform of 0.
+  for (int64_t k = 0; k < std::min(c.poison, B); ++k) {
+    const int64_t b = B - 1 - k, n = counts[b];
+    if (k % 3 == 0 || n == 1) target[b * N * V] = nan_value<T>();
+    else if (k % 3 == 1) parents[b * N + n - 1] = n - 1;
+    else uniforms[b * N + n - 1] = 0.0;
+  }
+
+  sss_ext::TreeParams<T> p;
+  p.target = {target.data, N * V, V};
+  p.draft = {draft.data, N * V, V};
+  if (c.with_ref) p.ref = {ref.data, N * V, V};
+  p.draft_tokens = tokens_in.data;
+  p.draft_tokens_stride_batch = N;
+  p.draft_tokens_stride_node = 1;
+  p.parents = parents.data;
+  p.parents_stride_batch = N;
+  p.parents_stride_node = 1;
+  p.uniforms = uniforms.data;
+  p.uniforms_stride_batch = N;
+  p.uniforms_stride_node = 1;
+  if (c.ragged) {
+    p.num_nodes = counts.data;
+    p.num_nodes_stride = 1;
+  }
+  p.batch = B;
+  p.max_nodes = N;
+  p.vocab = V;
+  p.sampling = sampling_of(c);
+  p.shift = c.shift;
+  p.replacement = c.replacement;
+
+  // CPU kernel, one row at a time: a row it refuses must be an invalid row of the CUDA call.
+  const size_t cells = static_cast<size_t>(B * N);
+  std::vector<int64_t> cpu_path(cells, -1), cpu_tokens(cells, -1), cpu_accepted(static_cast<size_t>(B), -1);
+  std::vector<float> cpu_log_z(cells, NAN);
+  for (int64_t b = 0; b < B; ++b) {
+    sss_ext::TreeParams<T> row = p;
+    row.batch = 1;
+    row.target.data = p.target.row(b, 0);
+    row.draft.data = p.draft.row(b, 0);
+    if (c.with_ref) row.ref.data = p.ref.row(b, 0);
+    row.draft_tokens = p.draft_tokens + b * N;
+    row.parents = p.parents + b * N;
+    row.uniforms = p.uniforms + b * N;
+    if (c.ragged) row.num_nodes = p.num_nodes + b;
+    row.path = cpu_path.data() + b * N;
+    row.tokens = cpu_tokens.data() + b * N;
+    row.num_accepted = cpu_accepted.data() + b;
+    row.log_z = cpu_log_z.data() + b * N;
+    if (!sss_ext::cpu::verify_tree(row).ok()) {
+      std::fill_n(row.path, N, -1);
+      std::fill_n(row.tokens, N, -1);
+      *row.num_accepted = -1;
+      std::fill_n(row.log_z, N, NAN);
+    }
+  }
+
+  for (int order = 0; order < 2; ++order) {
+    cuda_on_cpu::reverse_blocks() = order == 1;
+    Buffer<int64_t> path(B * N, 0), tokens(B * N, 0), accepted(B, 0);
+    Buffer<float> log_z(B * N, 0);
+    p.path = path.data;
+    p.tokens = tokens.data;
+    p.num_accepted = accepted.data;
+    p.log_z = log_z.data;
+    const size_t bytes = sss_ext::cuda::verify_tree_workspace_bytes(p);
+    const Buffer<unsigned char> workspace = garbage_workspace(bytes, rng);
+    const cudaError_t error = sss_ext::cuda::launch_verify_tree(p, workspace.data, bytes, nullptr);
+    if (error != cudaSuccess) {
+      why = "launch_verify_tree returned " + std::to_string(error);
+      return false;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      bool same = accepted[b] == cpu_accepted[static_cast<size_t>(b)];
+      for (int64_t i = 0; i < N; ++i) {
+        const size_t j = static_cast<size_t>(b * N + i);
+        const float got = log_z[b * N + i], want = cpu_log_z[j];
+        same = same && path[b * N + i] == cpu_path[j] && tokens[b * N + i] == cpu_tokens[j] &&
+               ((std::isnan(got) && std::isnan(want)) || std::fabs(got - want) <= 2e-5f + 2e-6f * std::fabs(want));
+      }
+      if (!same) {
+        std::ostringstream s;
+        s << (order ? "reverse" : "forward") << " block order, row " << b << ": cuda num_accepted " << accepted[b]
+          << " path/token/log_z";
+        for (int64_t i = 0; i < N; ++i) s << ' ' << path[b * N + i] << '/' << tokens[b * N + i] << '/' << log_z[b * N + i];
+        s << "; cpu num_accepted " << cpu_accepted[static_cast<size_t>(b)] << " path/token/log_z";
+        for (int64_t i = 0; i < N; ++i) {
+          const size_t j = static_cast<size_t>(b * N + i);
+          s << ' ' << cpu_path[j] << '/' << cpu_tokens[j] << '/' << cpu_log_z[j];
+        }
+        why = s.str();
+        return false;
+      }
+    }
+  }
+  paths.add("tree");
+  paths.add(p.sampling.greedy() ? "greedy" : V < sss_ext::cuda::kExactVocab ? "exact_exp" : "fast_exp");
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t accepted = cpu_accepted[static_cast<size_t>(b)];
+    if (accepted < 0) paths.add("invalid_rows");
+    else if (counts[b] < N) paths.add("ragged_rows");
+    if (accepted > 0) paths.add("acceptances");
+    // Rejections: a child before the taken one at a node of the path, or any child at the
+    // last node (then the token is drawn from a residual).
+    bool rejected = false, residual = false;
+    for (int64_t i = 0; i <= accepted; ++i) {
+      const int64_t node = cpu_path[static_cast<size_t>(b * N + i)];
+      const int64_t taken = i < accepted ? cpu_path[static_cast<size_t>(b * N + i + 1)] : counts[b];
+      for (int64_t child = node + 1; child < taken; ++child) {
+        if (parents[b * N + child] != node) continue;
+        rejected = true;
+        residual |= i == accepted;
+      }
+    }
+    if (rejected) paths.add("tree_rejections");
+    if (residual) paths.add("tree_residual_draws");
+  }
+  return true;
+}
+
 template <typename T>
 bool run_case(const Case& c, Paths& paths, std::string& why) {
+  if (c.op == "tree") return run_tree<T>(c, paths, why);
   return c.op == "sample" ? run_sample<T>(c, paths, why) : run_verify<T>(c, paths, why);
 }
 
