@@ -1,7 +1,8 @@
 """Block verification accepts more drafts than token verification on real logits.
 
 The rounds of an SSS run on the default models (SmolLM2-135M target, the shipped drafts;
-``sss_ext.generate`` with a recording observer, K = 4) are scored under both rules: given a
+128 evaluation prompts, 24 tokens, K = 4; an observer scores each round as it happens) are
+scored under both rules: given a
 round's drafts, the expected number of accepted drafts over the uniforms is exact for each rule,
 
 * token by token: ``sum_k prod_{i<k} min(1, P_i(x_i) / Q_i(x_i))``;
@@ -11,8 +12,8 @@ round's drafts, the expected number of accepted drafts over the uniforms is exac
 so the comparison has no uniform noise (the common random inputs integrated out). The drafts
 are the run's own, drawn from ``warp(r)``; the guarantee holds in expectation over them, so the
 mean of block - token over the row-rounds must be positive with 95% confidence (for one fixed
-draft sequence block may accept fewer). The same expectations are checked against the op's
-empirical means on a few rounds.
+draft sequence block may accept fewer). The exact expectations are checked against the op's
+empirical means on one row.
 """
 
 import math
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import sss_ext
+from sss_ext.decoding.observe import Observer
 
 pytestmark = [pytest.mark.models, pytest.mark.slow]
 
@@ -57,42 +59,51 @@ def expected_accepted(target_logits, draft_logits, ref_logits, drafts, num_draft
     return token, block
 
 
+class ExpectedAccepted(Observer):
+    """Scores every speculative round as it happens (no logits kept, but the first round's)."""
+
+    def __init__(self):
+        self.token, self.block, self.first = [], [], None
+
+    def on_round(self, record):
+        if record.kind != "round":
+            return
+        drafts, logits = record.draft_tokens, record.logits
+        num_draft = record.num_draft_tokens
+        if num_draft is None:
+            num_draft = torch.full((drafts.shape[0],), drafts.shape[1])
+        token, block = expected_accepted(logits["target"], logits["draft"], logits["ref"], drafts, num_draft)
+        self.token.append(token)
+        self.block.append(block)
+        if self.first is None:
+            self.first = (drafts[:1].clone(), {role: z[:1].clone() for role, z in logits.items()}, token[0], block[0])
+
+
 def test_block_accepts_more_on_the_default_models():
-    from sss_ext.decoding.observe import RecordingObserver
     from sss_ext.models import load_default, load_prompts
 
     models = load_default(rewards=False)
-    prompts = load_prompts("eval", 32)
-    config = sss_ext.SamplingConfig(max_new_tokens=16, num_draft_tokens=K, temperature=TEMPERATURE, shift=SHIFT, seed=0,
+    prompts = load_prompts("eval", 128)
+    config = sss_ext.SamplingConfig(max_new_tokens=24, num_draft_tokens=K, temperature=TEMPERATURE, shift=SHIFT, seed=0,
                                     ignore_eos=True)
-    observer = RecordingObserver(keep_logits=True)
+    observer = ExpectedAccepted()
     sss_ext.generate(models.target, models.draft, prompts, ref_model=models.ref_draft, tokenizer=models.tokenizer,
                      method="sss", config=config, observer=observer)
-    rounds = observer.rounds()
-    token, block = [], []
-    for record in rounds:
-        drafts, logits = record.draft_tokens, record.logits
-        width = drafts.shape[1]
-        num_draft = record.num_draft_tokens if record.num_draft_tokens is not None else torch.full((drafts.shape[0],), width)
-        expected = expected_accepted(logits["target"], logits["draft"], logits["ref"], drafts, num_draft)
-        token.append(expected[0])
-        block.append(expected[1])
-    token, block = torch.cat(token), torch.cat(block)
+    token, block = torch.cat(observer.token), torch.cat(observer.block)
 
     # The exact expectations are what the op does: the empirical mean of the first row agrees.
-    record = rounds[0]
-    logits, drafts = record.logits, record.draft_tokens
+    drafts, logits, *exact = observer.first
     chunk, chunks = 200, 10  # 2000 draws, 200 rows of (K+1, V) logits per call
-    rows = [logits[role][:1].expand(chunk, -1, -1) for role in ("target", "draft", "ref")]
+    rows = [logits[role].expand(chunk, -1, -1) for role in ("target", "draft", "ref")]
     generator = torch.Generator().manual_seed(1)
-    for rule, exact in (("token", token[0]), ("block", block[0])):
+    for rule, expected in zip(("token", "block"), exact):
         accepted = torch.cat([
-            sss_ext.verify(rows[0], rows[1], drafts[:1].expand(chunk, -1), rows[2], temperature=TEMPERATURE, shift=SHIFT,
+            sss_ext.verify(rows[0], rows[1], drafts.expand(chunk, -1), rows[2], temperature=TEMPERATURE, shift=SHIFT,
                            uniforms=sss_ext.draw_uniforms((chunk, drafts.shape[1] + 1), "cpu", generator),
                            verification=rule).num_accepted.double()
             for _ in range(chunks)])
-        assert abs(float(accepted.mean()) - float(exact)) <= 5 * float(accepted.std()) / math.sqrt(accepted.numel()) + 1e-9, \
-            (rule, float(accepted.mean()), float(exact))
+        assert abs(float(accepted.mean()) - float(expected)) <= 5 * float(accepted.std()) / math.sqrt(accepted.numel()) + 1e-9, \
+            (rule, float(accepted.mean()), float(expected))
 
     difference = block - token
     mean, error = float(difference.mean()), float(difference.std() / math.sqrt(difference.numel()))
