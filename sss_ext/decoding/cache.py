@@ -169,19 +169,10 @@ class KVState:
             position_ids = (self.lengths[:, None] + torch.cumsum(token_mask, dim=1) - 1).clamp_min(0)
             new_lengths = self.lengths + token_mask.sum(dim=1)
         attention_mask = torch.cat([self.slot_mask, token_mask], dim=1)
-        start = self.clock() if self.clock is not None else None
-        output = self.model(
-            input_ids=tokens,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
-        self.record(self.role, width, self.clock() - start if start is not None else None)
+        logits = self._model_call(tokens, attention_mask, position_ids, logits_to_keep)
         self.slot_mask = attention_mask
         self.lengths = new_lengths
-        return output.logits
+        return logits
 
     def forward_tree(self, tokens: torch.Tensor, first_node: int, ancestors: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """Feed nodes ``first_node ..`` of this round's token tree after the round's earlier nodes.
@@ -209,12 +200,17 @@ class KVState:
             ~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, W, C0 + end)
         round_lengths = self.lengths - first_node
         position_ids = round_lengths[:, None] + depth[first_node:end].to(tokens.device)[None]
-        start = self.clock() if self.clock is not None else None
-        output = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=width)
-        self.record(self.role, width, self.clock() - start if start is not None else None)
+        logits = self._model_call(tokens, attention_mask, position_ids, width)
         self.slot_mask = torch.cat([self.slot_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
         self.lengths = self.lengths + width
+        return logits
+
+    def _model_call(self, tokens, attention_mask, position_ids, logits_to_keep: int) -> torch.Tensor:
+        """One cached forward of the model, reported (with its time when there is a clock). Shape: tokens (B, W) -> (B, logits_to_keep, V)"""
+        start = self.clock() if self.clock is not None else None
+        output = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        self.record(self.role, tokens.shape[1], self.clock() - start if start is not None else None)
         return output.logits
 
     def keep_nodes(self, keep: torch.Tensor) -> None:
